@@ -1,0 +1,61 @@
+"""Shared value types. One coordinate convention everywhere: (x, y) in pixels of the original image,
+x = column, y = row, origin at the top-left corner."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+import numpy as np
+
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels, x0 <= x1, y0 <= y1
+
+
+@dataclass(frozen=True)
+class Click:
+    x: float
+    y: float
+    positive: bool = True
+
+
+@dataclass
+class ClickResult:
+    prob: np.ndarray  # (H, W) float32 in [0, 1], image resolution
+    mask: np.ndarray  # (H, W) bool, image resolution
+    score: float  # confidence of the mask in [0, 1]
+
+
+@dataclass
+class AnomalyResult:
+    anomaly_map: np.ndarray  # (H, W) float32, higher = more anomalous, image resolution
+    score: float  # image anomaly score
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # label -> (H, W) bool; "" = any defect
+    label_scores: dict[str, float] = field(default_factory=dict)
+
+
+class ImageState(Protocol):
+    """Everything computed once per image by `set_image`; immutable afterwards, safe to share across threads."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class Predictor(Protocol):
+    """One predictor per loaded model. `set_image` does the expensive work once and returns the state
+    (never stored on self); `predict` is cheap and only runs the click-conditioned part."""
+
+    name: str
+    version: str
+
+    def set_image(self, image: np.ndarray) -> ImageState:  # image: (H, W, 3) uint8 RGB
+        ...
+
+    def predict(
+        self,
+        state: ImageState,
+        clicks: list[Click],
+        box: Optional[Box] = None,
+        prompt: str = "",
+        previous_mask: Optional[np.ndarray] = None,
+    ) -> ClickResult: ...
+
+    def detect(self, state: ImageState, labels: Optional[list[str]] = None) -> AnomalyResult: ...
