@@ -1,0 +1,140 @@
+"""Click encoding and the standard click simulator (RITM / SimpleClick protocol).
+
+Clicks are `Click(x, y, positive)` with x = column, y = row in pixels of the image; the simulator
+places clicks on pixel indices (integer-valued x, y).
+
+Simulator: the false-negative and false-positive regions of the current prediction are
+distance-transformed with a 1-pixel zero border (so the image edge counts as a region edge); the
+next click goes to the interior-most point (maximum distance) of the region with the larger maximum,
+positive when that region is a false negative. Points already clicked are excluded. The prediction
+is `prob > thr` with thr = 0.49, at most 20 clicks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from model.metrics import iou
+from model.types import Click, ImageState, Predictor
+
+logger = logging.getLogger(__name__)
+
+
+def _interior_distance(region: np.ndarray) -> np.ndarray:
+    padded = np.pad(region.astype(np.uint8), 1, mode="constant")
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return dist[1:-1, 1:-1]
+
+
+def next_click(
+    gt: np.ndarray, pred: np.ndarray, clicked: Optional[Iterable[Click]] = None
+) -> Optional[Click]:
+    """The click a simulated annotator makes next; None when `pred` already equals `gt`.
+
+    gt, pred: (H, W) bool. Ties go to the first pixel in raster order.
+    """
+    gt, pred = np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
+    if gt.shape != pred.shape:
+        raise ValueError(f"gt {gt.shape} and pred {pred.shape} differ")
+    fn_dist = _interior_distance(gt & ~pred)
+    fp_dist = _interior_distance(~gt & pred)
+    for c in clicked or ():
+        row, col = int(round(c.y)), int(round(c.x))
+        if 0 <= row < gt.shape[0] and 0 <= col < gt.shape[1]:
+            fn_dist[row, col] = fp_dist[row, col] = 0.0
+    fn_max, fp_max = float(fn_dist.max()), float(fp_dist.max())
+    if fn_max == 0.0 and fp_max == 0.0:
+        return None
+    positive = fn_max > fp_max
+    dist = fn_dist if positive else fp_dist
+    row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return Click(x=float(col), y=float(row), positive=bool(positive))
+
+
+def _scaled_centre(click: Click, shape: tuple[int, int], src_shape: Optional[tuple[int, int]]):
+    if src_shape is None:
+        return click.x, click.y
+    sy, sx = shape[0] / src_shape[0], shape[1] / src_shape[1]
+    return (click.x + 0.5) * sx - 0.5, (click.y + 0.5) * sy - 0.5
+
+
+def encode_clicks(
+    clicks: Sequence[Click],
+    shape: tuple[int, int],
+    radius: float = 5.0,
+    src_shape: Optional[tuple[int, int]] = None,
+) -> np.ndarray:
+    """Disk maps (2, H, W) float32: channel 0 = positive clicks, 1 = negative; 1 inside a disk of `radius`.
+
+    shape: (H, W) of the output; src_shape: (H, W) of the image the click coordinates refer to
+    (default: the same as `shape`), so that clicks in original pixels can be drawn on a resized input.
+    """
+    h, w = shape
+    maps = np.zeros((2, h, w), dtype=np.float32)
+    r = float(radius)
+    for click in clicks:
+        cx, cy = _scaled_centre(click, shape, src_shape)
+        x0, x1 = max(int(np.floor(cx - r)), 0), min(int(np.ceil(cx + r)) + 1, w)
+        y0, y1 = max(int(np.floor(cy - r)), 0), min(int(np.ceil(cy + r)) + 1, h)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        channel = 0 if click.positive else 1
+        maps[channel, y0:y1, x0:x1] = np.maximum(maps[channel, y0:y1, x0:x1], disk)
+    return maps
+
+
+@dataclass
+class SimResult:
+    """One simulated annotation session on one image."""
+
+    ious: list[float] = field(default_factory=list)  # IoU after click 1, 2, ...
+    clicks: list[Click] = field(default_factory=list)
+    predict_ms: list[float] = field(default_factory=list)  # time of each predict call
+    probs: dict[int, np.ndarray] = field(default_factory=dict)  # click number -> soft map kept
+
+
+def simulate(
+    predictor: Predictor,
+    state: ImageState,
+    gt: np.ndarray,
+    max_clicks: int = 20,
+    thr: Optional[float] = 0.49,
+    keep_probs: Optional[Iterable[int]] = None,
+    stop_iou: Optional[float] = None,
+    min_clicks: int = 5,
+) -> SimResult:
+    """Click on `state` like an annotator until `max_clicks` (or `stop_iou` after `min_clicks`).
+
+    The prediction after each click is `prob > thr` (thr None: the predictor's own mask); the previous
+    mask is passed back to the predictor. keep_probs: click numbers whose soft maps are returned
+    (None: all).
+    """
+    gt = np.asarray(gt, dtype=bool)
+    keep = None if keep_probs is None else set(keep_probs)
+    out = SimResult()
+    pred = np.zeros_like(gt)
+    previous: Optional[np.ndarray] = None
+    for k in range(1, max_clicks + 1):
+        click = next_click(gt, pred, out.clicks)
+        if click is None:  # already perfect: nothing left to click
+            break
+        out.clicks.append(click)
+        start = time.perf_counter()
+        result = predictor.predict(state, list(out.clicks), previous_mask=previous)
+        out.predict_ms.append((time.perf_counter() - start) * 1000.0)
+        pred = result.mask.astype(bool) if thr is None else result.prob > thr
+        previous = pred
+        out.ious.append(iou(pred, gt))
+        if keep is None or k in keep:
+            out.probs[k] = result.prob
+        if stop_iou is not None and k >= min_clicks and out.ious[-1] >= stop_iou:
+            break
+    logger.debug("simulated %d clicks, final IoU %.3f", len(out.ious), out.ious[-1] if out.ious else 1.0)
+    return out
