@@ -6,9 +6,9 @@ and replicas that share the directory.
 when its holder dies, so a crashed worker never leaves a stale lock. On NFS, Linux emulates flock with POSIX
 byte-range locks, so replicas on different hosts exclude each other too (the volume must support locking).
 
-`run_exclusive(model_dir, project, fn)` is the training gate: it leaves a "pending" mark, then runs `fn` under the
-lock until no mark is left. A request that arrives while another process trains the same project does not start a
-second job: its mark makes the running holder train once more when it finishes (so no labels are left out).
+backend/jobs.py already lets one process at a time take a project's job (its state file); this lock is the
+guarantee underneath: every fit runs inside it (backend/queue.py), in a gunicorn worker or an RQ worker, so even a
+job queued twice (a worker presumed dead, a replayed Redis job) trains after the other one, never beside it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import fcntl
 
@@ -129,51 +129,3 @@ class ProjectLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _pending_mark(model_dir: str | Path, project: str | int, name: str) -> Path:
-    return Path(model_dir) / "locks" / f"{project_key(project)}.{name}.pending"
-
-
-def request_pending(model_dir: str | Path, project: str | int, name: str = "train") -> None:
-    mark = _pending_mark(model_dir, project, name)
-    mark.parent.mkdir(parents=True, exist_ok=True)
-    mark.write_text(json.dumps({"pid": os.getpid(), "at": time.time()}))
-
-
-def is_pending(model_dir: str | Path, project: str | int, name: str = "train") -> bool:
-    return _pending_mark(model_dir, project, name).exists()
-
-
-def _take_pending(mark: Path) -> bool:
-    try:
-        mark.unlink()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def run_exclusive(model_dir: str | Path, project: str | int, fn: Callable[[], Any], name: str = "train") -> int:
-    """Run `fn` for `project` unless another thread or process is already running it; then the running one
-    runs it again once it finishes. Returns how many times this call ran `fn` (0: handed to the holder).
-
-    Race-free hand-over: the mark is written before trying the lock, and the holder looks for a mark again
-    after releasing it, so a mark is always consumed by somebody.
-    """
-    mark = _pending_mark(model_dir, project, name)
-    request_pending(model_dir, project, name)
-    runs = 0
-    while True:
-        lock = ProjectLock(model_dir, project, name)
-        if not lock.acquire(blocking=False):
-            logger.info("project %s: %s already running elsewhere (%s); queued behind it",
-                        project_key(project), name, lock.holder())
-            return runs
-        try:
-            while _take_pending(mark):
-                runs += 1
-                fn()
-        finally:
-            lock.release()
-        if not mark.exists():
-            return runs

@@ -1,7 +1,6 @@
 """backend/locks.py: one training job per project across threads and processes sharing MODEL_DIR."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.locks import ProjectLock, is_pending, project_key, run_exclusive
+from backend.locks import ProjectLock, project_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,21 +24,6 @@ HOLDER = textwrap.dedent("""
     print("held", flush=True)
     time.sleep(float(sys.argv[3]))
 """)
-
-GATE = textwrap.dedent("""
-    import json, os, sys, time
-    from backend.locks import run_exclusive
-    model_dir, log = sys.argv[1], sys.argv[2]
-    def fit():
-        start = time.time()
-        time.sleep(0.3)
-        with open(log, "a") as fh:
-            fh.write(json.dumps({"pid": os.getpid(), "start": start, "end": time.time()}) + "\\n")
-    requested = time.time()
-    runs = run_exclusive(model_dir, "7.1700000000", fit)
-    print(json.dumps({"requested": requested, "runs": runs}))
-""")
-
 
 def _python(code: str, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, **kw)
@@ -100,28 +84,3 @@ def test_lock_misuse_is_an_error(tmp_path):
     with pytest.raises(RuntimeError):
         lock.acquire()
     lock.release()
-
-
-def test_run_exclusive_runs_inline_when_free(tmp_path):
-    calls = []
-    assert run_exclusive(tmp_path, 5, lambda: calls.append(1)) == 1
-    assert calls == [1] and not is_pending(tmp_path, 5)
-
-
-def test_run_exclusive_hands_over_to_the_running_holder(tmp_path):
-    """Concurrent requests from 4 processes: never two fits at once, and every request is covered by a fit that
-    started after it (a late request is not lost), with fewer fits than requests."""
-    log = tmp_path / "fits.jsonl"
-    procs = []
-    for i in range(4):
-        procs.append(_python(GATE, str(tmp_path), str(log)))
-        time.sleep(0.1 * (i % 2))
-    results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    fits = sorted((json.loads(line) for line in log.read_text().splitlines()), key=lambda f: f["start"])
-    for before, after in zip(fits, fits[1:]):
-        assert after["start"] >= before["end"], "two fits of one project overlapped"
-    assert sum(r["runs"] for r in results) == len(fits)
-    assert 1 <= len(fits) < len(results)
-    assert max(r["requested"] for r in results) <= fits[-1]["start"]
-    assert not is_pending(tmp_path, 7)
