@@ -98,6 +98,48 @@ def shard(items: Sequence[T], ctx: DistContext) -> list[T]:
     return padded[ctx.rank :: ctx.world_size]
 
 
+def broadcast_module(model: nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's parameters and buffers to every rank (what DDP does at construction), for loops that call
+    a model's own methods (encode/decode) instead of a DDP forward and sync with `average_gradients`."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        for tensor in unwrap(model).state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def average_gradients(model: nn.Module, ctx: DistContext) -> None:
+    """All-reduce-mean every gradient (flattened into one buffer per dtype); call between backward() and the
+    optimizer step. Parameters without a gradient on this rank count as zero, so every rank makes the same
+    collective calls even when a step leaves a branch unused."""
+    if not ctx.distributed:
+        return
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(ctx.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when `flag` is true on any (agreeing on a time-budget stop avoids a deadlock)."""
+    if not ctx.distributed:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     """Mean of a scalar (a loss, a metric) over ranks."""
     if not ctx.distributed:

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.distributed import DistContext, all_reduce_mean, broadcast_object, fingerprint, init, shard, wrap
+from model.distributed import (DistContext, all_reduce_mean, any_rank, average_gradients, broadcast_module,
+                               broadcast_object, fingerprint, init, shard, wrap)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, N, LR = 5, 32, 0.1
@@ -39,8 +40,22 @@ SCRIPT = textwrap.dedent(f"""
         opt.step()
     mean_loss = d.all_reduce_mean(loss.item(), ctx)
     tag = d.broadcast_object("rank0-says-%d" % ctx.rank, ctx)
+    # manual mode (loops that call model methods, not a DDP forward): rank-dependent init, broadcast, average
+    torch.manual_seed(100 + ctx.rank)
+    manual = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    d.broadcast_module(manual, ctx)
+    manual_start = d.fingerprint(manual)
+    opt = torch.optim.SGD(manual.parameters(), lr={LR})
+    for _ in range({STEPS}):
+        opt.zero_grad()
+        nn.functional.mse_loss(manual[2](manual[1](manual[0](x[mine]))), y[mine]).backward()
+        d.average_gradients(manual, ctx)
+        opt.step()
+    stop = d.any_rank(ctx.rank == 1, ctx)
     torch.save({{"rank": ctx.rank, "world": ctx.world_size, "start": start, "end": d.fingerprint(ddp),
-                "state": d.unwrap(ddp).state_dict(), "n_mine": len(mine), "mean_loss": mean_loss, "tag": tag}},
+                "state": d.unwrap(ddp).state_dict(), "n_mine": len(mine), "mean_loss": mean_loss, "tag": tag,
+                "manual_start": manual_start, "manual_end": d.fingerprint(manual),
+                "manual_state": manual.state_dict(), "stop": stop}},
                sys.argv[1] + "/rank%d.pt" % ctx.rank)
     d.cleanup(ctx)
 """)
@@ -52,8 +67,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _reference_state() -> dict:
-    torch.manual_seed(0)
+def _reference_state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     g = torch.Generator().manual_seed(123)
     x, y = torch.randn(N, 8, generator=g), torch.randn(N, 1, generator=g)
@@ -84,6 +99,11 @@ def test_torchrun_two_gloo_ranks_train_the_same_model(tmp_path):
     reference = _reference_state()
     for name, value in reference.items():  # averaged half-batch gradients == full-batch gradient
         torch.testing.assert_close(r0["state"][name], value, rtol=1e-5, atol=1e-6)
+    # manual sync: ranks started from different seeds, broadcast made them rank 0's model, and they stay equal
+    assert r0["manual_start"] == r1["manual_start"] and r0["manual_end"] == r1["manual_end"]
+    for name, value in _reference_state(seed=100).items():
+        torch.testing.assert_close(r0["manual_state"][name], value, rtol=1e-5, atol=1e-6)
+    assert r0["stop"] is True and r1["stop"] is True
 
 
 def test_single_process_helpers_are_identity():
@@ -93,6 +113,12 @@ def test_single_process_helpers_are_identity():
     assert wrap(model, ctx) is model
     assert shard([1, 2, 3], ctx) == [1, 2, 3]
     assert all_reduce_mean(2.5, ctx) == 2.5 and broadcast_object({"a": 1}, ctx) == {"a": 1}
+    assert any_rank(True, ctx) and not any_rank(False, ctx)
+    model(torch.ones(1, 2)).sum().backward()
+    grad = model.weight.grad.clone()
+    broadcast_module(model, ctx)
+    average_gradients(model, ctx)
+    assert torch.equal(model.weight.grad, grad)
 
 
 @pytest.mark.parametrize("n,world", [(10, 2), (7, 3), (2, 4), (12, 4)])
