@@ -1,0 +1,244 @@
+"""Per-project background training jobs.
+
+Webhook events enter with `submit(project, action)` and return at once. START_TRAINING always runs a job;
+annotation events are coalesced: a job runs after `after_n` new events or `debounce_s` seconds after the first
+pending one, whichever comes first. One job per project at a time; events that arrive while a job runs are kept
+for the next one. The state of every project (queued, running + progress, done, failed + reason) lives in one
+JSON file under MODEL_DIR, rewritten atomically under an flock after each change. That file is the source of
+truth: gunicorn workers sharing MODEL_DIR see one state, only one of them takes a due job, and queued jobs
+survive a restart (a running job whose process is gone is queued again)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+logger = logging.getLogger(__name__)
+
+START = "START_TRAINING"
+ANNOTATION_EVENTS = frozenset(
+    {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"})
+TRAINING_EVENTS = ANNOTATION_EVENTS | {START}
+
+# runner(project, event, progress) -> {"model_version": str, ...figures}; progress(fraction, message)
+Progress = Callable[[float, str], None]
+Runner = Callable[[str, dict, Progress], dict]
+
+
+def _blank(project: str) -> dict:
+    return {"project": project, "status": "idle", "pending_events": 0, "force": False, "first_pending_at": None,
+            "trigger": None, "progress": 0.0, "message": "", "reason": None, "queued_at": None,
+            "started_at": None, "finished_at": None, "model_version": None, "figures": {}, "runs": 0,
+            "last_status": None, "duration_s": None, "owner": None}
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".jobs-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _owner_alive(owner: Optional[dict]) -> bool:
+    if not owner or owner.get("host") != socket.gethostname():
+        return bool(owner)  # another host's job: trust it
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    return True
+
+
+class JobManager:
+    def __init__(self, state_path: Path, runner: Runner, after_n: int = 5, debounce_s: float = 60.0,
+                 clock: Callable[[], float] = time.time, poll_s: float = 0.5):
+        self.state_path = Path(state_path)
+        self.runner = runner
+        self.after_n = max(1, int(after_n))
+        self.debounce_s = float(debounce_s)
+        self.clock = clock
+        self.poll_s = poll_s
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._owner_pid: Optional[int] = None
+        self._stopping = False
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def _read(self) -> dict[str, dict]:
+        try:
+            raw = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            logger.error("job state %s is unreadable (%s); starting with no jobs", self.state_path, exc)
+            return {}
+        return {p: {**_blank(p), **s} for p, s in (raw.get("projects") or {}).items()}
+
+    @contextmanager
+    def _transaction(self) -> Iterator[dict[str, dict]]:
+        """Read-modify-write of the state file under the in-process lock and an flock across processes."""
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._cond:
+            with open(self.state_path.with_suffix(".lock"), "a+") as lock_fh:
+                fcntl.flock(lock_fh, fcntl.LOCK_EX)
+                try:
+                    states = self._read()
+                    yield states
+                    _write_json_atomic(self.state_path, {"projects": states})
+                finally:
+                    fcntl.flock(lock_fh, fcntl.LOCK_UN)
+            self._cond.notify_all()
+
+    # -- public API ------------------------------------------------------------------------------------------
+    def submit(self, project: str, action: str) -> dict:
+        """Record a training event; returns the project's job state. Other actions change nothing."""
+        project = str(project)
+        if action not in TRAINING_EVENTS:
+            return self.snapshot(project)
+        with self._transaction() as states:
+            state = states.setdefault(project, _blank(project))
+            now = self.clock()
+            if action == START:
+                state["force"] = True
+            else:
+                state["pending_events"] += 1
+                state["first_pending_at"] = state["first_pending_at"] or now
+            if action == START or not state["force"]:
+                state["trigger"] = action
+            if state["status"] != "running":
+                state["status"] = "queued"
+                state["queued_at"] = state["queued_at"] or now
+            return dict(state)
+
+    def snapshot(self, project: Optional[str] = None) -> dict:
+        """Lock-free read (the file is replaced atomically), so /health stays fast during training."""
+        states = self._read()
+        if project is not None:
+            return states.get(str(project)) or _blank(str(project))
+        return states
+
+    def last_finished(self) -> Optional[dict]:
+        done = [s for s in self._read().values() if s["finished_at"]]
+        return max(done, key=lambda s: s["finished_at"]) if done else None
+
+    def is_training(self) -> bool:
+        return any(s["status"] == "running" for s in self._read().values())
+
+    def ensure_started(self) -> None:
+        """Start the worker thread in this process (idempotent; safe after a fork, e.g. gunicorn --preload)."""
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive() and self._owner_pid == os.getpid():
+                return
+            self._stopping = False
+            self._owner_pid = os.getpid()
+            self._thread = threading.Thread(target=self._loop, name="training-jobs", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """True once no job is due or running (for tests and shutdown)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            now = self.clock()
+            if not any(s["status"] == "running" or self._due(s, now) for s in self._read().values()):
+                return True
+            with self._cond:
+                self._cond.wait(0.05)
+        return False
+
+    # -- worker ----------------------------------------------------------------------------------------------
+    def _due(self, state: dict, now: float) -> bool:
+        if state["status"] == "running":
+            return False
+        if state["force"] or state["pending_events"] >= self.after_n:
+            return True
+        first = state["first_pending_at"]
+        return state["pending_events"] > 0 and first is not None and now - first >= self.debounce_s
+
+    def _take(self) -> Optional[tuple[str, dict]]:
+        with self._transaction() as states:
+            now = self.clock()
+            for state in states.values():
+                if state["status"] == "running" and not _owner_alive(state["owner"]):
+                    logger.warning("project %s: training job of a gone process is queued again", state["project"])
+                    state.update(status="queued", force=True, message="re-queued after a restart", owner=None)
+            due = [s for s in states.values() if self._due(s, now)]
+            if not due:
+                return None
+            state = min(due, key=lambda s: s["queued_at"] or now)
+            event = {"action": START if state["force"] else (state["trigger"] or "ANNOTATION_CREATED"),
+                     "project": {"id": state["project"]}, "coalesced_events": state["pending_events"]}
+            state.update(status="running", force=False, pending_events=0, first_pending_at=None, queued_at=None,
+                         progress=0.0, message="started", reason=None, started_at=now, trigger=event["action"],
+                         owner={"pid": os.getpid(), "host": socket.gethostname()})
+            return state["project"], event
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+            try:
+                taken = self._take()
+            except OSError as exc:
+                logger.error("job state %s: %s", self.state_path, exc)
+                taken = None
+            if taken is not None:
+                self._run(*taken)
+                continue
+            with self._cond:
+                if not self._stopping:
+                    self._cond.wait(self.poll_s)
+
+    def _progress(self, project: str) -> Progress:
+        def report(fraction: float, message: str = "") -> None:
+            with self._transaction() as states:
+                state = states.setdefault(project, _blank(project))
+                state["progress"] = round(min(max(float(fraction), 0.0), 1.0), 4)
+                state["message"] = str(message)[:300]
+        return report
+
+    def _run(self, project: str, event: dict) -> None:
+        logger.info("training job for project %s starts (%s, %d coalesced events)", project, event["action"],
+                    event["coalesced_events"])
+        t0 = time.monotonic()
+        try:
+            result = self.runner(project, event, self._progress(project)) or {}
+            update = {"status": "done", "progress": 1.0, "message": "finished",
+                      "model_version": result.get("model_version"),
+                      "figures": {k: v for k, v in result.items() if k != "model_version"}}
+            logger.info("training job for project %s done in %.1f s: %s", project, time.monotonic() - t0,
+                        update["model_version"])
+        except Exception as exc:  # a failed job must never kill the worker; its reason is shown in /health
+            logger.exception("training job for project %s failed", project)
+            update = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500], "message": "failed"}
+        with self._transaction() as states:
+            state = states.setdefault(project, _blank(project))
+            state.update(update, last_status=update["status"], finished_at=self.clock(), runs=state["runs"] + 1,
+                         duration_s=round(time.monotonic() - t0, 3), owner=None)
+            if state["force"] or state["pending_events"]:
+                state["status"] = "queued"  # events arrived while it ran; the result fields keep the last run
+                state["queued_at"] = self.clock()

@@ -1,0 +1,258 @@
+"""Label Studio formats: the label config (read with the SDK's LabelInterface), the interactive context
+(percent coordinates -> clicks and a box in pixels), and brush RLE / choice results. Pure functions, no I/O.
+
+Coordinates follow model/types.py: (x, y) in pixels of the original image, x = column."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+from label_studio_sdk.converter.brush import mask2rle
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.errors import BadRequest, LabelConfigError
+from model.types import Box, Click
+
+logger = logging.getLogger(__name__)
+
+_OK_WORDS = ("ok", "normal", "good", "pass", "no defect", "defect-free", "clean")
+_BAD_WORDS = ("anomal", "defect", "bad", "fail", "reject")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """What the backend needs from a project's label config. Tag names are free; types and labels count."""
+
+    image_name: str  # the Image tag's name (regions' to_name)
+    image_key: str  # the task data key of the image ($image -> "image")
+    brush_name: str
+    brush_labels: tuple[str, ...]
+    keypoint_names: tuple[str, ...] = ()
+    rectangle_names: tuple[str, ...] = ()
+    textarea_names: tuple[str, ...] = ()
+    choices_name: Optional[str] = None
+    ok_choice: Optional[str] = None
+    anomalous_choice: Optional[str] = None
+    smart_labels: tuple[str, ...] = ()  # labels of the KeyPointLabels/RectangleLabels tags
+    interface: Any = field(default=None, compare=False, repr=False)
+
+    def match_label(self, label: str) -> str:
+        """The BrushLabels value a smart-tool label stands for (exact, then case-insensitive)."""
+        if label in self.brush_labels:
+            return label
+        for value in self.brush_labels:
+            if value.casefold() == label.casefold():
+                return value
+        raise LabelConfigError(
+            f"label {label!r} is not a value of BrushLabels {self.brush_name!r} "
+            f"(values: {', '.join(self.brush_labels)}); add it there so masks can carry it"
+        )
+
+    @property
+    def capabilities(self) -> list[str]:
+        caps = ["brush"]
+        caps += ["keypoints"] if self.keypoint_names else []
+        caps += ["rectangle"] if self.rectangle_names else []
+        caps += ["prompt"] if self.textarea_names else []
+        caps += ["verdict"] if self.choices_name else []
+        return caps
+
+
+def _verdict_choices(values: list[str]) -> tuple[Optional[str], Optional[str]]:
+    ok = next((v for v in values if v.strip().casefold() in _OK_WORDS), None)
+    bad = next(
+        (v for v in values if v != ok and (v.casefold() == "ng" or any(w in v.casefold() for w in _BAD_WORDS))),
+        None,
+    )
+    if ok is not None and bad is None and len(values) == 2:
+        bad = next(v for v in values if v != ok)
+    return ok, bad
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> LabelConfig:
+    """Parse a label config; LabelConfigError when it cannot serve this backend."""
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError("label_config is missing or empty")
+    try:
+        li = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises assorted parser errors
+        raise LabelConfigError(f"label_config is not valid XML for Label Studio: {exc}") from exc
+    brushes = [c for c in li.controls if c.tag == "BrushLabels"]
+    if not brushes:
+        raise LabelConfigError("label_config has no <BrushLabels> tag; the backend answers with brush masks")
+    brush = brushes[0]
+    images = {o.name: o for o in li.objects if o.tag == "Image"}
+    image_name = next((n for n in brush.to_name if n in images), None)
+    if image_name is None:
+        raise LabelConfigError(f"<BrushLabels name={brush.name!r}> does not point at an <Image> tag")
+    value = images[image_name].value or ""
+    labels = tuple(brush.labels or ())
+    if not labels:
+        raise LabelConfigError(f"<BrushLabels name={brush.name!r}> has no <Label> values")
+
+    def on_image(tag: str) -> list:
+        return [c for c in li.controls if c.tag == tag and image_name in c.to_name]
+
+    keypoints, rects = on_image("KeyPointLabels"), on_image("RectangleLabels")
+    choices = on_image("Choices")
+    ok, bad = _verdict_choices(list(choices[0].labels)) if choices else (None, None)
+    verdict = ok is not None and bad is not None
+    smart = tuple(dict.fromkeys(lbl for c in keypoints + rects for lbl in (c.labels or ())))
+    return LabelConfig(
+        image_name=image_name,
+        image_key=value.lstrip("$"),
+        brush_name=brush.name,
+        brush_labels=labels,
+        keypoint_names=tuple(c.name for c in keypoints),
+        rectangle_names=tuple(c.name for c in rects),
+        textarea_names=tuple(c.name for c in on_image("TextArea")),
+        choices_name=choices[0].name if verdict else None,
+        ok_choice=ok if verdict else None,
+        anomalous_choice=bad if verdict else None,
+        smart_labels=smart,
+        interface=li,
+    )
+
+
+def check_smart_labels(cfg: LabelConfig) -> None:
+    """Every label of the smart tools must exist in BrushLabels (checked at /setup)."""
+    unknown = []
+    for label in cfg.smart_labels:
+        try:
+            cfg.match_label(label)
+        except LabelConfigError:
+            unknown.append(label)
+    if unknown:
+        raise LabelConfigError(
+            f"labels {unknown} of the KeyPointLabels/RectangleLabels tags are missing from BrushLabels "
+            f"{cfg.brush_name!r} (values: {', '.join(cfg.brush_labels)})"
+        )
+
+
+@dataclass
+class InteractiveRequest:
+    label: str  # a BrushLabels value
+    clicks: list[Click]
+    box: Optional[Box]
+    prompt: str
+
+
+def _percent(value: dict, key: str, default: Optional[float] = None) -> float:
+    raw = value.get(key, default)
+    try:
+        number = float(raw)
+    except (TypeError, ValueError):
+        raise BadRequest(f"context region value {key!r} must be a number, got {raw!r}") from None
+    if not math.isfinite(number):
+        raise BadRequest(f"context region value {key!r} must be finite, got {raw!r}")
+    return number
+
+
+def _inside(x: float, y: float, what: str) -> None:
+    if not (0.0 <= x <= 100.0 and 0.0 <= y <= 100.0):
+        raise BadRequest(f"{what} at x={x:.2f}%, y={y:.2f}% lies outside the image (0-100%)")
+
+
+def _to_px(pct: float, size: int) -> float:
+    return min(max(pct / 100.0 * size, 0.0), size - 1.0)
+
+
+def _region_label(region: dict, kind: str) -> str:
+    labels = (region.get("value") or {}).get(kind) or []
+    if not isinstance(labels, list) or not labels or not isinstance(labels[0], str):
+        raise BadRequest(f"a {kind} region of the context carries no label")
+    return labels[0]
+
+
+def parse_context(context: Any, cfg: LabelConfig, width: int, height: int) -> InteractiveRequest:
+    """Every keypoint (positive unless is_positive is false), at most one rectangle (the last one wins),
+    and the TextArea text; the label of the smart regions mapped onto BrushLabels."""
+    if not isinstance(context, dict) or not isinstance(context.get("result"), list):
+        raise BadRequest("context.result must be a list of regions")
+    clicks: list[Click] = []
+    box: Optional[Box] = None
+    labels: list[str] = []
+    texts: list[str] = []
+    for region in context["result"]:
+        if not isinstance(region, dict):
+            raise BadRequest("each context.result item must be an object")
+        kind = str(region.get("type", "")).lower()
+        value = region.get("value")
+        if not isinstance(value, dict):
+            raise BadRequest(f"context region of type {kind!r} has no value object")
+        if kind == "keypointlabels":
+            x, y = _percent(value, "x"), _percent(value, "y")
+            _inside(x, y, "click")
+            positive = region.get("is_positive", value.get("is_positive", True))
+            clicks.append(Click(_to_px(x, width), _to_px(y, height), positive is not False))
+            labels.append(_region_label(region, kind))
+        elif kind == "rectanglelabels":
+            x, y = _percent(value, "x"), _percent(value, "y")
+            w, h = _percent(value, "width", 0.0), _percent(value, "height", 0.0)
+            _inside(x, y, "rectangle corner")
+            _inside(x + w, y + h, "rectangle corner")
+            if box is not None:
+                logger.info("context holds more than one rectangle; using the last one")
+            box = (_to_px(x, width), _to_px(y, height), _to_px(x + w, width), _to_px(y + h, height))
+            labels.append(_region_label(region, kind))
+        elif kind == "textarea":
+            text = value.get("text", [])
+            texts += [t for t in (text if isinstance(text, list) else [text]) if isinstance(t, str) and t.strip()]
+        else:
+            logger.debug("ignoring a context region of type %r", kind)
+    if not clicks and box is None:
+        raise BadRequest("context holds no keypoint or rectangle to segment from")
+    distinct = list(dict.fromkeys(labels))
+    if len(distinct) > 1:
+        raise BadRequest(f"context mixes several labels {distinct}; send one label per request")
+    label = cfg.match_label(distinct[0])
+    prompt = ", ".join([label] + [t.strip() for t in texts])
+    return InteractiveRequest(label=label, clicks=clicks, box=box, prompt=prompt)
+
+
+def _region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def brush_region(mask: np.ndarray, label: str, cfg: LabelConfig, score: float) -> dict:
+    """One `brushlabels` result item (RLE of the (H, W) bool mask) for a BrushLabels value."""
+    height, width = mask.shape
+    rle = mask2rle(np.where(mask, 255, 0).astype(np.uint8))
+    return {
+        "id": _region_id(),
+        "from_name": cfg.brush_name,
+        "to_name": cfg.image_name,
+        "type": "brushlabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": [int(v) for v in rle], "brushlabels": [label]},
+        "score": round(float(score), 4),
+        "readonly": False,
+    }
+
+
+def choice_region(choice: str, cfg: LabelConfig, score: float) -> dict:
+    return {
+        "id": _region_id(),
+        "from_name": cfg.choices_name,
+        "to_name": cfg.image_name,
+        "type": "choices",
+        "value": {"choices": [choice]},
+        "score": round(float(score), 4),
+    }
+
+
+def prediction(result: list[dict], score: float, model_version: str) -> dict:
+    return {"model_version": model_version, "score": round(float(score), 4), "result": result}
+
+
+def validation_errors(cfg: LabelConfig, pred: dict) -> list[str]:
+    """The SDK's own check of a prediction against the label config (empty list = valid)."""
+    return list(cfg.interface.validate_prediction(pred, return_errors=True))

@@ -1,0 +1,108 @@
+"""Per-project settings kept by the service under MODEL_DIR/projects/<id>/: the label config and extra_params
+last sent to /setup (project.json, written atomically), and the folder of reference images the training job
+collects from OK-verdict tasks (references/). Reference images of a project = ADCLICK_NORMAL_DIR +
+extra_params.normal_dir + that folder."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+from backend.errors import BadRequest
+from backend.locks import project_key
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def parse_project(raw: object) -> str:
+    """Label Studio sends "12.1700000000" (id.timestamp), 12, or {"id": 12}; all mean project "12"."""
+    if isinstance(raw, dict):
+        raw = raw.get("id")
+    if raw is None or raw == "":
+        raise BadRequest("request names no project")
+    try:
+        return project_key(raw)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def list_images(folder: Path, limit: int) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; at most `limit`, spread evenly over the sorted list."""
+    if not folder.is_dir():
+        logger.warning("reference folder %s does not exist", folder)
+        return []
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if len(files) > limit > 0:
+        step = len(files) / limit
+        files = [files[int(i * step)] for i in range(limit)]
+    return files
+
+
+class ProjectStore:
+    def __init__(self, model_dir: Path, env_normal_dir: str = ""):
+        self.root = Path(model_dir) / "projects"
+        self.env_normal_dir = env_normal_dir
+        self._lock = threading.Lock()
+        self._memo: dict[str, dict] = {}
+
+    def dir(self, project: str) -> Path:
+        return self.root / project
+
+    def references_dir(self, project: str) -> Path:
+        return self.dir(project) / "references"
+
+    def get(self, project: str) -> dict:
+        with self._lock:
+            if project not in self._memo:
+                path = self.dir(project) / "project.json"
+                try:
+                    self._memo[project] = json.loads(path.read_text())
+                except FileNotFoundError:
+                    self._memo[project] = {}
+                except (OSError, ValueError) as exc:
+                    logger.error("unreadable %s (%s); using defaults", path, exc)
+                    self._memo[project] = {}
+            return dict(self._memo[project])
+
+    def update(self, project: str, label_config: Optional[str] = None,
+               extra_params: Optional[dict] = None) -> dict:
+        """Keep what is given; what is not given stays as it was (extra_params survive a /setup without them)."""
+        current = self.get(project)
+        if label_config:
+            current["label_config"] = label_config
+        if extra_params is not None:
+            current["extra_params"] = dict(extra_params)
+        path = self.dir(project) / "project.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(current, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        with self._lock:
+            self._memo[project] = dict(current)
+        return current
+
+    def extra_params(self, project: str) -> dict:
+        return dict(self.get(project).get("extra_params") or {})
+
+    def label_config(self, project: str) -> Optional[str]:
+        return self.get(project).get("label_config")
+
+    def reference_folders(self, project: str) -> list[Path]:
+        folders = [self.env_normal_dir, str(self.extra_params(project).get("normal_dir") or "")]
+        out = [Path(f).expanduser() for f in folders if f]
+        return out + [self.references_dir(project)]
+
+    def reference_images(self, project: str, limit: int) -> list[Path]:
+        images: list[Path] = []
+        for folder in self.reference_folders(project):
+            if folder == self.references_dir(project) and not folder.exists():
+                continue
+            images += list_images(folder, limit)
+        return list(dict.fromkeys(images))[: max(limit, 0) or None]

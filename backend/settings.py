@@ -1,0 +1,90 @@
+"""Service settings. `Settings.from_env()` is the only place in the project that reads `os.environ`;
+every variable is listed in docs/SETTINGS.md."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+from backend.errors import ConfigError
+
+_MB = 1024 * 1024
+
+
+def _text(env: Mapping[str, str], name: str, default: str = "") -> str:
+    return env.get(name, default).strip()
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    model_dir: Path = Path("data/models")
+    device: str = "auto"
+    normal_dir: str = ""
+    log_level: str = "INFO"
+    local_files_root: str = ""  # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/ from disk when set
+    image_timeout_s: float = 30.0
+    max_image_bytes: int = 50 * _MB
+    max_image_pixels: int = 50_000_000
+    download_cache_bytes: int = 2048 * _MB
+    state_cache_bytes: int = 1024 * _MB
+    train_after_annotations: int = 5
+    train_debounce_s: float = 60.0
+    predictor: str = "auto"  # auto | learned | residual
+    max_reference_images: int = 200
+    warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
+        env = os.environ if env is None else env
+        url = _text(env, "LABEL_STUDIO_URL") or _text(env, "LABEL_STUDIO_HOST")
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
+        device = _text(env, "DEVICE", "auto").lower() or "auto"
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"DEVICE must be auto, cpu or cuda, got {device!r}")
+        predictor = _text(env, "ADCLICK_PREDICTOR", "auto").lower() or "auto"
+        if predictor not in ("auto", "learned", "residual"):
+            raise ConfigError(f"ADCLICK_PREDICTOR must be auto, learned or residual, got {predictor!r}")
+        return cls(
+            label_studio_url=url.rstrip("/"),
+            label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY") or _text(env, "LABEL_STUDIO_ACCESS_TOKEN"),
+            basic_auth_user=_text(env, "BASIC_AUTH_USER"),
+            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
+            model_dir=Path(_text(env, "MODEL_DIR", "data/models") or "data/models"),
+            device=device,
+            normal_dir=_text(env, "ADCLICK_NORMAL_DIR"),
+            log_level=(_text(env, "LOG_LEVEL", "INFO") or "INFO").upper(),
+            local_files_root=_text(env, "LOCAL_FILES_DOCUMENT_ROOT"),
+            image_timeout_s=_number(env, "IMAGE_TIMEOUT_S", 30.0, minimum=0.1),
+            max_image_bytes=int(_number(env, "MAX_IMAGE_MB", 50, minimum=0.001) * _MB),
+            max_image_pixels=int(_number(env, "MAX_IMAGE_MPIX", 50, minimum=0.000001) * 1_000_000),
+            download_cache_bytes=int(_number(env, "DOWNLOAD_CACHE_MB", 2048) * _MB),
+            state_cache_bytes=int(_number(env, "STATE_CACHE_MB", 1024) * _MB),
+            train_after_annotations=int(_number(env, "TRAIN_AFTER_ANNOTATIONS", 5, minimum=1)),
+            train_debounce_s=_number(env, "TRAIN_DEBOUNCE_S", 60.0),
+            predictor=predictor,
+            max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
+            warm_on_setup=_text(env, "WARM_ON_SETUP", "1").lower() not in ("0", "false", "no", "off"),
+        )
