@@ -50,6 +50,7 @@ class Settings:
     predictor: str = "auto"  # auto | learned | residual
     max_reference_images: int = 200
     warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
+    redis_url: str = ""  # when set, fits run on RQ workers (backend/queue.py, backend/worker.py)
 
     @property
     def auth_enabled(self) -> bool:
@@ -86,5 +87,6 @@ class Settings:
             train_debounce_s=_number(env, "TRAIN_DEBOUNCE_S", 60.0),
             predictor=predictor,
             max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
+            redis_url=_text(env, "REDIS_URL"),
             warm_on_setup=_text(env, "WARM_ON_SETUP", "1").lower() not in ("0", "false", "no", "off"),
         )

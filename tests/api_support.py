@@ -214,3 +214,52 @@ class RecordingServer:
 
     def auth_headers(self, path_prefix: str) -> list[Optional[str]]:
         return [h.get("Authorization") for m, p, h, _ in self.requests if p.startswith(path_prefix)]
+
+
+# ---- the app under test ------------------------------------------------------------------------------------
+
+CONTRACT_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true" zoomControl="true"/>
+  <BrushLabels name="mask" toName="image"><Label value="Scratch"/><Label value="Dent"/></BrushLabels>
+  <KeyPointLabels name="click" toName="image" smart="true" smartOnly="true">
+    <Label value="Scratch"/><Label value="Dent"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true" smartOnly="true">
+    <Label value="Scratch"/><Label value="Dent"/></RectangleLabels>
+  <TextArea name="prompt" toName="image" editable="true" maxSubmissions="1"/>
+  <Choices name="verdict" toName="image" choice="single"><Choice value="OK"/><Choice value="Anomalous"/></Choices>
+</View>"""
+
+
+def make_app(settings, delay_s: float = 0.0, start_jobs: bool = False):
+    """(app, service, engine) with the tiny engine/predictor; no network weights."""
+    from backend.app import create_app
+    from backend.services import ModelService
+
+    engine = TinyEngine()
+    service = ModelService(settings, engine_factory=lambda s: engine, predictor_chooser=tiny_chooser(delay_s))
+    return create_app(settings, service, start_jobs=start_jobs), service, engine
+
+
+def keypoint(x_pct: float, y_pct: float, label: str = "Scratch", positive: bool = True, w: int = 128,
+             h: int = 96) -> dict:
+    return {"id": f"k{x_pct}-{y_pct}", "from_name": "click", "to_name": "image", "type": "keypointlabels",
+            "original_width": w, "original_height": h, "image_rotation": 0, "is_positive": positive,
+            "value": {"x": x_pct, "y": y_pct, "width": 0.6, "keypointlabels": [label]}}
+
+
+def interactive_body(url: str, clicks: list[dict], project: str = "1.1700000000", task_id: int = 1,
+                     config: str = CONTRACT_CONFIG) -> dict:
+    return {"tasks": [{"id": task_id, "data": {"image": url}}], "project": project, "label_config": config,
+            "params": {"context": {"result": clicks}}}
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def decode_mask(region: dict) -> np.ndarray:
+    from label_studio_sdk.converter.brush import decode_rle
+
+    h, w = region["original_height"], region["original_width"]
+    return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0

@@ -59,8 +59,8 @@ def test_redirect_to_another_host_drops_the_token(tmp_path, ls, other):
 
 
 def _jwt(kind: str, ttl: float) -> str:
-    return jwt.encode({"token_type": kind, "exp": int(time.time() + ttl), "jti": str(time.time_ns())}, "test-secret-key-of-thirty-two-bytes!",
-                      algorithm="HS256")
+    claims = {"token_type": kind, "exp": int(time.time() + ttl), "jti": str(time.time_ns())}
+    return jwt.encode(claims, "test-secret-key-of-thirty-two-bytes!", algorithm="HS256")
 
 
 def test_personal_access_token_is_refreshed_to_a_bearer_jwt_and_again_after_401(tmp_path, ls):

@@ -1,0 +1,99 @@
+"""Flask application factory: `create_app(settings, services=None)`. No import-time side effects; typed
+exceptions become JSON {"error": "..."} answers here, tracebacks only go to the log."""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Optional
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend.errors import BackendError
+from backend.services import ModelService
+from backend.settings import Settings
+from backend.stats import RequestStats
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+OPEN_ROUTES = ("/health",)
+
+
+def _model_error_status(exc: Exception) -> Optional[int]:
+    try:
+        from model.errors import BankError, CheckpointError, InputError, ModelError
+    except ImportError:
+        return None
+    if isinstance(exc, InputError):
+        return 400
+    if isinstance(exc, (BankError, CheckpointError)):
+        return 500
+    if isinstance(exc, ModelError):
+        return 500
+    return None
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(BackendError)
+    def backend_error(exc: BackendError):
+        if exc.status >= 500:
+            logger.error("%s: %s", type(exc).__name__, exc.message)
+        return jsonify(error=exc.message), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify(error=f"{exc.name}: {exc.description}"), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        status = _model_error_status(exc)
+        if status is not None and status < 500:
+            return jsonify(error=str(exc)), status
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), status or 500
+
+
+def _register_auth_and_stats(app: Flask, settings: Settings, stats: RequestStats, services: ModelService,
+                             start_jobs: bool) -> None:
+    @app.before_request
+    def before():
+        g.t0 = time.perf_counter()
+        if start_jobs:
+            services.jobs.ensure_started()
+        if not settings.auth_enabled or request.path in OPEN_ROUTES:
+            return None
+        auth = request.authorization
+        ok = (auth is not None and auth.type == "basic"
+              and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+              and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode()))
+        if not ok:
+            resp = jsonify(error="authentication required: HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS)")
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = 'Basic realm="adclick-backend"'
+            return resp
+        return None
+
+    @app.after_request
+    def after(response):
+        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        stats.record(f"{request.method} {rule}", response.status_code, time.perf_counter() - g.get("t0", 0.0))
+        return response
+
+
+def create_app(settings: Optional[Settings] = None, services: Optional[ModelService] = None,
+               start_jobs: bool = True) -> Flask:
+    settings = settings or Settings.from_env()
+    services = services or ModelService(settings)
+    app = Flask("adclick-backend")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    stats = RequestStats()
+    app.extensions["adclick"] = {"settings": settings, "services": services, "stats": stats}
+    _register_errors(app)
+    _register_auth_and_stats(app, settings, stats, services, start_jobs)
+    from backend.routes import blueprint
+
+    app.register_blueprint(blueprint)
+    return app

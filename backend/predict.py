@@ -1,0 +1,113 @@
+"""/predict: interactive (one task + a context of smart regions -> one brush mask) and batch (context null ->
+one prediction per task: anomalous regions, the verdict choice, the image anomaly score). Mirrors the upstream
+`predict(tasks, context)` of label-studio-ml-backend."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+from scipy import ndimage
+
+from backend import ls_format
+from backend.errors import BadRequest
+from backend.ls_format import LabelConfig
+from backend.services import ModelService
+from model.types import AnomalyResult
+
+logger = logging.getLogger(__name__)
+
+MAX_REGIONS = 20  # batch: at most this many brush regions per task (largest first)
+
+
+def _task_image_ref(task: Any, cfg: LabelConfig) -> tuple[str, Optional[int]]:
+    if not isinstance(task, dict):
+        raise BadRequest("each task must be an object")
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise BadRequest(f"task {task.get('id')} has no data object")
+    ref = data.get(cfg.image_key)
+    if not isinstance(ref, str) or not ref:
+        raise BadRequest(f"task {task.get('id')} has no image under data.{cfg.image_key}")
+    task_id = task.get("id")
+    return ref, task_id if isinstance(task_id, int) else None
+
+
+def predict(service: ModelService, project: str, tasks: list, cfg: LabelConfig, context: Any) -> list[dict]:
+    if not tasks:
+        raise BadRequest("tasks is empty: nothing to predict")
+    if context:
+        return [predict_interactive(service, project, tasks[0], cfg, context)]
+    return [predict_batch_one(service, project, task, cfg) for task in tasks]
+
+
+def predict_interactive(service: ModelService, project: str, task: Any, cfg: LabelConfig, context: Any) -> dict:
+    ref, task_id = _task_image_ref(task, cfg)
+    if not isinstance(context, dict):
+        raise BadRequest("context must be an object with a result list")
+    image = service.loader.load(ref, task_id)
+    request = ls_format.parse_context(context, cfg, image.width, image.height)
+    model, state = service.image_state(project, image)
+    out = model.predictor.predict(state, request.clicks, request.box, request.prompt)
+    region = ls_format.brush_region(np.asarray(out.mask, dtype=bool), request.label, cfg, out.score)
+    return ls_format.prediction([region], out.score, model.predictor.version)
+
+
+def _residual_state(state: Any) -> Any:
+    return state if hasattr(state, "residual") else getattr(state, "residual_state", None)
+
+
+def _detect(service: ModelService, project: str, state: Any, cfg: LabelConfig) -> tuple[AnomalyResult, str]:
+    detector = service.detector(project)
+    residual = _residual_state(state)
+    if detector is not None and residual is not None:
+        return detector.detect(residual, list(cfg.brush_labels)), detector.version
+    model = service.model_for(project)
+    return model.predictor.detect(state, list(cfg.brush_labels)), model.predictor.version
+
+
+def _component_label(component: np.ndarray, result: AnomalyResult, cfg: LabelConfig) -> str:
+    """The BrushLabels value whose mask covers most of the component (ties: higher label score)."""
+    best, best_key = cfg.brush_labels[0], (-1, -np.inf)
+    for label in cfg.brush_labels:
+        mask = result.masks.get(label)
+        if mask is None:
+            continue
+        key = (int(np.count_nonzero(mask[component])), result.label_scores.get(label, -np.inf))
+        if key > best_key:
+            best, best_key = label, key
+    return best
+
+
+def anomaly_regions(result: AnomalyResult, cfg: LabelConfig, shape: tuple[int, int]) -> list[dict]:
+    """One brush region per connected anomalous component, labelled by the label masks."""
+    masks = result.masks
+    union = masks.get("")
+    if union is None:
+        union = np.zeros(shape, dtype=bool)
+        for mask in masks.values():
+            union |= np.asarray(mask, dtype=bool)
+    labelled, count = ndimage.label(np.asarray(union, dtype=bool))
+    if count == 0:
+        return []
+    sizes = ndimage.sum_labels(np.ones(shape), labelled, index=np.arange(1, count + 1))
+    regions = []
+    for idx in np.argsort(-sizes)[:MAX_REGIONS]:
+        component = labelled == idx + 1
+        peak = float(result.anomaly_map[component].max()) if result.anomaly_map is not None else result.score
+        label = _component_label(component, result, cfg)
+        score = result.label_scores.get(label, peak)
+        regions.append(ls_format.brush_region(component, label, cfg, score))
+    return regions
+
+
+def predict_batch_one(service: ModelService, project: str, task: Any, cfg: LabelConfig) -> dict:
+    ref, task_id = _task_image_ref(task, cfg)
+    image = service.loader.load(ref, task_id)
+    _, state = service.image_state(project, image)
+    result, version = _detect(service, project, state, cfg)
+    regions = anomaly_regions(result, cfg, (image.height, image.width))
+    if cfg.choices_name:
+        verdict = cfg.anomalous_choice if regions else cfg.ok_choice
+        regions.append(ls_format.choice_region(verdict, cfg, result.score))
+    return ls_format.prediction(regions, result.score, version)

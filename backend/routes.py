@@ -1,0 +1,169 @@
+"""HTTP routes, in the shapes Label Studio 1.23 sends and expects: parse -> service -> serialize."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from backend import ls_format
+from backend.errors import BadRequest, LabelConfigError
+from backend.jobs import TRAINING_EVENTS
+from backend.predict import predict
+from backend.projects import list_images, parse_project
+from backend.services import ModelService
+
+logger = logging.getLogger(__name__)
+
+blueprint = Blueprint("adclick", __name__)
+MODEL_CLASS = "ADClickBackend"
+_STARTED = time.time()
+
+
+def _services() -> ModelService:
+    return current_app.extensions["adclick"]["services"]
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("request body is not valid JSON (Content-Type application/json expected)")
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _model_info(svc: ModelService) -> dict:
+    if not svc.loaded:
+        return {"loaded": False, "kind": None, "version": None}
+    return {"loaded": True, "kind": svc.choice.kind, "version": svc.choice.version,
+            "load_seconds": svc.load_seconds}
+
+
+_normal_count: dict[str, int] = {}
+
+
+def _env_reference_count(svc: ModelService) -> int:
+    folder = svc.settings.normal_dir
+    if not folder:
+        return 0
+    if folder not in _normal_count:  # counted once per process: /health must stay fast
+        from pathlib import Path
+
+        _normal_count[folder] = len(list_images(Path(folder), svc.settings.max_reference_images))
+    return _normal_count[folder]
+
+
+@blueprint.get("/")
+@blueprint.get("/health")
+def health():
+    svc = _services()
+    jobs = svc.jobs.snapshot()
+    return jsonify(
+        status="UP",
+        model_class=MODEL_CLASS,
+        model=_model_info(svc),
+        reference_images={"normal_dir": _env_reference_count(svc),
+                          "projects": {p: m.n_references for p, m in list(svc._models.items())}},
+        training={"active": [p for p, s in jobs.items() if s["status"] == "running"],
+                  "queued": [p for p, s in jobs.items() if s["status"] == "queued"],
+                  "jobs": jobs},
+        uptime_s=round(time.time() - _STARTED, 1),
+    )
+
+
+@blueprint.post("/setup")
+def setup():
+    svc = _services()
+    body = _json_body()
+    project = parse_project(body.get("project"))
+    schema = body.get("schema") or body.get("label_config") or svc.projects.label_config(project)
+    cfg = ls_format.parse_label_config(schema) if schema else None
+    if cfg is None:
+        raise LabelConfigError("setup carries no label config (schema)")
+    ls_format.check_smart_labels(cfg)
+    extra = body.get("extra_params")
+    if extra is not None and not isinstance(extra, dict):
+        raise BadRequest("extra_params must be an object")
+    svc.projects.update(project, label_config=schema, extra_params=extra or None)
+    if svc.settings.warm_on_setup:
+        svc.warm(project)
+    return jsonify(model_version=svc.project_version(project), capabilities=cfg.capabilities)
+
+
+def _context(body: dict) -> Any:
+    params = body.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise BadRequest("params must be an object")
+    return (params or {}).get("context", body.get("context"))
+
+
+@blueprint.post("/predict")
+def predict_route():
+    svc = _services()
+    body = _json_body()
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        raise BadRequest("tasks must be a list of Label Studio tasks")
+    project = parse_project(body.get("project") or (tasks[0].get("project") if tasks and isinstance(tasks[0], dict)
+                                                    else None))
+    schema = body.get("label_config") or svc.projects.label_config(project)
+    if not schema:
+        raise LabelConfigError(f"no label config for project {project}: send label_config or call /setup first")
+    cfg = ls_format.parse_label_config(schema)
+    results = predict(svc, project, tasks, cfg, _context(body))
+    return jsonify(results=results)
+
+
+def _webhook_project(body: dict) -> Any:
+    project = body.get("project")
+    if project is None:
+        for key in ("annotation", "task"):
+            item = body.get(key)
+            if isinstance(item, dict) and item.get("project") is not None:
+                return item.get("project")
+        annotations = body.get("annotations")
+        if isinstance(annotations, list) and annotations and isinstance(annotations[0], dict):
+            return annotations[0].get("project")
+    return project
+
+
+@blueprint.post("/webhook")
+def webhook():
+    svc = _services()
+    body = _json_body()
+    action = body.get("action")
+    if not isinstance(action, str):
+        raise BadRequest("webhook payload has no action")
+    if action not in TRAINING_EVENTS:
+        return jsonify(status="ignored", action=action), 200
+    raw = _webhook_project(body)
+    project = parse_project(raw)
+    if isinstance(raw, dict) and isinstance(raw.get("label_config"), str):
+        svc.projects.update(project, label_config=raw["label_config"])
+    job = svc.jobs.submit(project, action)
+    return jsonify(status=job["status"], action=action, project=project, job=job), 201
+
+
+@blueprint.get("/versions")
+def versions():
+    svc = _services()
+    raw = request.args.get("project")
+    project = parse_project(raw) if raw else None
+    current = svc.project_version(project) if project else svc.choice.version
+    return jsonify(versions=svc.versions(project), model_version=current)
+
+
+@blueprint.get("/metrics")
+def metrics():
+    svc = _services()
+    stats = current_app.extensions["adclick"]["stats"]
+    return jsonify(
+        routes=stats.snapshot(),
+        state_cache=svc.cache.snapshot(),
+        download_cache=svc.loader.disk.usage(),
+        token_refreshes=svc.loader.auth.refresh_count,
+        model=_model_info(svc),
+        training={"last": svc.jobs.last_finished(), "jobs": svc.jobs.snapshot()},
+    )

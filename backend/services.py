@@ -1,0 +1,222 @@
+"""ModelService: everything behind the routes. The model is built lazily, once per process, behind a lock;
+per-project predictors share it; per-image work is cached by (image key, model version, bank) in a byte-budget
+LRU; training runs in backend/jobs.py, never inside a request.
+
+The interactive predictor is chosen in ONE place, `choose_predictor` (learned ADClick when its weights are
+bundled and ADCLICK_PREDICTOR allows it, else the zero-training residual click mode)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from backend.cache import ByteLRU
+from backend.errors import NotReady
+from backend.images import ImageLoader, LoadedImage
+from backend.jobs import JobManager
+from backend.locks import ProjectLock
+from backend.projects import ProjectStore
+from backend.settings import Settings
+from model.types import Predictor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictorChoice:
+    """Which interactive predictor this process serves: `kind`, a cheap `version` (no weights loaded) and
+    `build(engine, bank) -> Predictor` (one predictor per reference bank; weights shared via the engine)."""
+
+    kind: str
+    version: str
+    build: Callable[[Any, Any], Predictor]
+
+
+def choose_predictor(settings: Settings, engine: Any) -> PredictorChoice:
+    if settings.predictor in ("auto", "learned"):
+        try:
+            from model.predictor import load_interactive_predictor
+        except ImportError:
+            if settings.predictor == "learned":
+                raise NotReady("ADCLICK_PREDICTOR=learned but model.predictor is not available") from None
+        else:
+            choice = load_interactive_predictor(engine=engine, settings=settings)
+            if choice is not None:
+                return choice
+            if settings.predictor == "learned":
+                raise NotReady("ADCLICK_PREDICTOR=learned but no learned ADClick weights are bundled")
+    from model.clickmode import ResidualClickPredictor
+
+    return PredictorChoice("residual-click", f"residual-click-{engine.config_hash()}",
+                           lambda eng, bank: ResidualClickPredictor(eng, bank))
+
+
+def build_engine(settings: Settings) -> Any:
+    from model.features import BackboneConfig
+    from model.residuals import ResidualConfig, ResidualEngine
+
+    return ResidualEngine(BackboneConfig(device=settings.device), ResidualConfig(),
+                          cache_dir=settings.model_dir / "banks")
+
+
+@dataclass
+class ProjectModel:
+    signature: tuple
+    bank: Any
+    predictor: Predictor
+    n_references: int
+
+
+class ModelService:
+    def __init__(self, settings: Settings, loader: Optional[ImageLoader] = None,
+                 engine_factory: Callable[[Settings], Any] = build_engine,
+                 predictor_chooser: Callable[[Settings, Any], PredictorChoice] = choose_predictor,
+                 client_factory: Optional[Callable[[], Any]] = None):
+        self.settings = settings
+        self.loader = loader or ImageLoader(settings)
+        self.cache = ByteLRU(settings.state_cache_bytes)
+        self.projects = ProjectStore(settings.model_dir, settings.normal_dir)
+        from backend.queue import build_runner
+
+        self.jobs = JobManager(settings.model_dir / "jobs" / "state.json",
+                               build_runner(settings.redis_url, self.run_training),
+                               settings.train_after_annotations, settings.train_debounce_s)
+        self._engine_factory = engine_factory
+        self._chooser = predictor_chooser
+        self._client_factory = client_factory or self._default_client
+        self._lock = threading.Lock()
+        self._engine: Any = None
+        self._choice: Optional[PredictorChoice] = None
+        self._project_locks: dict[str, threading.Lock] = {}
+        self._models: dict[str, ProjectModel] = {}
+        self._detectors: dict[tuple[str, str], Any] = {}
+        self.loaded_at: Optional[float] = None
+        self.load_seconds: Optional[float] = None
+
+    # -- the model, once per process -------------------------------------------------------------------------
+    def _ensure_loaded(self) -> tuple[Any, PredictorChoice]:
+        with self._lock:
+            if self._choice is None:
+                t0 = time.monotonic()
+                engine = self._engine_factory(self.settings)
+                choice = self._chooser(self.settings, engine)
+                self._engine, self._choice = engine, choice
+                self.load_seconds = round(time.monotonic() - t0, 3)
+                self.loaded_at = time.time()
+                logger.info("model loaded: %s (%s) in %.2f s", choice.kind, choice.version, self.load_seconds)
+            return self._engine, self._choice
+
+    @property
+    def engine(self) -> Any:
+        return self._ensure_loaded()[0]
+
+    @property
+    def choice(self) -> PredictorChoice:
+        return self._ensure_loaded()[1]
+
+    @property
+    def loaded(self) -> bool:
+        return self._choice is not None
+
+    def _project_lock(self, project: str) -> threading.Lock:
+        with self._lock:
+            return self._project_locks.setdefault(project, threading.Lock())
+
+    # -- versions --------------------------------------------------------------------------------------------
+    def trained_version(self, project: str) -> Optional[Any]:
+        from model.versions import project_store
+
+        return project_store(self.settings.model_dir, project).latest()
+
+    def project_version(self, project: str) -> str:
+        """The trained ADClick-Seg version of the project when there is one, else the interactive model's."""
+        trained = self.trained_version(project)
+        return trained.name if trained is not None else self.choice.version
+
+    def versions(self, project: Optional[str]) -> list[str]:
+        from model.versions import project_store
+
+        names = [self.choice.version]
+        if project:
+            names += [v.name for v in project_store(self.settings.model_dir, project).list()]
+        return names
+
+    # -- per-project predictors ------------------------------------------------------------------------------
+    def _signature(self, project: str) -> tuple:
+        refs = self.projects.references_dir(project)
+        mtime = refs.stat().st_mtime if refs.exists() else 0.0
+        return (self.choice.version, str(self.projects.reference_folders(project)), mtime)
+
+    def model_for(self, project: str) -> ProjectModel:
+        engine, choice = self._ensure_loaded()
+        signature = self._signature(project)
+        current = self._models.get(project)
+        if current is not None and current.signature == signature:
+            return current
+        with self._project_lock(project):
+            current = self._models.get(project)
+            if current is not None and current.signature == signature:
+                return current
+            images = self.projects.reference_images(project, self.settings.max_reference_images)
+            t0 = time.monotonic()
+            bank = engine.build_bank(images)
+            logger.info("project %s: reference bank of %d images ready in %.1f s", project, len(images),
+                        time.monotonic() - t0)
+            model = ProjectModel(signature, bank, choice.build(engine, bank), len(images))
+            self._models[project] = model
+            return model
+
+    def warm(self, project: str) -> None:
+        """Load the model and the project's bank in a background thread (called by /setup)."""
+        def run() -> None:
+            try:
+                self.model_for(project)
+            except Exception:  # warming is best effort; the next request reports the error properly
+                logger.exception("warming project %s failed", project)
+        threading.Thread(target=run, name=f"warm-{project}", daemon=True).start()
+
+    def image_state(self, project: str, image: LoadedImage) -> tuple[ProjectModel, Any]:
+        model = self.model_for(project)
+        key = (image.key, model.predictor.version, getattr(model.bank, "key", ""))
+        return model, self.cache.get_or_set(key, lambda: model.predictor.set_image(image.array))
+
+    def detector(self, project: str) -> Optional[Any]:
+        """The trained ADClick-Seg detector of the project's latest version, or None (use the predictor)."""
+        trained = self.trained_version(project)
+        if trained is None:
+            return None
+        key = (project, trained.name)
+        with self._project_lock(project):
+            if key not in self._detectors:
+                from model.seg_predict import SegDetector
+                from model.versions import project_store
+
+                ckpt, info = project_store(self.settings.model_dir, project).load(trained.name)
+                obj = str(self.projects.extra_params(project).get("object") or "")
+                self._detectors = {k: v for k, v in self._detectors.items() if k[0] != project}
+                self._detectors[key] = SegDetector(ckpt, info.name, object_name=obj)
+            return self._detectors[key]
+
+    # -- training --------------------------------------------------------------------------------------------
+    def _default_client(self) -> Any:
+        from label_studio_sdk.client import LabelStudio
+
+        if not self.settings.label_studio_url or not self.settings.label_studio_api_key:
+            raise NotReady("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read the project's labels")
+        return LabelStudio(base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key)
+
+    def run_training(self, project: str, event: dict, progress: Callable[[float, str], None]) -> dict:
+        """One fit of `project` (backend.training.fit) inside its cross-process ProjectLock; drops the
+        project's in-memory predictor so the next request picks up the new references / version."""
+        from backend import training
+
+        ctx = training.TrainingContext(settings=self.settings, progress=progress,
+                                       client_factory=self._client_factory, image_loader=self.loader,
+                                       engine=self.engine, projects=self.projects)
+        with ProjectLock(self.settings.model_dir, project, "train"):
+            result = training.fit(project, event, ctx)
+        with self._lock:
+            self._models.pop(project, None)
+        return result

@@ -1,0 +1,198 @@
+"""The HTTP service through Flask's test client: routes and shapes Label Studio 1.23 uses, basic auth,
+setup/extra_params/versions, interactive and batch predictions checked by the SDK, caching, webhooks."""
+import base64
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from backend import ls_format
+from backend.settings import Settings
+from tests.api_support import (CONTRACT_CONFIG, RecordingServer, Route, decode_mask, defect_image, encode,
+                               interactive_body, iou, keypoint, make_app)
+
+
+@pytest.fixture()
+def server():
+    with RecordingServer() as srv:
+        yield srv
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    return replace(Settings(), model_dir=tmp_path / "models", warm_on_setup=False, image_timeout_s=2.0)
+
+
+@pytest.fixture()
+def api(settings):
+    app, service, engine = make_app(settings)
+    return app.test_client(), service, engine
+
+
+def serve_defect(server, path="/img.png", **kw):
+    img, mask = defect_image(**kw)
+    server.routes[path] = Route(encode(img))
+    return f"{server.url}{path}", mask
+
+
+def test_health_is_fast_open_and_reports_the_model(api):
+    client, service, _ = api
+    for path in ("/health", "/"):
+        resp = client.get(path)
+        assert resp.status_code == 200
+        body = resp.get_json()
+        assert body["status"] == "UP" and body["model"]["loaded"] is False  # /health never loads the model
+        assert set(body["training"]) == {"active", "queued", "jobs"}
+    client.get("/versions")
+    assert client.get("/health").get_json()["model"] == {"loaded": True, "kind": "tiny", "version": "tiny-tiny0001",
+                                                         "load_seconds": service.load_seconds}
+
+
+def test_basic_auth_guards_every_route_but_health(settings):
+    app, _, _ = make_app(replace(settings, basic_auth_user="ann", basic_auth_pass="s3cret"))
+    client = app.test_client()
+    assert client.get("/health").status_code == 200
+    for method, path in (("get", "/"), ("get", "/metrics"), ("get", "/versions"), ("post", "/setup"),
+                         ("post", "/predict"), ("post", "/webhook")):
+        resp = getattr(client, method)(path, json={})
+        assert resp.status_code == 401 and "basic auth" in resp.get_json()["error"]
+    bad = base64.b64encode(b"ann:wrong").decode()
+    assert client.get("/metrics", headers={"Authorization": f"Basic {bad}"}).status_code == 401
+    good = base64.b64encode(b"ann:s3cret").decode()
+    assert client.get("/metrics", headers={"Authorization": f"Basic {good}"}).status_code == 200
+
+
+def test_setup_returns_the_version_and_keeps_extra_params(api):
+    client, service, _ = api
+    body = {"project": "3.1712345678", "schema": CONTRACT_CONFIG, "hostname": "http://ls", "access_token": "x",
+            "extra_params": {"normal_dir": "/nowhere", "object": "tire"}}
+    resp = client.post("/setup", json=body)
+    assert resp.status_code == 200
+    assert resp.get_json()["model_version"] == "tiny-tiny0001"
+    resp = client.post("/setup", json={"project": "3.1712399999", "schema": CONTRACT_CONFIG})
+    assert resp.status_code == 200
+    assert service.projects.extra_params("3") == {"normal_dir": "/nowhere", "object": "tire"}
+
+
+def test_setup_never_overwrites_a_trained_version(api, settings):
+    import torch
+
+    from model.versions import project_store
+    client, _, _ = api
+    project_store(settings.model_dir, "4").commit({"arch": "x", "config": {}, "state_dict": {"w": torch.zeros(1)}},
+                                                  {"kind": "test"})
+    resp = client.post("/setup", json={"project": "4.1", "schema": CONTRACT_CONFIG})
+    assert resp.get_json()["model_version"] == "adclick-seg-v1"
+    assert client.get("/versions?project=4").get_json() == {"versions": ["tiny-tiny0001", "adclick-seg-v1"],
+                                                            "model_version": "adclick-seg-v1"}
+
+
+@pytest.mark.parametrize("schema, status, words", [
+    ("<View><Image name='i' value='$image'/></View>", 422, "BrushLabels"),
+    ("""<View><Image name="image" value="$image"/><BrushLabels name="m" toName="image"><Label value="A"/>
+     </BrushLabels><KeyPointLabels name="k" toName="image" smart="true"><Label value="B"/></KeyPointLabels></View>""",
+     422, "missing from BrushLabels"),
+    (None, 422, "no label config"),
+])
+def test_setup_rejects_configs_it_cannot_serve(api, schema, status, words):
+    client, _, _ = api
+    resp = client.post("/setup", json={"project": "5", "schema": schema})
+    assert resp.status_code == status and words in resp.get_json()["error"]
+
+
+def test_interactive_clicks_give_one_valid_brush_mask_on_the_defect(api, server):
+    client, _, _ = api
+    url, truth = serve_defect(server, center=(80, 40), radius=12)
+    clicks = [keypoint(80 / 128 * 100, 40 / 96 * 100), keypoint(84 / 128 * 100, 44 / 96 * 100),
+              keypoint(20 / 128 * 100, 70 / 96 * 100, positive=False)]
+    resp = client.post("/predict", json=interactive_body(url, clicks))
+    assert resp.status_code == 200, resp.get_json()
+    results = resp.get_json()["results"]
+    assert len(results) == 1 and len(results[0]["result"]) == 1
+    region = results[0]["result"][0]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Scratch"]
+    assert isinstance(region["id"], str) and (region["original_width"], region["original_height"]) == (128, 96)
+    mask = decode_mask(region)
+    assert iou(mask, truth) > 0.9 and not mask[70, 20]
+    assert 0 < region["score"] <= 1 and results[0]["model_version"] == "tiny-tiny0001"
+    cfg = ls_format.parse_label_config(CONTRACT_CONFIG)
+    assert ls_format.validation_errors(cfg, results[0]) == []
+
+
+def test_a_second_click_on_the_same_image_reuses_the_cached_work(api, server):
+    client, _, engine = api
+    url, _ = serve_defect(server)
+    first = client.post("/predict", json=interactive_body(url, [keypoint(62.5, 41.7)]))
+    second = client.post("/predict", json=interactive_body(url, [keypoint(62.5, 41.7), keypoint(10, 10, positive=False)]))
+    assert first.status_code == second.status_code == 200
+    assert engine.set_image_calls == 1
+    assert len([r for r in server.requests if r[1] == "/img.png"]) == 1
+    cache = client.get("/metrics").get_json()["state_cache"]
+    assert cache["hits"] >= 1 and cache["misses"] == 1
+
+
+def test_rectangle_prompt_segments_inside_the_box(api, server):
+    client, _, _ = api
+    url, truth = serve_defect(server, center=(40, 50), radius=10)
+    box = {"id": "r", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": 128,
+           "original_height": 96, "value": {"x": 20 / 128 * 100, "y": 30 / 96 * 100, "width": 40 / 128 * 100,
+                                            "height": 40 / 96 * 100, "rectanglelabels": ["Dent"]}}
+    resp = client.post("/predict", json=interactive_body(url, [box]))
+    region = resp.get_json()["results"][0]["result"][0]
+    assert region["value"]["brushlabels"] == ["Dent"] and iou(decode_mask(region), truth) > 0.9
+
+
+def test_batch_predictions_for_every_task_with_regions_verdict_and_score(api, server):
+    client, _, _ = api
+    url, truth = serve_defect(server, center=(30, 30), radius=9)
+    clean = np.clip(128 + np.random.default_rng(3).normal(0, 6, (96, 128, 3)), 0, 255).astype(np.uint8)
+    server.routes["/clean.png"] = Route(encode(clean))
+    body = {"tasks": [{"id": 1, "data": {"image": url}}, {"id": 2, "data": {"image": f"{server.url}/clean.png"}}],
+            "project": "6.1", "label_config": CONTRACT_CONFIG, "params": {"context": None}}
+    resp = client.post("/predict", json=body)
+    assert resp.status_code == 200, resp.get_json()
+    defect, ok = resp.get_json()["results"]
+    cfg = ls_format.parse_label_config(CONTRACT_CONFIG)
+    for pred in (defect, ok):
+        assert ls_format.validation_errors(cfg, pred) == [] and pred["model_version"] == "tiny-tiny0001"
+    brushes = [r for r in defect["result"] if r["type"] == "brushlabels"]
+    assert len(brushes) == 1 and iou(decode_mask(brushes[0]), truth) > 0.8
+    assert [r["value"]["choices"] for r in defect["result"] if r["type"] == "choices"] == [["Anomalous"]]
+    assert [r["value"]["choices"] for r in ok["result"] if r["type"] == "choices"] == [["OK"]]
+    assert defect["score"] > ok["score"]
+
+
+def test_references_from_extra_params_are_used_and_counted(api, server, tmp_path):
+    client, service, engine = api
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    for i in range(3):
+        (normals / f"n{i}.png").write_bytes(encode(np.full((96, 128, 3), 128, np.uint8)))
+    client.post("/setup", json={"project": "7", "schema": CONTRACT_CONFIG, "extra_params": {"normal_dir": str(normals)}})
+    url, _ = serve_defect(server)
+    assert client.post("/predict", json=interactive_body(url, [keypoint(62.5, 41.7)], project="7.1")).status_code == 200
+    assert service.model_for("7").n_references == 3 and engine.banks_built == 1
+    assert client.get("/health").get_json()["reference_images"]["projects"] == {"7": 3}
+
+
+def test_webhooks_answer_at_once_and_queue_training_events(api):
+    client, service, _ = api
+    resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 8, "title": "t"}})
+    assert resp.status_code == 201 and resp.get_json()["status"] == "queued"
+    resp = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "annotations": [{"id": 1, "project": 8}]})
+    assert resp.status_code == 201 and resp.get_json()["job"]["pending_events"] == 1
+    resp = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 8}})
+    assert resp.status_code == 200 and resp.get_json()["status"] == "ignored"
+    health = client.get("/health").get_json()
+    assert health["training"]["queued"] == ["8"]
+
+
+def test_metrics_report_routes_latency_and_caches(api, server):
+    client, _, _ = api
+    client.get("/health")
+    client.post("/predict", data="{not json", content_type="application/json")
+    body = client.get("/metrics").get_json()
+    assert body["routes"]["GET /health"]["count"] == 1
+    assert body["routes"]["POST /predict"]["by_status"] == {"400": 1}
+    assert set(body["routes"]["GET /health"]["latency_ms"]) == {"p50", "p90", "p99", "max", "window"}
+    assert {"state_cache", "download_cache", "training", "model"} <= set(body)
