@@ -1,0 +1,301 @@
+"""Benchmark CLI over any MVTec-AD-style folder.
+
+  python -m model.bench anomaly --dataset DIR [--json FILE] [--refs all,1,5,10] [--match window,softpos]
+  python -m model.bench clicks  --dataset DIR --predictor residual[,adclick] [--json FILE] [--max-clicks 20]
+  python -m model.bench fit ...   (dispatched to model.bench_fit:main)
+
+anomaly: unsupervised maps of the residual engine against a bank of the dataset's defect-free images;
+pixel AUROC / AP / AU-PRO pool all pixels of the images considered; per defect type = the images of that type
+plus the defect-free test images (image AUROC: that type vs good). One run per (refs, match) combination; the
+first is reported as overall/per_defect, every one under "runs".
+clicks: the standard click simulator (model/clicks.py) on every defective test image; a GrabCut-from-clicks
+baseline runs in the same process. first-click latency = set_image + first predict; next-click = later predicts.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from model import metrics
+from model.baselines import GrabCutConfig, GrabCutPredictor
+from model.bench_report import (ANOMALY_KEYS, CLICK_KEYS, peak_rss_mb, per_defect, percentile, print_config,
+                                print_table, write_json)
+from model.clicks import simulate
+from model.data import GOOD, MvtecDataset, TestItem, limit_per_defect, load_mask, load_mvtec, load_rgb
+from model.errors import ConfigError
+from model.types import Predictor
+
+logger = logging.getLogger(__name__)
+
+PredictorBuilder = Callable[[Any, Any, argparse.Namespace], Predictor]
+PREDICTORS: dict[str, PredictorBuilder] = {}  # name -> builder(engine, bank, args)
+PLUGIN_MODULES = ("model.predictor",)  # imported on demand; they call register_predictor on import
+
+
+def register_predictor(name: str) -> Callable[[PredictorBuilder], PredictorBuilder]:
+    def deco(builder: PredictorBuilder) -> PredictorBuilder:
+        PREDICTORS[name] = builder
+        return builder
+    return deco
+
+
+@register_predictor("residual")
+def _build_residual(engine, bank, args) -> Predictor:
+    from model.clickmode import ResidualClickPredictor
+    return ResidualClickPredictor(engine, bank)
+
+
+@register_predictor("grabcut")
+def _build_grabcut(engine, bank, args) -> Predictor:
+    return GrabCutPredictor(GrabCutConfig(iterations=args.grabcut_iters))
+
+
+def get_builder(name: str) -> PredictorBuilder:
+    for module in PLUGIN_MODULES:
+        if name in PREDICTORS:
+            break
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    if name not in PREDICTORS:
+        raise ConfigError(f"unknown predictor {name!r}; known: {sorted(PREDICTORS)}")
+    return PREDICTORS[name]
+
+
+# ---- engine and bank ----------------------------------------------------------------------------------
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def make_engine(args, match: str, cache_dir: str):
+    from model.features import BackboneConfig
+    from model.residuals import ResidualConfig, ResidualEngine
+    backbone = dataclasses.replace(BackboneConfig(), device=args.device, **_overrides(args.backbone_opt))
+    residual = dataclasses.replace(ResidualConfig(), match=match, **_overrides(args.residual_opt))
+    return ResidualEngine(backbone, residual, cache_dir)
+
+
+def select_refs(data: MvtecDataset, refs: str, seed: int) -> list:
+    if refs == "all":
+        return list(data.normals)
+    n = int(refs)
+    if n < 0 or n > len(data.normals):
+        raise ConfigError(f"--refs {n}: the dataset has {len(data.normals)} defect-free images")
+    idx = np.sort(np.random.default_rng(seed).choice(len(data.normals), size=n, replace=False))
+    return [data.normals[i] for i in idx]
+
+
+def build_bank(engine, paths: list) -> tuple[Any, dict]:
+    """Bank built (timed), then loaded again from the cache (timed), plus size figures."""
+    start = time.perf_counter()
+    bank = engine.build_bank(paths)
+    build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    bank = engine.build_bank(paths)
+    load_s = time.perf_counter() - start
+    stats = {"n_refs": len(paths), "bank_build_s": build_s, "bank_load_s": load_s, "bank_views": len(bank),
+             "bank_mb": bank.nbytes / 2**20, "rss_after_bank_mb": peak_rss_mb()}
+    return bank, stats
+
+
+# ---- anomaly -------------------------------------------------------------------------------------------
+def _anomaly_summary(rows: list[dict]) -> dict:
+    maps, masks = [r["map"] for r in rows], [r["mask"] for r in rows]
+    out = metrics.pixel_metrics(maps, masks)
+    out["image_auroc"] = metrics.image_auroc([r["score"] for r in rows], [r["defect"] != GOOD for r in rows])
+    out["ms_per_image"] = float(np.mean([r["ms"] for r in rows]))
+    out["n_images"] = len(rows)
+    return out
+
+
+def run_anomaly_once(args, data: MvtecDataset, items: list[TestItem], refs: str, match: str) -> dict:
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-bank-")
+    try:
+        engine = make_engine(args, match, cache_dir)
+        bank, stats = build_bank(engine, select_refs(data, refs, args.seed))
+        engine.compute(load_rgb(data.normals[0]), bank)  # warm-up, not timed
+        rows = []
+        for item in items:
+            image = load_rgb(item.path)
+            start = time.perf_counter()
+            state = engine.compute(image, bank)
+            ms = (time.perf_counter() - start) * 1000.0
+            rows.append({"defect": item.defect, "map": state.anomaly_map, "score": state.score, "ms": ms,
+                         "mask": load_mask(item, image.shape[:2])})
+        stats["peak_rss_mb"] = peak_rss_mb()  # before the metrics, which sort every pixel
+        config = {"refs": refs, "match": match, "engine": engine.config_hash(),
+                  "backbone": engine.backbone_cfg.to_dict(), "residual": dataclasses.asdict(engine.cfg), **stats}
+        return {"overall": _anomaly_summary(rows),
+                "per_defect": per_defect(rows, lambda r: r["defect"], _anomaly_summary, include=[GOOD]),
+                "config": config}
+    finally:
+        if not args.cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def cmd_anomaly(args) -> dict:
+    data = load_mvtec(args.dataset, include_validation=not args.no_validation)
+    items = limit_per_defect(data.test, args.limit)
+    runs = []
+    for refs in args.refs.split(","):
+        for match in args.match.split(","):
+            run = run_anomaly_once(args, data, items, refs, match)
+            print_table(f"anomaly refs={refs} match={match}", {"overall": run["overall"], **run["per_defect"]},
+                        ANOMALY_KEYS)
+            print_config(run["config"], ("bank_build_s", "bank_load_s", "bank_views", "bank_mb", "peak_rss_mb"))
+            runs.append(run)
+    main = runs[0]
+    return {"overall": main["overall"], "per_defect": main["per_defect"],
+            "config": {**main["config"], "dataset": str(args.dataset), "limit": args.limit,
+                       "threads": torch.get_num_threads()},
+            "runs": [{"refs": r["config"]["refs"], "match": r["config"]["match"], **r} for r in runs]}
+
+
+# ---- clicks --------------------------------------------------------------------------------------------
+def _click_summary(rows: list[dict], max_clicks: int) -> dict:
+    ious = [r["ious"] for r in rows]
+    first = [r["set_image_ms"] + r["predict_ms"][0] for r in rows]
+    nxt = [ms for r in rows for ms in r["predict_ms"][1:]]
+    return {
+        "noc85": metrics.mean_noc(ious, 0.85, max_clicks), "noc90": metrics.mean_noc(ious, 0.90, max_clicks),
+        "miou@1": metrics.miou_at_k(ious, 1), "miou@3": metrics.miou_at_k(ious, 3),
+        "miou@5": metrics.miou_at_k(ious, 5),
+        "ap@5": metrics.pixel_ap([r["prob5"] for r in rows], [r["mask"] for r in rows]),
+        "first_click_ms_p50": percentile(first, 50), "first_click_ms_p95": percentile(first, 95),
+        "next_click_ms_p50": percentile(nxt, 50), "next_click_ms_p95": percentile(nxt, 95),
+        "set_image_ms_p50": percentile([r["set_image_ms"] for r in rows], 50), "n_images": len(rows),
+    }
+
+
+def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[dict]:
+    rows = []
+    for item in items:
+        image = load_rgb(item.path)
+        gt = load_mask(item, image.shape[:2])
+        if not gt.any():
+            logger.warning("%s has an empty mask; skipped", item.path)
+            continue
+        start = time.perf_counter()
+        state = predictor.set_image(image)
+        set_ms = (time.perf_counter() - start) * 1000.0
+        sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=range(1, 6),
+                       stop_iou=None if args.all_clicks else 0.90, min_clicks=5)
+        rows.append({"defect": item.defect, "ious": sim.ious, "predict_ms": sim.predict_ms,
+                     "set_image_ms": set_ms, "prob5": sim.probs[max(sim.probs)], "mask": gt})
+    return rows
+
+
+def cmd_clicks(args) -> dict:
+    data = load_mvtec(args.dataset, include_validation=not args.no_validation)
+    items = [t for t in limit_per_defect(data.test, args.limit) if t.is_anomalous]
+    names = [n for n in args.predictor.split(",") if n]
+    if not args.no_grabcut and "grabcut" not in names:
+        names.append("grabcut")
+    builders = {n: get_builder(n) for n in names}
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-bank-")
+    try:
+        engine = make_engine(args, args.match.split(",")[0], cache_dir)
+        bank, stats = build_bank(engine, select_refs(data, args.refs.split(",")[0], args.seed))
+        results = {}
+        for name, builder in builders.items():
+            rows = run_clicks_once(builder(engine, bank, args), items, args)
+            summarize = lambda rs: _click_summary(rs, args.max_clicks)  # noqa: E731
+            results[name] = {"overall": summarize(rows), "per_defect": per_defect(rows, lambda r: r["defect"],
+                                                                                 summarize)}
+            print_table(f"clicks {name}", {"overall": results[name]["overall"], **results[name]["per_defect"]},
+                        CLICK_KEYS)
+        stats["peak_rss_mb"] = peak_rss_mb()
+        config = {"dataset": str(args.dataset), "predictors": names, "max_clicks": args.max_clicks,
+                  "thr": args.thr, "limit": args.limit, "refs": args.refs.split(",")[0],
+                  "match": engine.cfg.match, "engine": engine.config_hash(), "threads": torch.get_num_threads(),
+                  "backbone": engine.backbone_cfg.to_dict(), "residual": dataclasses.asdict(engine.cfg), **stats}
+    finally:
+        if not args.cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    main = results[names[0]]
+    others = {n: r for n, r in results.items() if n not in (names[0], "grabcut")}
+    report = {"overall": main["overall"], "per_defect": main["per_defect"], "config": config,
+              "baselines": {n: r for n, r in results.items() if n == "grabcut" and n != names[0]}}
+    if others:
+        report["others"] = others
+    return report
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, match_help: str) -> None:
+    p.add_argument("--dataset", required=True, help="MVTec-AD-style folder")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--refs", default="all", help="defect-free references: N or 'all' (comma list for anomaly)")
+    p.add_argument("--match", default="window", help=match_help)
+    p.add_argument("--limit", type=int, default=None, help="at most N test images per defect type")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference subset")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--cache-dir", help="bank cache (default: a fresh temporary folder, so build time is real)")
+    p.add_argument("--no-validation", action="store_true", help="do not use validation/good as references")
+    p.add_argument("--backbone-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="BackboneConfig override, e.g. input_size=448 (repeatable)")
+    p.add_argument("--residual-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="ResidualConfig override, e.g. k_refs=5 (repeatable)")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    anomaly = sub.add_parser("anomaly", help="unsupervised anomaly maps: pixel AUROC/AP, AU-PRO, image AUROC")
+    _common(anomaly, "window | softpos (comma list: one run each)")
+    clicks = sub.add_parser("clicks", help="interactive segmentation: NoC@85/90, mIoU@k, AP@5, latency")
+    _common(clicks, "window | softpos (matching of the residual engine)")
+    clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors")
+    clicks.add_argument("--max-clicks", type=int, default=20)
+    clicks.add_argument("--thr", type=float, default=0.49, help="prob threshold of the simulated mask")
+    clicks.add_argument("--all-clicks", action="store_true", help="always make max-clicks (no stop at IoU 0.9)")
+    clicks.add_argument("--no-grabcut", action="store_true", help="skip the GrabCut baseline")
+    clicks.add_argument("--grabcut-iters", type=int, default=5)
+    sub.add_parser("fit", help="learning-loop benchmark (model.bench_fit)", add_help=False)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "fit":
+        try:
+            fit = importlib.import_module("model.bench_fit")
+        except ModuleNotFoundError as exc:
+            if exc.name != "model.bench_fit":
+                raise
+            sys.stderr.write("model.bench fit: model/bench_fit.py is not there yet (owned by the learning loop)\n")
+            return 2
+        return int(fit.main(argv[1:]) or 0)
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, min(args.threads, torch.get_num_threads())))
+    report = cmd_anomaly(args) if args.command == "anomaly" else cmd_clicks(args)
+    write_json(report, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
