@@ -4,7 +4,7 @@ Split in two so that a click costs only the light part (SAM-style):
 - `encode_image(residual, grid, features, image) -> ImageEmbedding` (once per image, cached by the predictor):
   residual tokens (C_r, h, w) and the anomaly grid (1, h, w) embedded by 1x1 convs; the optional image-feature
   branch (C_f, h, w) joins through a zero-initialised 1x1 conv (ControlNet-style: a no-op at init); a small conv
-  stem over the RGB image gives stride-4 detail features for the head.
+  stem over the half-size RGB image gives stride-4 detail features for the head.
 - `decode(emb, clicks, prompt) -> logits` (every click): click maps (positive disks, negative disks, previous
   mask; (3, 2h, 2w)) embedded by a strided conv and ADDED to the tokens; tokens pooled to stride 2*s and run
   through windowed (alternately shifted) transformer blocks, each FiLM-modulated by the prompt vector (the
@@ -119,7 +119,7 @@ class AdClickNet(nn.Module):
         if cfg.stem_channels > 0:
             sc = cfg.stem_channels
             self.stem = nn.Sequential(
-                nn.Conv2d(3, sc, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv2d(3, sc, 3, padding=1), nn.GELU(),
                 nn.Conv2d(sc, sc, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(sc, sc, 3, padding=1),
             )
         hd = cfg.head_dim
@@ -136,13 +136,14 @@ class AdClickNet(nn.Module):
         residual: torch.Tensor,  # (B, C_r, h, w) signed residual tokens
         grid: torch.Tensor,  # (B, 1, h, w) anomaly grid map
         features: Optional[torch.Tensor] = None,  # (B, C_f, h, w)
-        image: Optional[torch.Tensor] = None,  # (B, 3, H, W) float in [0, 1]
+        image: Optional[torch.Tensor] = None,  # (B, 3, H/2, W/2) float in [0, 1], the half-size image
     ) -> ImageEmbedding:
         r = residual / self.res_scale
         if not self.cfg.use_residual:
             r = torch.zeros_like(r)
             grid = torch.zeros_like(grid)
         norm = torch.log1p(r.pow(2).mean(1, keepdim=True).sqrt())
+        r = torch.sign(r) * torch.log1p(r.abs())  # compress outliers; the engine's scale varies by product
         g = torch.log1p(grid.clamp(min=0) / self.grid_scale)
         tokens = self.res_embed(torch.cat([r, norm, g], 1))
         if self.cfg.feat_channels > 0 and features is not None:

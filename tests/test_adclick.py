@@ -1,0 +1,119 @@
+"""Learned ADClick network: clicks and prompts change the output, and training lowers the loss."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.adclick_data import build_samples, click_maps
+from model.modeling.adclick import AdClickConfig, AdClickNet
+from model.synth import KIND_WORDS
+from model.train_adclick import LoopConfig, batch_click_maps, build_net, make_batch, seg_loss, train
+from model.types import Click
+
+torch.set_num_threads(1)
+GRID = 8  # token stride of the fake residual function, px
+
+
+def fake_residual(clean: np.ndarray):
+    """Residual tokens = pooled (image - clean) colour difference and its square: informative like the engine's."""
+    def fn(image: np.ndarray):
+        d = torch.from_numpy(image.astype(np.float32) - clean.astype(np.float32)).permute(2, 0, 1)[None] / 64
+        r = F.avg_pool2d(torch.cat([d, d.pow(2)], 1), GRID)[0]
+        return r, r[3:].sum(0), None
+    return fn
+
+
+@pytest.fixture(scope="module")
+def samples():
+    clean = np.full((128, 160, 3), 120, np.uint8)
+    rng = np.random.default_rng(0)
+    return build_samples([clean], fake_residual(clean), 24, rng, product="flat",
+                         kinds=("contamination", "discoloration", "hole"))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return {k: F.normalize(torch.randn(2, 16, generator=g), dim=-1) for k in KIND_WORDS}
+
+
+def tiny_cfg(**kw) -> dict:
+    return dict(dim=16, block_dim=16, depth=2, heads=2, window=4, head_dim=16, stem_channels=8, **kw)
+
+
+def test_samples_are_consistent(samples):
+    s = samples[0]
+    assert s.residual.shape == (6, 16, 20) and s.grid.shape == (16, 20)
+    assert s.image.shape == (3, 64, 80) and s.masks.shape[1:] == (64, 80)
+    assert all(m.any() for sm in samples for m in sm.masks)
+    assert all(len(sm.kinds) == sm.masks.shape[0] for sm in samples)
+
+
+def _fixed_loss(net, samples, prompts) -> float:
+    cfg = LoopConfig(prompt_dropout=0.0, no_click_frac=0.0)
+    batch = make_batch(samples[:12], prompts, np.random.default_rng(123), cfg, torch.device("cpu"))
+    maps = batch_click_maps(batch, None, tuple(batch.residual.shape[-2:]), torch.device("cpu"))
+    net.eval()
+    with torch.no_grad():
+        emb = net.encode_image(batch.residual, batch.grid, batch.features, batch.image)
+        return float(seg_loss(net.decode(emb, maps, batch.prompt), batch.target, 2.0, 0.5))
+
+
+def test_tiny_training_lowers_loss(samples, prompts):
+    torch.manual_seed(0)
+    net = build_net(tiny_cfg(), samples, text_dim=16)
+    cfg = LoopConfig(steps=150, batch=8, lr=3e-3, warmup=10, max_rounds=1, log_every=50)
+    train(net, samples, prompts, cfg, seed=0, device=torch.device("cpu"))  # sets the input scales first
+    torch.manual_seed(0)
+    before_net = build_net(tiny_cfg(), samples, text_dim=16)
+    before_net.res_scale.copy_(net.res_scale)
+    before_net.grid_scale.copy_(net.grid_scale)
+    before, after = _fixed_loss(before_net, samples, prompts), _fixed_loss(net, samples, prompts)
+    assert after < 0.8 * before
+
+
+def _decode(net, emb, clicks, prompt=None):
+    h, w = emb.tokens.shape[-2:]
+    maps = torch.from_numpy(click_maps(clicks, None, (2 * h, 2 * w), (2 * h, 2 * w)))[None]
+    with torch.no_grad():
+        return torch.sigmoid(net.decode(emb, maps, prompt))[0, 0]
+
+
+def test_output_responds_to_clicks():
+    torch.manual_seed(0)
+    net = AdClickNet(AdClickConfig(res_channels=4, text_dim=8, **tiny_cfg())).eval()
+    emb = net.encode_image(torch.zeros(1, 4, 16, 16), torch.zeros(1, 1, 16, 16), None, torch.zeros(1, 3, 32, 32))
+    a = _decode(net, emb, [Click(10, 10, True)])
+    b = _decode(net, emb, [Click(10, 10, True), Click(20, 20, False)])
+    assert not torch.allclose(a, b)
+
+
+def test_prompt_changes_output():
+    torch.manual_seed(0)
+    net = AdClickNet(AdClickConfig(res_channels=4, text_dim=8, **tiny_cfg())).eval()
+    emb = net.encode_image(torch.randn(1, 4, 16, 16), torch.rand(1, 1, 16, 16), None, torch.rand(1, 3, 32, 32))
+    clicks = [Click(10, 10, True)]
+    p1, p2 = F.normalize(torch.randn(2, 8), dim=-1)
+    assert (_decode(net, emb, clicks, p1[None]) - _decode(net, emb, clicks, p2[None])).abs().max() > 1e-4
+    off = AdClickNet(AdClickConfig(res_channels=4, text_dim=8, use_prompt=False, **tiny_cfg())).eval()
+    off.load_state_dict(net.state_dict())
+    e2 = off.encode_image(torch.randn(1, 4, 16, 16), torch.rand(1, 1, 16, 16), None, torch.rand(1, 3, 32, 32))
+    assert torch.equal(_decode(off, e2, clicks, p1[None]), _decode(off, e2, clicks, p2[None]))
+
+
+def test_feature_branch_starts_as_noop():
+    torch.manual_seed(0)
+    net = AdClickNet(AdClickConfig(res_channels=4, feat_channels=5, text_dim=8, **tiny_cfg())).eval()
+    r, g = torch.randn(1, 4, 8, 8), torch.rand(1, 1, 8, 8)
+    with_f = net.encode_image(r, g, torch.randn(1, 5, 8, 8), None).tokens
+    without = net.encode_image(r, g, None, None).tokens
+    assert torch.equal(with_f, without)
+
+
+def test_seg_loss_prefers_correct_prediction():
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 2:5, 2:5] = 1
+    good = torch.where(target > 0, 6.0, -6.0)
+    assert seg_loss(good, target, 2.0, 0.5) < seg_loss(-good, target, 2.0, 0.5)
