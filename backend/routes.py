@@ -106,6 +106,8 @@ def predict_route():
     tasks = body.get("tasks")
     if not isinstance(tasks, list):
         raise BadRequest("tasks must be a list of Label Studio tasks")
+    if not tasks:
+        raise BadRequest("tasks is empty: nothing to predict")
     project = parse_project(body.get("project") or (tasks[0].get("project") if tasks and isinstance(tasks[0], dict)
                                                     else None))
     schema = body.get("label_config") or svc.projects.label_config(project)
