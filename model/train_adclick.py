@@ -13,12 +13,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import distributed
 from model.adclick_data import Sample, click_maps, initial_clicks
 from model.checkpoint import atomic_save, make_checkpoint
 from model.clicks import next_click
@@ -141,7 +142,9 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, dice_weig
     return (focal + dice_weight * dice).mean()
 
 
-def train_step(net: AdClickNet, opt, batch: Batch, rounds: int, cfg: LoopConfig, device) -> float:
+def train_step(net: AdClickNet, opt, batch: Batch, rounds: int, cfg: LoopConfig, device,
+               sync: Optional[Callable[[], None]] = None) -> float:
+    """One optimiser step; `sync` runs between backward and the step (torchrun: average the gradients)."""
     net.train()
     emb_ng = None
     prompt = prompt_tensor(net, batch)
@@ -155,6 +158,8 @@ def train_step(net: AdClickNet, opt, batch: Batch, rounds: int, cfg: LoopConfig,
     loss = seg_loss(logits, batch.target, cfg.focal_gamma, cfg.dice_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if sync is not None:
+        sync()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     opt.step()
     return float(loss.detach())
@@ -176,8 +181,11 @@ def input_scales(samples: Sequence[Sample]) -> tuple[float, float]:
 
 def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.Tensor], cfg: LoopConfig,
           seed: int, device: torch.device, ckpt_path: Optional[Path] = None, resume: bool = False,
-          meta: Optional[dict] = None) -> list[float]:
-    """Train `net` in place; returns the per-step losses. Resumes from `ckpt_path` when asked and present."""
+          meta: Optional[dict] = None, dist: Optional[distributed.DistContext] = None) -> list[float]:
+    """Train `net` in place; returns the per-step losses. Resumes from `ckpt_path` when asked and present.
+    Under torchrun pass `dist` (model/distributed.init): each rank samples batches from its own shard, gradients
+    are averaged across ranks every step, and only rank 0 writes the checkpoint."""
+    ctx = dist or distributed.DistContext(device=device)
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -191,24 +199,28 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
         rs, gs = input_scales(samples)
         net.res_scale.fill_(rs)
         net.grid_scale.fill_(gs)
-    rng = np.random.default_rng(seed + start)
+    # --- torchrun (model/distributed.py): same start weights everywhere, per-rank data, averaged gradients ---
+    distributed.broadcast_module(net, ctx)
+    pool = np.asarray(distributed.shard(range(len(samples)), ctx)) if ctx.distributed else len(samples)
+    sync = (lambda: distributed.average_gradients(net, ctx)) if ctx.distributed else None
+    rng = np.random.default_rng(seed + start + 1_000_003 * ctx.rank)
     torch.manual_seed(seed + start)
     losses: list[float] = []
     t0 = time.time()
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        idx = rng.choice(len(samples), size=min(cfg.batch, len(samples)), replace=False)
+        idx = rng.choice(pool, size=min(cfg.batch, len(samples) // ctx.world_size), replace=False)
         batch = make_batch([samples[i] for i in idx], prompts, rng, cfg, device)
         rounds = int(rng.integers(0, cfg.max_rounds + 1))
-        losses.append(train_step(net, opt, batch, rounds, cfg, device))
+        losses.append(train_step(net, opt, batch, rounds, cfg, device, sync))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             logger.info("step %d/%d loss %.4f (mean of last %d) lr %.2e %.1fs", done, cfg.steps,
                         float(np.mean(losses[-cfg.log_every:])), min(len(losses), cfg.log_every),
                         lr_at(step, cfg), time.time() - t0)
-        timed_out = cfg.max_minutes > 0 and time.time() - t0 > cfg.max_minutes * 60
-        if ckpt_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps or timed_out):
+        timed_out = distributed.any_rank(cfg.max_minutes > 0 and time.time() - t0 > cfg.max_minutes * 60, ctx)
+        if ctx.is_main and ckpt_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps or timed_out):
             m = dict(meta or {}, step=done, optimizer=opt.state_dict(), loop=asdict(cfg))
             atomic_save(make_checkpoint(ARCH, net.cfg.to_dict(), net.state_dict(), m), ckpt_path)
         if timed_out:
