@@ -137,3 +137,49 @@ def test_fingerprint_sees_any_weight_change():
     with torch.no_grad():
         model.bias.add_(1e-7)
     assert fingerprint(model) != before
+
+
+ADCLICK_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from model import distributed as d
+    from model.adclick_data import build_samples
+    from model.train_adclick import LoopConfig, build_net, train
+    from tests.test_adclick import fake_residual, tiny_cfg
+    import torch.nn.functional as F
+    from model.synth import KIND_WORDS
+    torch.set_num_threads(1)
+    ctx = d.init(torch.device("cpu"))
+    clean = np.full((128, 160, 3), 120, np.uint8)
+    samples = build_samples([clean], fake_residual(clean), 8, np.random.default_rng(0), product="flat",
+                            kinds=("contamination", "hole"))
+    g = torch.Generator().manual_seed(0)
+    prompts = {k: F.normalize(torch.randn(2, 16, generator=g), dim=-1) for k in KIND_WORDS}
+    torch.manual_seed(ctx.rank)  # different init per rank on purpose: train() must start from rank 0's
+    net = build_net(tiny_cfg(), samples, text_dim=16)
+    start = d.fingerprint(net)
+    cfg = LoopConfig(steps=6, batch=4, lr=3e-3, warmup=2, max_rounds=1, log_every=3, ckpt_every=3)
+    losses = train(net, samples, prompts, cfg, seed=0, device=torch.device("cpu"),
+                   ckpt_path=__import__("pathlib").Path(sys.argv[1]) / "ckpt.pt", dist=ctx)
+    torch.save({"start": start, "end": d.fingerprint(net), "losses": losses}, sys.argv[1] + "/r%d.pt" % ctx.rank)
+    d.cleanup(ctx)
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_adclick_training_loop_keeps_ranks_identical(tmp_path):
+    """The real ADClick loop (model/train_adclick.train) under torchrun: different per-rank data and init, one
+    model: identical weights on both ranks at the end, different losses (own data), one checkpoint by rank 0."""
+    script = tmp_path / "train_adclick_ddp.py"
+    script.write_text(ADCLICK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script), str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["start"] != r1["start"], "the ranks were meant to start from different random inits"
+    assert r0["end"] == r1["end"], "ranks ended with different weights"
+    assert r0["end"] not in (r0["start"], r1["start"])
+    assert r0["losses"] != r1["losses"], "each rank should have trained on its own batches"
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["meta"]["step"] == 6
