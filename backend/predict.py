@@ -50,7 +50,7 @@ def predict_interactive(service: ModelService, project: str, task: Any, cfg: Lab
     model, state = service.image_state(project, image)
     out = model.predictor.predict(state, request.clicks, request.box, request.prompt)
     region = ls_format.brush_region(np.asarray(out.mask, dtype=bool), request.label, cfg, out.score)
-    return ls_format.prediction([region], out.score, model.predictor.version)
+    return ls_format.prediction([region], out.score, service.project_version(project))
 
 
 def _residual_state(state: Any) -> Any:
@@ -63,7 +63,7 @@ def _detect(service: ModelService, project: str, state: Any, cfg: LabelConfig) -
     if detector is not None and residual is not None:
         return detector.detect(residual, list(cfg.brush_labels)), detector.version
     model = service.model_for(project)
-    return model.predictor.detect(state, list(cfg.brush_labels)), model.predictor.version
+    return model.predictor.detect(state, list(cfg.brush_labels)), service.project_version(project)
 
 
 def _component_label(component: np.ndarray, result: AnomalyResult, cfg: LabelConfig) -> str:

@@ -94,6 +94,24 @@ class ProjectStore:
     def label_config(self, project: str) -> Optional[str]:
         return self.get(project).get("label_config")
 
+    def references_info(self, project: str) -> Optional[dict]:
+        """What the last fit published for the project's references (model_version, bank_key, counts)."""
+        try:
+            return json.loads((self.dir(project) / "references.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.error("unreadable references.json of project %s: %s", project, exc)
+            return None
+
+    def set_references_info(self, project: str, info: dict) -> None:
+        path = self.dir(project) / "references.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
     def reference_folders(self, project: str) -> list[Path]:
         folders = [self.env_normal_dir, str(self.extra_params(project).get("normal_dir") or "")]
         out = [Path(f).expanduser() for f in folders if f]

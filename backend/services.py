@@ -131,23 +131,30 @@ class ModelService:
         return project_store(self.settings.model_dir, project).latest()
 
     def project_version(self, project: str) -> str:
-        """The trained ADClick-Seg version of the project when there is one, else the interactive model's."""
+        """The project's model_version, cheap (no model load): its latest trained ADClick-Seg version, else the
+        version the last fit published for its references, else the interactive model's version."""
         trained = self.trained_version(project)
-        return trained.name if trained is not None else self.choice.version
+        if trained is not None:
+            return trained.name
+        refs = self.projects.references_info(project)
+        return str(refs["model_version"]) if refs and refs.get("model_version") else self.choice.version
 
     def versions(self, project: Optional[str]) -> list[str]:
         from model.versions import project_store
 
         names = [self.choice.version]
         if project:
+            refs = self.projects.references_info(project)
+            names += [str(refs["model_version"])] if refs and refs.get("model_version") else []
             names += [v.name for v in project_store(self.settings.model_dir, project).list()]
-        return names
+        return list(dict.fromkeys(names))
 
     # -- per-project predictors ------------------------------------------------------------------------------
     def _signature(self, project: str) -> tuple:
         refs = self.projects.references_dir(project)
         mtime = refs.stat().st_mtime if refs.exists() else 0.0
-        return (self.choice.version, str(self.projects.reference_folders(project)), mtime)
+        refs = self.projects.references_info(project) or {}
+        return (self.choice.version, str(self.projects.reference_folders(project)), mtime, refs.get("model_version"))
 
     def model_for(self, project: str) -> ProjectModel:
         engine, choice = self._ensure_loaded()
@@ -214,7 +221,8 @@ class ModelService:
 
         ctx = training.TrainingContext(settings=self.settings, progress=progress,
                                        client_factory=self._client_factory, image_loader=self.loader,
-                                       engine=self.engine, projects=self.projects)
+                                       engine=self.engine, projects=self.projects,
+                                       base_version=self.choice.version)
         with ProjectLock(self.settings.model_dir, project, "train"):
             result = training.fit(project, event, ctx)
         with self._lock:
