@@ -122,8 +122,7 @@ def build_bank(engine, paths: list) -> tuple[Any, dict]:
 
 # ---- anomaly -------------------------------------------------------------------------------------------
 def _anomaly_summary(rows: list[dict]) -> dict:
-    maps, masks = [r["map"] for r in rows], [r["mask"] for r in rows]
-    out = metrics.pixel_metrics(maps, masks)
+    out = metrics.metrics_of([r["pixels"] for r in rows])
     out["image_auroc"] = metrics.image_auroc([r["score"] for r in rows], [r["defect"] != GOOD for r in rows])
     out["ms_per_image"] = float(np.mean([r["ms"] for r in rows]))
     out["n_images"] = len(rows)
@@ -142,9 +141,9 @@ def run_anomaly_once(args, data: MvtecDataset, items: list[TestItem], refs: str,
             start = time.perf_counter()
             state = engine.compute(image, bank)
             ms = (time.perf_counter() - start) * 1000.0
-            rows.append({"defect": item.defect, "map": state.anomaly_map, "score": state.score, "ms": ms,
-                         "mask": load_mask(item, image.shape[:2])})
-        stats["peak_rss_mb"] = peak_rss_mb()  # before the metrics, which sort every pixel
+            pixels = metrics.ImagePixels.from_map(state.anomaly_map, load_mask(item, image.shape[:2]))
+            rows.append({"defect": item.defect, "pixels": pixels, "score": state.score, "ms": ms})
+        stats["peak_rss_mb"] = peak_rss_mb()
         config = {"refs": refs, "match": match, "engine": engine.config_hash(),
                   "backbone": engine.backbone_cfg.to_dict(), "residual": dataclasses.asdict(engine.cfg), **stats}
         return {"overall": _anomaly_summary(rows),
@@ -182,7 +181,7 @@ def _click_summary(rows: list[dict], max_clicks: int) -> dict:
         "noc85": metrics.mean_noc(ious, 0.85, max_clicks), "noc90": metrics.mean_noc(ious, 0.90, max_clicks),
         "miou@1": metrics.miou_at_k(ious, 1), "miou@3": metrics.miou_at_k(ious, 3),
         "miou@5": metrics.miou_at_k(ious, 5),
-        "ap@5": metrics.pixel_ap([r["prob5"] for r in rows], [r["mask"] for r in rows]),
+        "ap@5": metrics.ap_from_curves(metrics.curves([r["pixels5"] for r in rows])),
         "first_click_ms_p50": percentile(first, 50), "first_click_ms_p95": percentile(first, 95),
         "next_click_ms_p50": percentile(nxt, 50), "next_click_ms_p95": percentile(nxt, 95),
         "set_image_ms_p50": percentile([r["set_image_ms"] for r in rows], 50), "n_images": len(rows),
@@ -203,7 +202,7 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
         sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=range(1, 6),
                        stop_iou=None if args.all_clicks else 0.90, min_clicks=5)
         rows.append({"defect": item.defect, "ious": sim.ious, "predict_ms": sim.predict_ms,
-                     "set_image_ms": set_ms, "prob5": sim.probs[max(sim.probs)], "mask": gt})
+                     "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(sim.probs[max(sim.probs)], gt)})
     return rows
 
 

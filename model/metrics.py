@@ -1,14 +1,16 @@
 """Pure evaluation metrics (numpy in, floats out).
 
 Pixel metrics pool every pixel of every image given. AUROC and AP are exact (ties handled like
-scikit-learn, which the tests compare against); they share one sort with AU-PRO so that a full
-benchmark (tens of millions of pixels) sorts once per subset.
+scikit-learn, which the tests compare against). Tens of millions of pixels are never argsorted: each
+image's normal pixels are sorted once (`ImagePixels`) and the curves are evaluated only at the distinct
+defect-pixel scores by binary search, which yields the same curves (see `Curves`); subsets of a
+benchmark (per defect type) reuse the per-image preparation.
 
 AU-PRO follows the MVTec AD evaluation: ground-truth regions are the 8-connected components of each
 image's mask; at each threshold the PRO is the mean over all regions of the fraction of the region
 above the threshold, the FPR is the fraction of all normal pixels above it; the PRO(FPR) curve
-(anchored at (0, 0)) is integrated with the trapezoid rule up to FPR = 0.3 (interpolated there) and
-divided by 0.3.
+(anchored at (0, 0) and (1, 1)) is integrated with the trapezoid rule up to FPR = 0.3 (interpolated
+there) and divided by 0.3.
 """
 from __future__ import annotations
 
@@ -23,90 +25,110 @@ ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 
-@dataclass
-class RankedCurves:
-    """Cumulative counts at each distinct score, highest score first."""
-
-    tp: np.ndarray  # positives with score >= threshold
-    fp: np.ndarray  # negatives with score >= threshold
-    pro: np.ndarray  # sum over regions of the covered fraction (only when regions were given)
-    n_pos: int
-    n_neg: int
-    n_regions: int
-
-
-def _flatten(arrays: ArrayOrList, dtype) -> np.ndarray:
-    if isinstance(arrays, np.ndarray):
-        return arrays.astype(dtype, copy=False).ravel()
-    return np.concatenate([np.asarray(a).astype(dtype, copy=False).ravel() for a in arrays])
-
-
 def _as_list(arrays: ArrayOrList) -> list[np.ndarray]:
     if isinstance(arrays, np.ndarray) and arrays.ndim == 2:
         return [arrays]
     return [np.asarray(a) for a in arrays]
 
 
-def region_weights(masks: ArrayOrList) -> tuple[np.ndarray, int]:
-    """Per-pixel weight 1/|region| for defect pixels (8-connected regions, per image), 0 elsewhere."""
-    weights, n_regions = [], 0
-    for mask in _as_list(masks):
-        labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_CONNECTED)
+@dataclass(frozen=True)
+class ImagePixels:
+    """One image reduced to what the pixel metrics need: its normal-pixel scores sorted ascending, its
+    defect-pixel scores, and each defect pixel's weight 1/|region| (8-connected regions of this image)."""
+
+    neg_sorted: np.ndarray  # (n_neg,) float32 ascending
+    pos: np.ndarray  # (n_pos,) float32
+    pos_weight: np.ndarray  # (n_pos,) float64
+    n_regions: int
+
+    @classmethod
+    def from_map(cls, score: np.ndarray, mask: np.ndarray) -> "ImagePixels":
+        score = np.asarray(score, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        if score.shape != mask.shape:
+            raise ValueError(f"score map {score.shape} and mask {mask.shape} differ")
+        labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
         sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
-        inv = np.zeros(n + 1, dtype=np.float64)
-        inv[1:] = 1.0 / sizes[1:]
-        weights.append(inv[labels].ravel())
-        n_regions += n
-    return np.concatenate(weights), n_regions
+        return cls(np.sort(score[~mask]), score[mask], 1.0 / sizes[labels[mask]], int(n))
 
 
-def ranked_curves(scores: ArrayOrList, masks: ArrayOrList, with_pro: bool = True) -> RankedCurves:
-    """Sort all pixels once and accumulate TP, FP and (optionally) region overlap per distinct score."""
-    s = _flatten(scores, np.float32)
-    y = _flatten(masks, bool)
-    if s.shape != y.shape:
-        raise ValueError(f"scores ({s.size} px) and masks ({y.size} px) differ in size")
-    order = np.argsort(s)[::-1]
-    s_sorted = s[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), s_sorted.size - 1]  # last index of each tie group
-    del s_sorted
-    y_sorted = y[order]
-    tp = np.cumsum(y_sorted, dtype=np.int64)[last]
-    fp = (last + 1) - tp
-    pro, n_regions = np.zeros(0), 0
-    if with_pro:
-        w, n_regions = region_weights(masks)
-        pro = np.cumsum(w[order])[last]
-    return RankedCurves(tp, fp, pro, int(y.sum()), int(y.size - y.sum()), n_regions)
+@dataclass
+class Curves:
+    """Exact ROC / PRO curves reduced to the thresholds where defect pixels change.
+
+    For each distinct defect-pixel score u (descending): fp_gt / fp_ge = normal pixels scoring > u / >= u,
+    tp = defect pixels >= u, pro = sum over regions of the fraction covered at u. Between consecutive u
+    only normal pixels move (y constant); at u, tied normal and defect pixels move together (one straight
+    segment), so the points (fp_gt(u), y(previous u)), (fp_ge(u), y(u)) trace the full curve exactly.
+    """
+
+    fp_gt: np.ndarray
+    fp_ge: np.ndarray
+    tp: np.ndarray
+    pro: np.ndarray
+    n_pos: int
+    n_neg: int
+    n_regions: int
+
+    def polyline(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Points (fpr, y) from (0, 0) to (1, 1), FPR non-decreasing."""
+        xs = np.empty(2 * y.size + 2)
+        ys = np.empty_like(xs)
+        xs[0], ys[0], xs[-1], ys[-1] = 0.0, 0.0, 1.0, 1.0
+        xs[1:-1:2], xs[2:-1:2] = self.fp_gt / self.n_neg, self.fp_ge / self.n_neg
+        ys[1:-1:2], ys[2:-1:2] = np.r_[0.0, y[:-1]], y
+        return xs, ys
 
 
-def _require_both_classes(c: RankedCurves, what: str) -> None:
+def prepare(scores: ArrayOrList, masks: ArrayOrList) -> list[ImagePixels]:
+    """Per-image preparation of (H, W) score maps and boolean masks (one map or a list)."""
+    maps, gts = _as_list(scores), _as_list(masks)
+    if len(maps) != len(gts):
+        raise ValueError(f"{len(maps)} score maps but {len(gts)} masks")
+    return [ImagePixels.from_map(s, m) for s, m in zip(maps, gts)]
+
+
+def curves(images: Sequence[ImagePixels]) -> Curves:
+    """Pool the pixels of `images` into exact curves."""
+    pos = np.concatenate([im.pos for im in images])
+    weight = np.concatenate([im.pos_weight for im in images])
+    order = np.argsort(-pos, kind="stable")
+    pos, weight = pos[order], weight[order]
+    last = np.r_[np.flatnonzero(np.diff(pos)), pos.size - 1] if pos.size else np.zeros(0, dtype=np.int64)
+    u = pos[last]
+    n_neg = sum(im.neg_sorted.size for im in images)
+    fp_ge = np.full(u.size, n_neg, dtype=np.int64)
+    fp_gt = fp_ge.copy()
+    for im in images:
+        fp_ge -= np.searchsorted(im.neg_sorted, u, side="left")
+        fp_gt -= np.searchsorted(im.neg_sorted, u, side="right")
+    pro = np.cumsum(weight)[last] if pos.size else np.zeros(0)
+    return Curves(fp_gt, fp_ge, last + 1, pro, int(pos.size), int(n_neg), sum(im.n_regions for im in images))
+
+
+def _require_both_classes(c: Curves, what: str) -> None:
     if c.n_pos == 0 or c.n_neg == 0:
         raise ValueError(f"{what} needs both defect and normal pixels (got {c.n_pos} and {c.n_neg})")
 
 
-def auroc_from_curves(c: RankedCurves) -> float:
+def auroc_from_curves(c: Curves) -> float:
     _require_both_classes(c, "AUROC")
-    tpr = np.r_[0.0, c.tp / c.n_pos]
-    fpr = np.r_[0.0, c.fp / c.n_neg]
+    fpr, tpr = c.polyline(c.tp / c.n_pos)
     return float(np.trapezoid(tpr, fpr))
 
 
-def ap_from_curves(c: RankedCurves) -> float:
+def ap_from_curves(c: Curves) -> float:
     """Average precision as scikit-learn defines it: sum over thresholds of (R_n - R_{n-1}) * P_n."""
     _require_both_classes(c, "AP")
-    precision = c.tp / (c.tp + c.fp)
-    recall = c.tp / c.n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    precision = c.tp / (c.tp + c.fp_ge)
+    return float(np.sum(np.diff(np.r_[0, c.tp]) / c.n_pos * precision))
 
 
-def pro_curve(c: RankedCurves) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(c: Curves) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, pro) from (0, 0) to (1, 1), FPR non-decreasing."""
     if c.n_regions == 0 or c.n_neg == 0:
         raise ValueError("AU-PRO needs at least one defect region and one normal pixel")
-    fpr = np.r_[0.0, c.fp / c.n_neg, 1.0]
-    pro = np.r_[0.0, c.pro / c.n_regions, 1.0]
-    return np.clip(fpr, 0.0, 1.0), np.clip(pro, 0.0, 1.0)
+    return c.polyline(np.minimum(c.pro / c.n_regions, 1.0))
 
 
 def trapezoid_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -122,32 +144,34 @@ def trapezoid_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.trapezoid(ys, xs))
 
 
-def au_pro_from_curves(c: RankedCurves, fpr_limit: float = 0.3) -> float:
+def au_pro_from_curves(c: Curves, fpr_limit: float = 0.3) -> float:
     fpr, pro = pro_curve(c)
     return trapezoid_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
 def pixel_auroc(scores: ArrayOrList, masks: ArrayOrList) -> float:
-    return auroc_from_curves(ranked_curves(scores, masks, with_pro=False))
+    return auroc_from_curves(curves(prepare(scores, masks)))
 
 
 def pixel_ap(scores: ArrayOrList, masks: ArrayOrList) -> float:
-    return ap_from_curves(ranked_curves(scores, masks, with_pro=False))
+    return ap_from_curves(curves(prepare(scores, masks)))
 
 
 def au_pro(scores: ArrayOrList, masks: ArrayOrList, fpr_limit: float = 0.3) -> float:
     """MVTec AU-PRO; `scores`/`masks` are one (H, W) map or a list of per-image maps."""
-    return au_pro_from_curves(ranked_curves(scores, masks), fpr_limit)
+    return au_pro_from_curves(curves(prepare(scores, masks)), fpr_limit)
+
+
+def metrics_of(images: Sequence[ImagePixels], fpr_limit: float = 0.3) -> dict[str, float]:
+    """pixel_auroc, pixel_ap and au_pro of prepared images (subsets of a benchmark reuse the preparation)."""
+    c = curves(images)
+    return {"pixel_auroc": auroc_from_curves(c), "pixel_ap": ap_from_curves(c),
+            "au_pro": au_pro_from_curves(c, fpr_limit)}
 
 
 def pixel_metrics(scores: ArrayOrList, masks: ArrayOrList, fpr_limit: float = 0.3) -> dict[str, float]:
-    """pixel_auroc, pixel_ap and au_pro from one sort of the pooled pixels."""
-    c = ranked_curves(scores, masks)
-    return {
-        "pixel_auroc": auroc_from_curves(c),
-        "pixel_ap": ap_from_curves(c),
-        "au_pro": au_pro_from_curves(c, fpr_limit),
-    }
+    """pixel_auroc, pixel_ap and au_pro of score maps against masks (one map or a list)."""
+    return metrics_of(prepare(scores, masks), fpr_limit)
 
 
 def image_auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:

@@ -20,9 +20,10 @@ def staircase():
 
 def test_staircase_pro_curve_points_are_exact():
     scores, mask = staircase()
-    fpr, pro = metrics.pro_curve(metrics.ranked_curves(scores, mask))
-    expected = [(0, 0), (0, 1 / 2), (0, 2 / 3), (1 / 8, 2 / 3), (1 / 8, 5 / 6), (1 / 4, 5 / 6), (1 / 4, 1),
-                (1, 1), (1, 1)]
+    fpr, pro = metrics.pro_curve(metrics.curves(metrics.prepare(scores, mask)))
+    # two points per defect score (0.9, 0.8, 0.6, 0.2): before and after that score's pixels count
+    expected = [(0, 0), (0, 0), (0, 1 / 2), (0, 1 / 2), (0, 2 / 3), (1 / 8, 2 / 3), (1 / 8, 5 / 6),
+                (1 / 4, 5 / 6), (1 / 4, 1), (1, 1)]
     np.testing.assert_allclose(np.c_[fpr, pro], np.array(expected, dtype=float))
 
 
@@ -43,15 +44,15 @@ def test_au_pro_perfect_and_inverted():
 def test_regions_are_eight_connected_and_per_image():
     diag = np.zeros((4, 4), dtype=bool)
     diag[0, 0] = diag[1, 1] = True  # diagonal neighbours: one region of 2 px
-    weights, n = metrics.region_weights(diag)
-    assert n == 1
-    assert weights[diag.ravel()].tolist() == [0.5, 0.5]
+    image = metrics.ImagePixels.from_map(np.zeros((4, 4)), diag)
+    assert image.n_regions == 1
+    assert image.pos_weight.tolist() == [0.5, 0.5] and image.neg_sorted.size == 14
     # the same region at the bottom of image 1 and top of image 2 stays two regions
     a = np.zeros((2, 2), dtype=bool)
     a[1, 0] = True
     b = np.zeros((2, 2), dtype=bool)
     b[0, 0] = True
-    assert metrics.region_weights([a, b])[1] == 2
+    assert sum(im.n_regions for im in metrics.prepare([np.zeros((2, 2))] * 2, [a, b])) == 2
 
 
 def reference_au_pro(scores, masks, limit=0.3):
@@ -82,9 +83,17 @@ def random_case(seed, n_images=3, shape=(24, 20)):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_au_pro_matches_brute_force(seed):
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_au_pro_matches_brute_force(seed, limit):
     scores, masks = random_case(seed)
-    assert metrics.au_pro(scores, masks) == pytest.approx(reference_au_pro(scores, masks), abs=1e-9)
+    expected = reference_au_pro(scores, masks, limit)
+    assert metrics.au_pro(scores, masks, fpr_limit=limit) == pytest.approx(expected, abs=1e-9)
+
+
+def test_subsets_reuse_the_per_image_preparation():
+    scores, masks = random_case(3, n_images=4)
+    prepared = metrics.prepare(scores, masks)
+    assert metrics.metrics_of(prepared[1:3]) == metrics.pixel_metrics(scores[1:3], masks[1:3])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
