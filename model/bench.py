@@ -9,7 +9,8 @@ pixel AUROC / AP / AU-PRO pool all pixels of the images considered; per defect t
 plus the defect-free test images (image AUROC: that type vs good). One run per (refs, match) combination; the
 first is reported as overall/per_defect, every one under "runs".
 clicks: the standard click simulator (model/clicks.py) on every defective test image; a GrabCut-from-clicks
-baseline runs in the same process. first-click latency = set_image + first predict; next-click = later predicts.
+baseline runs in the same process. first-click latency = set_image + first predict; next-click = the
+later predicts.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import torch
 
 from model import metrics
 from model.baselines import GrabCutConfig, GrabCutPredictor
-from model.bench_report import (ANOMALY_KEYS, CLICK_KEYS, peak_rss_mb, per_defect, percentile, print_config,
-                                print_table, write_json)
+from model.bench_report import (ANOMALY_KEYS, BANK_KEYS, CLICK_KEYS, peak_rss_mb, per_defect, percentile,
+                                print_config, print_table, write_json)
 from model.clicks import simulate
 from model.data import GOOD, MvtecDataset, TestItem, limit_per_defect, load_mask, load_mvtec, load_rgb
 from model.errors import ConfigError
@@ -120,6 +121,15 @@ def build_bank(engine, paths: list) -> tuple[Any, dict]:
     return bank, stats
 
 
+def _engine_config(engine) -> dict:
+    return {"engine": engine.config_hash(), "match": engine.cfg.match,
+            "backbone": engine.backbone_cfg.to_dict(), "residual": dataclasses.asdict(engine.cfg)}
+
+
+def _show(title: str, result: dict, keys) -> None:
+    print_table(title, {"overall": result["overall"], **result["per_defect"]}, keys)
+
+
 # ---- anomaly -------------------------------------------------------------------------------------------
 def _anomaly_summary(rows: list[dict]) -> dict:
     out = metrics.metrics_of([r["pixels"] for r in rows])
@@ -144,8 +154,7 @@ def run_anomaly_once(args, data: MvtecDataset, items: list[TestItem], refs: str,
             pixels = metrics.ImagePixels.from_map(state.anomaly_map, load_mask(item, image.shape[:2]))
             rows.append({"defect": item.defect, "pixels": pixels, "score": state.score, "ms": ms})
         stats["peak_rss_mb"] = peak_rss_mb()
-        config = {"refs": refs, "match": match, "engine": engine.config_hash(),
-                  "backbone": engine.backbone_cfg.to_dict(), "residual": dataclasses.asdict(engine.cfg), **stats}
+        config = {"refs": refs, "match": match, **_engine_config(engine), **stats}
         return {"overall": _anomaly_summary(rows),
                 "per_defect": per_defect(rows, lambda r: r["defect"], _anomaly_summary, include=[GOOD]),
                 "config": config}
@@ -161,9 +170,8 @@ def cmd_anomaly(args) -> dict:
     for refs in args.refs.split(","):
         for match in args.match.split(","):
             run = run_anomaly_once(args, data, items, refs, match)
-            print_table(f"anomaly refs={refs} match={match}", {"overall": run["overall"], **run["per_defect"]},
-                        ANOMALY_KEYS)
-            print_config(run["config"], ("bank_build_s", "bank_load_s", "bank_views", "bank_mb", "peak_rss_mb"))
+            _show(f"anomaly refs={refs} match={match}", run, ANOMALY_KEYS)
+            print_config(run["config"], BANK_KEYS)
             runs.append(run)
     main = runs[0]
     return {"overall": main["overall"], "per_defect": main["per_defect"],
@@ -201,8 +209,9 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
         set_ms = (time.perf_counter() - start) * 1000.0
         sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=range(1, 6),
                        stop_iou=None if args.all_clicks else 0.90, min_clicks=5)
+        prob5 = sim.probs[max(sim.probs)]  # after click 5 (or the last one when it stopped earlier)
         rows.append({"defect": item.defect, "ious": sim.ious, "predict_ms": sim.predict_ms,
-                     "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(sim.probs[max(sim.probs)], gt)})
+                     "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(prob5, gt)})
     return rows
 
 
@@ -223,13 +232,12 @@ def cmd_clicks(args) -> dict:
             summarize = lambda rs: _click_summary(rs, args.max_clicks)  # noqa: E731
             results[name] = {"overall": summarize(rows), "per_defect": per_defect(rows, lambda r: r["defect"],
                                                                                  summarize)}
-            print_table(f"clicks {name}", {"overall": results[name]["overall"], **results[name]["per_defect"]},
-                        CLICK_KEYS)
+            _show(f"clicks {name}", results[name], CLICK_KEYS)
         stats["peak_rss_mb"] = peak_rss_mb()
         config = {"dataset": str(args.dataset), "predictors": names, "max_clicks": args.max_clicks,
                   "thr": args.thr, "limit": args.limit, "refs": args.refs.split(",")[0],
-                  "match": engine.cfg.match, "engine": engine.config_hash(), "threads": torch.get_num_threads(),
-                  "backbone": engine.backbone_cfg.to_dict(), "residual": dataclasses.asdict(engine.cfg), **stats}
+                  "threads": torch.get_num_threads(), **_engine_config(engine), **stats}
+        print_config(config, BANK_KEYS)
     finally:
         if not args.cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -246,13 +254,15 @@ def cmd_clicks(args) -> dict:
 def _common(p: argparse.ArgumentParser, match_help: str) -> None:
     p.add_argument("--dataset", required=True, help="MVTec-AD-style folder")
     p.add_argument("--json", help="write the report here")
-    p.add_argument("--refs", default="all", help="defect-free references: N or 'all' (comma list for anomaly)")
+    p.add_argument("--refs", default="all",
+                   help="defect-free references: N or 'all' (anomaly: a comma list, one run each)")
     p.add_argument("--match", default="window", help=match_help)
     p.add_argument("--limit", type=int, default=None, help="at most N test images per defect type")
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subset")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--cache-dir", help="bank cache (default: a fresh temporary folder, so build time is real)")
+    p.add_argument("--cache-dir",
+                   help="bank cache (default: a fresh temporary folder, so the build time is real)")
     p.add_argument("--no-validation", action="store_true", help="do not use validation/good as references")
     p.add_argument("--backbone-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="BackboneConfig override, e.g. input_size=448 (repeatable)")
@@ -270,7 +280,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors")
     clicks.add_argument("--max-clicks", type=int, default=20)
     clicks.add_argument("--thr", type=float, default=0.49, help="prob threshold of the simulated mask")
-    clicks.add_argument("--all-clicks", action="store_true", help="always make max-clicks (no stop at IoU 0.9)")
+    clicks.add_argument("--all-clicks", action="store_true",
+                        help="always make max-clicks (default: stop at IoU 0.9 after 5 clicks)")
     clicks.add_argument("--no-grabcut", action="store_true", help="skip the GrabCut baseline")
     clicks.add_argument("--grabcut-iters", type=int, default=5)
     sub.add_parser("fit", help="learning-loop benchmark (model.bench_fit)", add_help=False)
@@ -286,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ModuleNotFoundError as exc:
             if exc.name != "model.bench_fit":
                 raise
-            sys.stderr.write("model.bench fit: model/bench_fit.py is not there yet (owned by the learning loop)\n")
+            sys.stderr.write("model.bench fit: model/bench_fit.py does not exist yet (learning-loop bench)\n")
             return 2
         return int(fit.main(argv[1:]) or 0)
     args = parse_args(argv)

@@ -15,6 +15,7 @@ T = TypeVar("T")
 ANOMALY_KEYS = ("pixel_auroc", "pixel_ap", "au_pro", "image_auroc", "ms_per_image", "n_images")
 CLICK_KEYS = ("noc85", "noc90", "miou@1", "miou@3", "miou@5", "ap@5", "first_click_ms_p50",
               "first_click_ms_p95", "next_click_ms_p50", "next_click_ms_p95", "n_images")
+BANK_KEYS = ("n_refs", "bank_build_s", "bank_load_s", "bank_views", "bank_mb", "peak_rss_mb")
 
 
 def peak_rss_mb() -> float:
@@ -65,7 +66,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_table(title: str, sections: dict[str, dict], keys: Sequence[str], out: Optional[TextIO] = None) -> None:
+def print_table(title: str, sections: dict[str, dict], keys: Sequence[str],
+                out: Optional[TextIO] = None) -> None:
     """One row per section (e.g. overall + each defect type), one column per key."""
     out = out or sys.stdout
     name_w = max([len(title)] + [len(s) for s in sections]) + 2

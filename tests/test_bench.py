@@ -1,4 +1,4 @@
-"""Dataset reader, GrabCut baseline and the benchmark CLI end to end on a tiny synthetic MVTec-style folder."""
+"""Dataset reader, GrabCut baseline and the benchmark CLI end to end on a tiny synthetic MVTec folder."""
 import json
 import sys
 import types
@@ -145,17 +145,19 @@ class CentreSquare:
 @pytest.mark.slow
 def test_clicks_cli_with_a_registered_predictor_and_grabcut(dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(bench.PREDICTORS, "square", lambda engine, bank, args: CentreSquare())
-    report = run_cli(["clicks", "--dataset", str(dataset), "--predictor", "square", "--max-clicks", "8"],
+    report = run_cli(["clicks", "--dataset", str(dataset), "--predictor", "square,residual", "--max-clicks", "8"],
                      tmp_path, "clicks")
     keys = {"noc85", "noc90", "miou@1", "miou@3", "miou@5", "ap@5", "first_click_ms_p50", "next_click_ms_p50",
             "first_click_ms_p95", "next_click_ms_p95"}
-    for section in (report, report["baselines"]["grabcut"]):
+    for section in (report, report["baselines"]["grabcut"], report["others"]["residual"]):
         assert keys <= set(section["overall"])
         assert set(section["per_defect"]) == {"line", "spot"}
         assert section["overall"]["n_images"] == 6
     assert 1 <= report["overall"]["noc85"] <= 8
     assert report["baselines"]["grabcut"]["overall"]["miou@5"] > 0.6  # colour blobs are GrabCut's home turf
-    assert report["config"]["predictors"] == ["square", "grabcut"]
+    assert report["others"]["residual"]["overall"]["miou@5"] > 0.3  # painted defects stand out in the residuals
+    assert report["config"]["predictors"] == ["square", "residual", "grabcut"]
+    assert report["config"]["bank_build_s"] > 0
 
 
 def test_unknown_predictor_is_a_config_error():

@@ -61,7 +61,8 @@ def reference_au_pro(scores, masks, limit=0.3):
     normal = np.concatenate([s[~m] for s, m in zip(scores, masks)])
     points = [(0.0, 0.0)]
     for t in np.unique(np.concatenate([s.ravel() for s in scores]))[::-1]:
-        overlaps = [(s[lab == r] >= t).mean() for s, lab in zip(scores, labelled) for r in range(1, lab.max() + 1)]
+        overlaps = [(s[lab == r] >= t).mean()
+                    for s, lab in zip(scores, labelled) for r in range(1, lab.max() + 1)]
         points.append(((normal >= t).mean(), float(np.mean(overlaps))))
     points.append((1.0, 1.0))
     fpr, pro = np.array(points).T
