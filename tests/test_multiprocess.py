@@ -103,13 +103,16 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, model_dir: Path, ls_url: str, workers: int, log_dir: Path):
+    def __init__(self, name: str, model_dir: Path, ls_url: str, workers: int, log_dir: Path,
+                 redis_url: str = ""):
         self.name, self.port = name, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls_url,
                "LABEL_STUDIO_API_KEY": TOKEN, "DEVICE": "cpu", "ADCLICK_PREDICTOR": "residual",
                "WARM_ON_SETUP": "0", "OMP_NUM_THREADS": "1", "LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
         env.pop("REDIS_URL", None)
+        if redis_url:
+            env["REDIS_URL"] = redis_url
         self.log = log_dir / f"server-{name}.log"
         # the flags of `make serve` / the Dockerfile CMD
         self.proc = subprocess.Popen(
@@ -165,7 +168,7 @@ def cluster(tmp_path):
         ls.close()
 
 
-def _wait_training_finished(server: Server, timeout: float = 240) -> dict:
+def wait_training_finished(server: Server, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         training = server.get("/health")["training"]
@@ -197,7 +200,7 @@ def test_two_servers_share_one_model_dir(cluster):
     second = b.post("/webhook", {"action": "START_TRAINING", "project": {"id": int(PROJECT)}})
     assert second["job"]["status"] == "running", "B must see A's running job, not start its own"
     assert b.get("/health")["training"]["active"] == [PROJECT]
-    jobs = _wait_training_finished(b)
+    jobs = wait_training_finished(b)
 
     # one job at a time: B's request became one follow-up run, after the first, never beside it
     assert len(ls.listings) == 2, ls.listings

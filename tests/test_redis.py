@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -71,3 +72,44 @@ def test_failed_job_raises_with_its_reason(redis_url, tmp_path):
     assert run_worker(worker_env(redis_url, tmp_path), queue).returncode == 0
     with pytest.raises(TrainingQueueError, match="ValueError: no labels in project 5"):
         dispatcher.wait(job, lambda f, m: None)
+
+
+@pytest.mark.slow
+def test_webhook_fit_goes_through_redis_to_the_worker(redis_url, tmp_path):
+    """A server with REDIS_URL enqueues the fit instead of running it; `python -m backend.worker` runs the real
+    fit (reads the fake Label Studio, publishes a version under the shared MODEL_DIR); the server reports it."""
+    from redis import Redis
+    from rq import Queue
+    from rq.registry import FinishedJobRegistry
+
+    from backend.queue import QUEUE_NAME
+    from tests.api_support import CONTRACT_CONFIG
+    from tests.test_multiprocess import PROJECT, TOKEN, FakeLabelStudio, Server, wait_training_finished
+
+    Redis.from_url(redis_url).flushdb()
+    ls = FakeLabelStudio(listing_delay_s=0.0)
+    model_dir = tmp_path / "models"
+    server = Server("R", model_dir, ls.url, workers=1, log_dir=tmp_path, redis_url=redis_url)
+    try:
+        server.wait_healthy()
+        before = server.post("/setup", {"project": PROJECT, "schema": CONTRACT_CONFIG})["model_version"]
+        server.post("/webhook", {"action": "START_TRAINING", "project": {"id": int(PROJECT)}})
+        queue = Queue(QUEUE_NAME, connection=Redis.from_url(redis_url))
+        deadline = time.monotonic() + 60
+        while queue.count == 0:
+            assert time.monotonic() < deadline, "the server did not enqueue the fit"
+            time.sleep(0.1)
+        assert ls.listings == [], "with REDIS_URL the server must not fit in-process"
+        done = run_worker(worker_env(redis_url, model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN,
+                                     DEVICE="cpu", ADCLICK_PREDICTOR="residual"), QUEUE_NAME)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(ls.listings) == 1, "the worker ran the fit once"
+        assert FinishedJobRegistry(queue=queue).count == 1
+        jobs = wait_training_finished(server, timeout=60)  # the server relays the worker's result
+        body = server.get("/versions", params={"project": PROJECT})
+        assert body["model_version"] != before
+        assert jobs[PROJECT]["last_status"] == "done" and jobs[PROJECT]["model_version"] == body["model_version"]
+        assert jobs[PROJECT]["figures"]["ok_tasks"] == len(ls.tasks)
+    finally:
+        server.stop()
+        ls.close()
