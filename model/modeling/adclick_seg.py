@@ -1,0 +1,174 @@
+"""ADClick-Seg: a SemiREST-style sliding-window transformer that classifies residual blocks.
+
+Input: signed residual tokens `(B, C, h, w)` from the residual engine (each token is one block of the image)
+and `(L, P)` defect-type prompt vectors (row 0 = "any defect", then one row per defect label).
+Output: `(B, L, h, w)` block logits, one map per prompt.
+
+Pipeline: per-channel normalisation (statistics kept as buffers) -> token embedding of the residual, its
+square and the unsupervised score (the residual norm) -> depth-wise conv position encoding -> transformer
+blocks applied in overlapping windows of `window x window` tokens (stride `stride`), overlaps averaged ->
+prompt-conditioned head: FiLM of the token features by each prompt, then a per-prompt dot product with a
+projection of that prompt, plus a learned affine of the unsupervised score (so an untrained model ranks
+blocks like the unsupervised map and training only has to learn the correction).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ARCH = "adclick-seg"
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    in_channels: int  # C of the residual tokens
+    prompt_dim: int = 384  # text-encoder dimension
+    dim: int = 96
+    depth: int = 2
+    heads: int = 4
+    window: int = 12  # tokens per window side
+    stride: int = 6  # window stride in tokens
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class WindowBlock(nn.Module):
+    """Pre-norm transformer block over the tokens of one window: (N, T, D) -> (N, T, D)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def _pad_to_windows(x: torch.Tensor, win: int, stride: int) -> tuple[torch.Tensor, int, int]:
+    """Zero-pad (B, D, h, w) on the bottom/right so the windows tile it exactly."""
+    _, _, h, w = x.shape
+
+    def need(n: int) -> int:
+        if n <= win:
+            return win - n
+        return (-(n - win)) % stride
+
+    ph, pw = need(h), need(w)
+    return F.pad(x, (0, pw, 0, ph)), ph, pw
+
+
+class AdClickSeg(nn.Module):
+    def __init__(self, cfg: SegConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, d = cfg.in_channels, cfg.dim
+        self.register_buffer("res_mean", torch.zeros(c))
+        self.register_buffer("res_std", torch.ones(c))
+        self.register_buffer("score_mean", torch.zeros(()))
+        self.register_buffer("score_std", torch.ones(()))
+        self.embed = nn.Sequential(nn.Linear(2 * c + 1, d), nn.GELU(), nn.Linear(d, d))
+        self.pos = nn.Conv2d(d, d, 3, padding=1, groups=d)
+        self.blocks = nn.ModuleList(WindowBlock(d, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d)
+        self.prompt_film = nn.Linear(cfg.prompt_dim, 2 * d)
+        self.prompt_query = nn.Sequential(nn.Linear(cfg.prompt_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.score_gain = nn.Parameter(torch.tensor(1.0))
+        self.bias = nn.Parameter(torch.tensor(-2.0))
+        nn.init.zeros_(self.prompt_film.weight)
+        nn.init.zeros_(self.prompt_film.bias)
+        nn.init.normal_(self.prompt_query[-1].weight, std=0.02)
+
+    # ---- statistics -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_normalisation(self, residuals: list[torch.Tensor]) -> None:
+        """Set the per-channel residual statistics and the score statistics from (C, h, w) tensors."""
+        flat = torch.cat([r.flatten(1) for r in residuals], dim=1).float()  # (C, N)
+        self.res_mean.copy_(flat.mean(1))
+        self.res_std.copy_(flat.std(1).clamp_min(1e-6))
+        score = torch.cat([self._raw_score(r[None]).flatten() for r in residuals])
+        self.score_mean.copy_(score.mean())
+        self.score_std.copy_(score.std().clamp_min(1e-6))
+
+    @staticmethod
+    def _raw_score(residual: torch.Tensor) -> torch.Tensor:
+        """Unsupervised block score: log of the residual norm, (B, h, w)."""
+        return torch.log1p(residual.float().pow(2).sum(1).sqrt())
+
+    def unsupervised_score(self, residual: torch.Tensor) -> torch.Tensor:
+        return (self._raw_score(residual) - self.score_mean) / self.score_std
+
+    # ---- forward --------------------------------------------------------------------------------
+    def encode(self, residual: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) residual -> (B, D, h, w) contextual token features."""
+        b, c, h, w = residual.shape
+        r = (residual.float() - self.res_mean.view(1, c, 1, 1)) / self.res_std.view(1, c, 1, 1)
+        s = self.unsupervised_score(residual)[:, None]
+        x = torch.cat([r, r.pow(2) - 1.0, s], dim=1).permute(0, 2, 3, 1)  # (B, h, w, 2C+1)
+        x = self.embed(x).permute(0, 3, 1, 2)  # (B, D, h, w)
+        x = x + self.pos(x)
+        return self._windows(x)
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        b, d, h, w = x.shape
+        win, stride = self.cfg.window, self.cfg.stride
+        xp, _, _ = _pad_to_windows(x, win, stride)
+        hp, wp = xp.shape[-2:]
+        cols = F.unfold(xp, win, stride=stride)  # (B, D*win*win, nW)
+        nw = cols.shape[-1]
+        tokens = cols.view(b, d, win * win, nw).permute(0, 3, 2, 1).reshape(b * nw, win * win, d)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        cols = tokens.view(b, nw, win * win, d).permute(0, 3, 2, 1).reshape(b, d * win * win, nw)
+        ones = torch.ones(1, 1, hp, wp, device=x.device, dtype=x.dtype)
+        count = F.fold(F.unfold(ones, win, stride=stride), (hp, wp), win, stride=stride)
+        out = F.fold(cols, (hp, wp), win, stride=stride) / count
+        return self.norm(out[:, :, :h, :w].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def head(self, feats: torch.Tensor, prompts: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """feats (B, D, h, w), prompts (L, P), score (B, h, w) -> logits (B, L, h, w)."""
+        gamma, beta = self.prompt_film(prompts).chunk(2, dim=-1)  # (L, D) each
+        q = self.prompt_query(prompts)  # (L, D)
+        f = feats[:, None] * (1 + gamma[None, :, :, None, None]) + beta[None, :, :, None, None]  # (B,L,D,h,w)
+        logits = (f * q[None, :, :, None, None]).sum(2) / math.sqrt(self.cfg.dim)
+        return logits + self.score_gain * score[:, None] + self.bias
+
+    def forward(self, residual: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(residual), prompts, self.unsupervised_score(residual))
+
+
+def build_seg(cfg: SegConfig) -> AdClickSeg:
+    return AdClickSeg(cfg)
+
+
+def load_matching(model: nn.Module, state: Mapping[str, torch.Tensor], prefixes: Mapping[str, str]) -> int:
+    """Copy tensors of `state` into `model` where the name (after mapping `prefixes` source -> target)
+    and the shape match. Returns how many tensors were copied; the rest keep their initialisation."""
+    own = model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for key, value in state.items():
+            for src, dst in prefixes.items():
+                if key.startswith(src):
+                    target = dst + key[len(src):]
+                    if target in own and own[target].shape == value.shape:
+                        own[target].copy_(value)
+                        copied += 1
+                    break
+    logger.info("initialised %d tensors of %s from a pretrained state", copied, type(model).__name__)
+    return copied

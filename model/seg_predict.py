@@ -1,0 +1,180 @@
+"""Inference side of ADClick-Seg: block maps -> image maps, per-label thresholds, evaluation, checkpoints,
+and `SegDetector`, the batch pre-annotation detector of one trained project version."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Protocol
+
+import cv2
+import numpy as np
+import torch
+from sklearn.metrics import precision_recall_curve
+
+from model import metrics
+from model.modeling.adclick_seg import ARCH, AdClickSeg, SegConfig
+from model.seg_data import ANY, SegExample
+from model.types import AnomalyResult
+
+logger = logging.getLogger(__name__)
+
+
+class HasResidual(Protocol):
+    """What `detect` needs of a residual-engine state (`model.residuals.ResidualState` has it)."""
+
+    residual: Any  # (C, h, w) signed residual tokens, torch tensor or numpy array
+
+
+def predict_grid(model: AdClickSeg, residual: torch.Tensor, prompts: torch.Tensor) -> np.ndarray:
+    """(C, h, w) residual -> (L, h, w) float32 defect probabilities, one map per prompt."""
+    with torch.inference_mode():
+        logits = model(torch.as_tensor(residual).float()[None], prompts)[0]
+    return torch.sigmoid(logits).numpy().astype(np.float32)
+
+
+def to_image(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) block map -> (H, W) map, bilinear; the token grid spans the whole image."""
+    H, W = size
+    return cv2.resize(grid.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+
+
+def best_f1_threshold(scores: np.ndarray, labels: np.ndarray, default: float = 0.5) -> float:
+    """Threshold maximising F1 of `scores >= t` against boolean `labels` (default when no positive)."""
+    if not labels.any() or labels.all():
+        return default
+    prec, rec, thr = precision_recall_curve(labels.ravel(), scores.ravel())
+    f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
+    return float(thr[int(np.argmax(f1))])
+
+
+def choose_thresholds(model: AdClickSeg, examples: list[SegExample], labels: list[str],
+                      prompts: torch.Tensor, scale: int = 4) -> dict[str, float]:
+    """Per-map F1-optimal pixel thresholds on the mask-labelled (and OK) examples, at 1/`scale` resolution.
+    A label without any mask gets the any-defect threshold."""
+    keys = [ANY, *labels]
+    scores: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    gts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for ex in examples:
+        if not ex.masks and ex.verdict is not False:
+            continue
+        H, W = ex.image_size
+        size = (max(1, H // scale), max(1, W // scale))
+        probs = predict_grid(model, ex.residual, prompts)
+        for i, key in enumerate(keys):
+            gt = ex.union_mask() if key == ANY else ex.masks.get(key, np.zeros(ex.image_size, bool))
+            scores[key].append(to_image(probs[i], size).ravel())
+            gts[key].append(cv2.resize(gt.astype(np.uint8), (size[1], size[0]),
+                                       interpolation=cv2.INTER_NEAREST).ravel().astype(bool))
+    out: dict[str, float] = {}
+    for key in keys:
+        if scores[key] and np.concatenate(gts[key]).any():
+            out[key] = best_f1_threshold(np.concatenate(scores[key]), np.concatenate(gts[key]))
+    out.setdefault(ANY, 0.5)
+    for key in labels:
+        out.setdefault(key, out[ANY])
+    return out
+
+
+def evaluate_maps(maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
+    """pixel_ap, au_pro, pixel_auroc over the pooled pixels; image_auroc from the map maxima."""
+    out: dict[str, float] = {"n_images": float(len(maps))}
+    if not maps:
+        return out
+    if any(m.any() for m in masks) and not all(m.all() for m in masks):
+        out.update(metrics.pixel_metrics(maps, masks))
+    image_labels = [bool(m.any()) for m in masks]
+    if len(set(image_labels)) == 2:
+        out["image_auroc"] = metrics.image_auroc([float(m.max()) for m in maps], image_labels)
+    return out
+
+
+def evaluate(model: AdClickSeg, examples: list[SegExample], prompts: torch.Tensor) -> dict[str, float]:
+    """Metrics of the any-defect map on held-out examples with masks (or an OK verdict)."""
+    maps, masks = [], []
+    for ex in examples:
+        if not ex.masks and ex.verdict is not False:
+            continue
+        maps.append(to_image(predict_grid(model, ex.residual, prompts[:1])[0], ex.image_size))
+        masks.append(ex.union_mask())
+    return evaluate_maps(maps, masks)
+
+
+def make_checkpoint(model: AdClickSeg, labels: list[str], prompts: torch.Tensor,
+                    thresholds: dict[str, float], meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "arch": ARCH,
+        "config": model.cfg.to_dict(),
+        "state_dict": model.state_dict(),
+        "prompts": prompts.detach().clone(),
+        "labels": list(labels),
+        "thresholds": {k: float(v) for k, v in thresholds.items()},
+        "meta": meta,
+    }
+
+
+class SegDetector:
+    """Batch detector of one trained ADClick-Seg version: `detect(state, labels) -> AnomalyResult`.
+
+    `state` is a residual-engine state (anything with `.residual` (C, h, w)); `image_size` is read from
+    `state.image_size` / `state.anomaly_map.shape` when present. Labels the model was not trained on are
+    embedded with `text_encoder` (a `model.modeling.text.CachedTextEncoder`) when one is given, otherwise
+    they share the any-defect map."""
+
+    name = ARCH
+
+    def __init__(self, ckpt: dict[str, Any], version: str, text_encoder: Any = None, object_name: str = ""):
+        if ckpt.get("arch") != ARCH:
+            raise ValueError(f"checkpoint arch {ckpt.get('arch')!r} is not {ARCH!r}")
+        self.model = AdClickSeg(SegConfig(**ckpt["config"]))
+        self.model.load_state_dict(ckpt["state_dict"], strict=True)
+        self.model.eval()
+        self.version = version
+        self.labels: list[str] = list(ckpt["labels"])
+        self.thresholds: dict[str, float] = dict(ckpt["thresholds"])
+        self._prompts = {key: row for key, row in zip([ANY, *self.labels], ckpt["prompts"].float())}
+        self._text = text_encoder
+        self._object = object_name
+        self.meta: dict[str, Any] = dict(ckpt.get("meta", {}))
+
+    def _prompt(self, label: str) -> Optional[torch.Tensor]:
+        if label in self._prompts:
+            return self._prompts[label]
+        if self._text is not None:
+            vec = self._text.prompt_vector(label, "", self._object)
+            if vec is not None and vec.shape[0] == self.model.cfg.prompt_dim:
+                return vec.float()
+        return None
+
+    def detect(self, state: HasResidual, labels: Optional[list[str]] = None,
+               image_size: Optional[tuple[int, int]] = None) -> AnomalyResult:
+        labels = list(self.labels if labels is None else labels)
+        size = image_size or _state_size(state)
+        rows = [self._prompt(ANY)]
+        keyed = [lab for lab in labels if self._prompt(lab) is not None]
+        rows += [self._prompt(lab) for lab in keyed]
+        probs = predict_grid(self.model, torch.as_tensor(state.residual), torch.stack(rows))
+        any_map = to_image(probs[0], size)
+        any_mask = any_map >= self.thresholds.get(ANY, 0.5)
+        masks: dict[str, np.ndarray] = {ANY: any_mask}
+        label_scores: dict[str, float] = {}
+        if keyed:
+            label_maps = np.stack([to_image(p, size) for p in probs[1:]])
+            winner = np.argmax(label_maps, axis=0)
+            for i, lab in enumerate(keyed):
+                masks[lab] = any_mask & (winner == i)
+                label_scores[lab] = float(probs[1 + i].max())
+        for lab in labels:
+            if lab not in keyed:  # no prompt for it: it shares the any-defect map
+                masks[lab] = any_mask.copy()
+                label_scores[lab] = float(probs[0].max())
+        return AnomalyResult(anomaly_map=any_map, score=float(probs[0].max()), masks=masks,
+                             label_scores=label_scores)
+
+
+def _state_size(state: Any) -> tuple[int, int]:
+    size = getattr(state, "image_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    amap = getattr(state, "anomaly_map", None)
+    if amap is not None:
+        return int(amap.shape[0]), int(amap.shape[1])
+    raise ValueError("image size unknown: pass image_size or a state with image_size / anomaly_map")
