@@ -1,5 +1,6 @@
 """Flask application factory: `create_app(settings, services=None)`. No import-time side effects; typed
 exceptions become JSON {"error": "..."} answers here, tracebacks only go to the log."""
+
 from __future__ import annotations
 
 import hmac
@@ -55,8 +56,9 @@ def _register_errors(app: Flask) -> None:
         return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), status or 500
 
 
-def _register_auth_and_stats(app: Flask, settings: Settings, stats: RequestStats, services: ModelService,
-                             start_jobs: bool) -> None:
+def _register_auth_and_stats(
+    app: Flask, settings: Settings, stats: RequestStats, services: ModelService, start_jobs: bool
+) -> None:
     @app.before_request
     def before():
         g.t0 = time.perf_counter()
@@ -65,9 +67,12 @@ def _register_auth_and_stats(app: Flask, settings: Settings, stats: RequestStats
         if not settings.auth_enabled or request.path in OPEN_ROUTES:
             return None
         auth = request.authorization
-        ok = (auth is not None and auth.type == "basic"
-              and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
-              and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode()))
+        ok = (
+            auth is not None
+            and auth.type == "basic"
+            and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+            and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+        )
         if not ok:
             resp = jsonify(error="authentication required: HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS)")
             resp.status_code = 401
@@ -82,8 +87,9 @@ def _register_auth_and_stats(app: Flask, settings: Settings, stats: RequestStats
         return response
 
 
-def create_app(settings: Optional[Settings] = None, services: Optional[ModelService] = None,
-               start_jobs: bool = True) -> Flask:
+def create_app(
+    settings: Optional[Settings] = None, services: Optional[ModelService] = None, start_jobs: bool = True
+) -> Flask:
     settings = settings or Settings.from_env()
     services = services or ModelService(settings)
     app = Flask("adclick-backend")

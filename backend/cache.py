@@ -2,6 +2,7 @@
 
 `get_or_set(key, factory)` computes a missing value once even when several threads ask for the same key at
 the same time (the others wait for the first), and different keys compute in parallel."""
+
 from __future__ import annotations
 
 import logging

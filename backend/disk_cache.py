@@ -1,6 +1,7 @@
 """A size-bounded disk cache of downloaded bytes (under MODEL_DIR/downloads). Writes are atomic (temp file +
 os.replace); a hit refreshes the file's mtime; when the total exceeds the bound the least recently used files
 are deleted. Safe across threads and processes in the sense that a reader never sees a partial file."""
+
 from __future__ import annotations
 
 import logging
@@ -69,5 +70,10 @@ class DiskCache:
 
     def usage(self) -> dict:
         files = list(self.dir.glob("*.bin")) if self.dir.exists() else []
-        return {"files": len(files), "bytes": sum(f.stat().st_size for f in files if f.exists()),
-                "budget_bytes": self.budget, "hits": self.hits, "misses": self.misses}
+        return {
+            "files": len(files),
+            "bytes": sum(f.stat().st_size for f in files if f.exists()),
+            "budget_bytes": self.budget,
+            "hits": self.hits,
+            "misses": self.misses,
+        }

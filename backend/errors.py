@@ -1,5 +1,6 @@
 """Typed errors of the service. Each carries the HTTP status it maps to at the boundary (backend/app.py);
 the message is what the client reads in {"error": "..."} — never a traceback."""
+
 from __future__ import annotations
 
 

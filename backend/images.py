@@ -5,6 +5,7 @@ References: absolute http(s) URLs, data: URIs, Label Studio paths (/data/upload/
 (/tasks/<id>/presign/?fileuri=<base64>, as the SDK's get_local_path does). The Label Studio token goes only to
 the LABEL_STUDIO_URL host (scheme, host and port must match); requests drops it on redirects to other hosts.
 Limits (timeout, bytes, pixels) raise typed errors that name the problem. Downloads are cached on disk."""
+
 from __future__ import annotations
 
 import base64
@@ -67,14 +68,20 @@ class ImageLoader:
     def __init__(self, settings: Settings, session: Optional[requests.Session] = None):
         self.settings = settings
         self.session = session or requests.Session()
-        self.auth = TokenProvider(settings.label_studio_url, settings.label_studio_api_key, self.session,
-                                  timeout_s=settings.image_timeout_s)
+        self.auth = TokenProvider(
+            settings.label_studio_url,
+            settings.label_studio_api_key,
+            self.session,
+            timeout_s=settings.image_timeout_s,
+        )
         self.disk = DiskCache(settings.model_dir / "downloads", settings.download_cache_bytes)
 
     # -- resolution ------------------------------------------------------------------------------------------
     def _ls(self, path: str, ref: str) -> str:
         if not self.settings.label_studio_url:
-            raise ImageFetchError(f"LABEL_STUDIO_URL is not set, so the Label Studio path {ref!r} cannot be downloaded")
+            raise ImageFetchError(
+                f"LABEL_STUDIO_URL is not set, so the Label Studio path {ref!r} cannot be downloaded"
+            )
         return concat_urls(self.settings.label_studio_url, path)
 
     def resolve(self, ref: str, task_id: Optional[int] = None) -> Source:
@@ -87,26 +94,38 @@ class ImageLoader:
             return Source("url", ref)
         if is_cloud_storage_uri(ref):
             if task_id is None:
-                raise BadRequest(f"cloud storage URI {ref!r} needs the task id to be presigned by Label Studio")
-            return Source("url", self._ls(f"/tasks/{int(task_id)}/presign/?fileuri={encode_presign_fileuri(ref)}", ref))
+                raise BadRequest(
+                    f"cloud storage URI {ref!r} needs the task id to be presigned by Label Studio"
+                )
+            return Source(
+                "url", self._ls(f"/tasks/{int(task_id)}/presign/?fileuri={encode_presign_fileuri(ref)}", ref)
+            )
         if ref.startswith(("upload/", "/upload/")):
             ref = "/data/" + ref.lstrip("/")
         if ref.startswith("/data/local-files") and "d=" in ref:
             if self.settings.local_files_root:
                 rel = (parse_qs(urlparse(ref).query).get("d") or [""])[-1]
                 try:
-                    path = safe_build_path(self.settings.local_files_root, posixpath.normpath(rel).lstrip("/"))
+                    path = safe_build_path(
+                        self.settings.local_files_root, posixpath.normpath(rel).lstrip("/")
+                    )
                 except ValueError as exc:
                     raise BadRequest(f"local file path {rel!r} escapes LOCAL_FILES_DOCUMENT_ROOT") from exc
                 return Source("file", path)
             return Source("url", self._ls(ref, ref))
         if ref.startswith("/data/upload/"):
             legacy = self._ls(ref, ref)
-            return Source("url", legacy, fallback=self._ls(f"/storage-data/uploaded/?filepath={ref[len('/data/'):]}", ref))
+            return Source(
+                "url",
+                legacy,
+                fallback=self._ls(f"/storage-data/uploaded/?filepath={ref[len('/data/') :]}", ref),
+            )
         if ref.startswith("/"):
             return Source("url", self._ls(ref, ref))
-        raise BadRequest(f"unsupported image reference {ref[:200]!r}: expected an http(s) URL, a Label Studio "
-                         "path or a cloud storage URI")
+        raise BadRequest(
+            f"unsupported image reference {ref[:200]!r}: expected an http(s) URL, a Label Studio "
+            "path or a cloud storage URI"
+        )
 
     # -- bytes -----------------------------------------------------------------------------------------------
     def _download(self, url: str, retry_auth: bool = True) -> bytes:
@@ -122,11 +141,17 @@ class ImageLoader:
                 if resp.status_code >= 400:
                     hint = ""
                     if resp.status_code in (401, 403) and self.auth.is_ls_host(url):
-                        hint = " (check LABEL_STUDIO_API_KEY)" if headers else " (LABEL_STUDIO_API_KEY is not set)"
+                        hint = (
+                            " (check LABEL_STUDIO_API_KEY)"
+                            if headers
+                            else " (LABEL_STUDIO_API_KEY is not set)"
+                        )
                     raise ImageFetchError(f"image download from {host} failed: HTTP {resp.status_code}{hint}")
                 declared = resp.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > limit:
-                    raise ImageTooLarge(f"image at {host} is {int(declared)} bytes, over the limit of {limit} bytes")
+                    raise ImageTooLarge(
+                        f"image at {host} is {int(declared)} bytes, over the limit of {limit} bytes"
+                    )
                 buf = bytearray()
                 for chunk in resp.iter_content(_CHUNK):
                     buf += chunk
@@ -147,9 +172,13 @@ class ImageLoader:
             with open(path, "rb") as fh:
                 data = fh.read(self.settings.max_image_bytes + 1)
         except FileNotFoundError as exc:
-            raise ImageFetchError(f"local file {posixpath.basename(path)!r} not found under the document root") from exc
+            raise ImageFetchError(
+                f"local file {posixpath.basename(path)!r} not found under the document root"
+            ) from exc
         except OSError as exc:
-            raise ImageFetchError(f"cannot read local file {posixpath.basename(path)!r}: {exc.strerror}") from exc
+            raise ImageFetchError(
+                f"cannot read local file {posixpath.basename(path)!r}: {exc.strerror}"
+            ) from exc
         if len(data) > self.settings.max_image_bytes:
             raise ImageTooLarge(f"local image exceeds the limit of {self.settings.max_image_bytes} bytes")
         return data
@@ -182,26 +211,32 @@ class ImageLoader:
         self.disk.put(source.key, data)
         return data
 
-    def load(self, ref: str, task_id: Optional[int] = None) -> LoadedImage:
-        source = self.resolve(ref, task_id)
+    def load_source(self, source: Source) -> LoadedImage:
         array = decode_image(self.fetch_bytes(source), self.settings.max_image_pixels)
         return LoadedImage(key=source.key, array=array)
 
+    def load(self, ref: str, task_id: Optional[int] = None) -> LoadedImage:
+        return self.load_source(self.resolve(ref, task_id))
+
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Bytes -> (H, W, 3) uint8 RGB with EXIF orientation applied; the pixel limit is checked before decoding."""
+    """Bytes -> (H, W, 3) uint8 RGB, EXIF orientation applied; the pixel limit is checked before decoding."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
             if width * height > max_pixels:
-                raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                                    f"{max_pixels} pixels")
+                raise ImageTooLarge(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{max_pixels} pixels"
+                )
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image has too many pixels to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
-        raise UnsupportedImage(f"the downloaded data ({len(data)} bytes) is not an image format Pillow can read") from exc
+        raise UnsupportedImage(
+            f"the downloaded data ({len(data)} bytes) is not an image format Pillow can read"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnsupportedImage(f"the image data is truncated or corrupt: {exc}") from exc
 

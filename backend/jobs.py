@@ -2,11 +2,12 @@
 
 Webhook events enter with `submit(project, action)` and return at once. START_TRAINING always runs a job;
 annotation events are coalesced: a job runs after `after_n` new events or `debounce_s` seconds after the first
-pending one, whichever comes first. One job per project at a time; events that arrive while a job runs are kept
-for the next one. The state of every project (queued, running + progress, done, failed + reason) lives in one
-JSON file under MODEL_DIR, rewritten atomically under an flock after each change. That file is the source of
-truth: gunicorn workers sharing MODEL_DIR see one state, only one of them takes a due job, and queued jobs
+pending one, whichever comes first. One job per project at a time; events that arrive while a job runs are
+kept for the next one. The state of every project (queued, running + progress, done, failed + reason) lives in
+one JSON file under MODEL_DIR, rewritten atomically under an flock after each change. That file is the source
+of truth: gunicorn workers sharing MODEL_DIR see one state, only one of them takes a due job, and queued jobs
 survive a restart (a running job whose process is gone is queued again)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 START = "START_TRAINING"
 ANNOTATION_EVENTS = frozenset(
-    {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"})
+    {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
+)
 TRAINING_EVENTS = ANNOTATION_EVENTS | {START}
 
 # runner(project, event, progress) -> {"model_version": str, ...figures}; progress(fraction, message)
@@ -34,10 +36,26 @@ Runner = Callable[[str, dict, Progress], dict]
 
 
 def _blank(project: str) -> dict:
-    return {"project": project, "status": "idle", "pending_events": 0, "force": False, "first_pending_at": None,
-            "trigger": None, "progress": 0.0, "message": "", "reason": None, "queued_at": None,
-            "started_at": None, "finished_at": None, "model_version": None, "figures": {}, "runs": 0,
-            "last_status": None, "duration_s": None, "owner": None}
+    return {
+        "project": project,
+        "status": "idle",
+        "pending_events": 0,
+        "force": False,
+        "first_pending_at": None,
+        "trigger": None,
+        "progress": 0.0,
+        "message": "",
+        "reason": None,
+        "queued_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "model_version": None,
+        "figures": {},
+        "runs": 0,
+        "last_status": None,
+        "duration_s": None,
+        "owner": None,
+    }
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
@@ -66,8 +84,15 @@ def _owner_alive(owner: Optional[dict]) -> bool:
 
 
 class JobManager:
-    def __init__(self, state_path: Path, runner: Runner, after_n: int = 5, debounce_s: float = 60.0,
-                 clock: Callable[[], float] = time.time, poll_s: float = 0.5):
+    def __init__(
+        self,
+        state_path: Path,
+        runner: Runner,
+        after_n: int = 5,
+        debounce_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        poll_s: float = 0.5,
+    ):
         self.state_path = Path(state_path)
         self.runner = runner
         self.after_n = max(1, int(after_n))
@@ -141,7 +166,7 @@ class JobManager:
         return any(s["status"] == "running" for s in self._read().values())
 
     def ensure_started(self) -> None:
-        """Start the worker thread in this process (idempotent; safe after a fork, e.g. gunicorn --preload)."""
+        """Start the worker thread in this process (idempotent; safe after a fork: gunicorn --preload)."""
         with self._cond:
             if self._thread is not None and self._thread.is_alive() and self._owner_pid == os.getpid():
                 return
@@ -183,17 +208,32 @@ class JobManager:
             now = self.clock()
             for state in states.values():
                 if state["status"] == "running" and not _owner_alive(state["owner"]):
-                    logger.warning("project %s: training job of a gone process is queued again", state["project"])
+                    logger.warning(
+                        "project %s: training job of a gone process is queued again", state["project"]
+                    )
                     state.update(status="queued", force=True, message="re-queued after a restart", owner=None)
             due = [s for s in states.values() if self._due(s, now)]
             if not due:
                 return None
             state = min(due, key=lambda s: s["queued_at"] or now)
-            event = {"action": START if state["force"] else (state["trigger"] or "ANNOTATION_CREATED"),
-                     "project": {"id": state["project"]}, "coalesced_events": state["pending_events"]}
-            state.update(status="running", force=False, pending_events=0, first_pending_at=None, queued_at=None,
-                         progress=0.0, message="started", reason=None, started_at=now, trigger=event["action"],
-                         owner={"pid": os.getpid(), "host": socket.gethostname()})
+            event = {
+                "action": START if state["force"] else (state["trigger"] or "ANNOTATION_CREATED"),
+                "project": {"id": state["project"]},
+                "coalesced_events": state["pending_events"],
+            }
+            state.update(
+                status="running",
+                force=False,
+                pending_events=0,
+                first_pending_at=None,
+                queued_at=None,
+                progress=0.0,
+                message="started",
+                reason=None,
+                started_at=now,
+                trigger=event["action"],
+                owner={"pid": os.getpid(), "host": socket.gethostname()},
+            )
             return state["project"], event
 
     def _loop(self) -> None:
@@ -219,26 +259,45 @@ class JobManager:
                 state = states.setdefault(project, _blank(project))
                 state["progress"] = round(min(max(float(fraction), 0.0), 1.0), 4)
                 state["message"] = str(message)[:300]
+
         return report
 
     def _run(self, project: str, event: dict) -> None:
-        logger.info("training job for project %s starts (%s, %d coalesced events)", project, event["action"],
-                    event["coalesced_events"])
+        logger.info(
+            "training job for project %s starts (%s, %d coalesced events)",
+            project,
+            event["action"],
+            event["coalesced_events"],
+        )
         t0 = time.monotonic()
         try:
             result = self.runner(project, event, self._progress(project)) or {}
-            update = {"status": "done", "progress": 1.0, "message": "finished",
-                      "model_version": result.get("model_version"),
-                      "figures": {k: v for k, v in result.items() if k != "model_version"}}
-            logger.info("training job for project %s done in %.1f s: %s", project, time.monotonic() - t0,
-                        update["model_version"])
+            update = {
+                "status": "done",
+                "progress": 1.0,
+                "message": "finished",
+                "model_version": result.get("model_version"),
+                "figures": {k: v for k, v in result.items() if k != "model_version"},
+            }
+            logger.info(
+                "training job for project %s done in %.1f s: %s",
+                project,
+                time.monotonic() - t0,
+                update["model_version"],
+            )
         except Exception as exc:  # a failed job must never kill the worker; its reason is shown in /health
             logger.exception("training job for project %s failed", project)
             update = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500], "message": "failed"}
         with self._transaction() as states:
             state = states.setdefault(project, _blank(project))
-            state.update(update, last_status=update["status"], finished_at=self.clock(), runs=state["runs"] + 1,
-                         duration_s=round(time.monotonic() - t0, 3), owner=None)
+            state.update(
+                update,
+                last_status=update["status"],
+                finished_at=self.clock(),
+                runs=state["runs"] + 1,
+                duration_s=round(time.monotonic() - t0, 3),
+                owner=None,
+            )
             if state["force"] or state["pending_events"]:
                 state["status"] = "queued"  # events arrived while it ran; the result fields keep the last run
                 state["queued_at"] = self.clock()

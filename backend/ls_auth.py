@@ -2,6 +2,7 @@
 `Authorization: Token <key>`) or a personal access token, i.e. a JWT refresh token, exchanged at
 POST /api/token/refresh/ for a short-lived access JWT sent as `Bearer` (refreshed before it expires and again
 after a 401). Headers are produced only for URLs on the LABEL_STUDIO_URL origin (scheme, host, port)."""
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,13 @@ class TokenProvider:
         self.session = session
         self.timeout_s = timeout_s
         claims = _claims(api_key) if api_key else None
-        self.kind = "none" if not api_key else "legacy" if claims is None else (
-            "refresh" if claims.get("token_type") == "refresh" else "access")
+        self.kind = (
+            "none"
+            if not api_key
+            else "legacy"
+            if claims is None
+            else ("refresh" if claims.get("token_type") == "refresh" else "access")
+        )
         self._access: Optional[str] = None
         self._expires_at = 0.0
         self._lock = threading.Lock()
@@ -78,11 +84,14 @@ class TokenProvider:
         try:
             resp = self.session.post(url, json={"refresh": self.api_key}, timeout=self.timeout_s)
         except requests.RequestException as exc:
-            raise ImageFetchError(f"cannot refresh the Label Studio access token: {type(exc).__name__}") from exc
+            raise ImageFetchError(
+                f"cannot refresh the Label Studio access token: {type(exc).__name__}"
+            ) from exc
         if resp.status_code != 200:
             raise ImageFetchError(
                 f"Label Studio refused to refresh the personal access token (HTTP {resp.status_code}); "
-                "check LABEL_STUDIO_API_KEY")
+                "check LABEL_STUDIO_API_KEY"
+            )
         try:
             access = resp.json()["access"]
         except (ValueError, KeyError, TypeError) as exc:

@@ -2,6 +2,7 @@
 (percent coordinates -> clicks and a box in pixels), and brush RLE / choice results. Pure functions, no I/O.
 
 Coordinates follow model/types.py: (x, y) in pixels of the original image, x = column."""
+
 from __future__ import annotations
 
 import functools
@@ -66,7 +67,11 @@ class LabelConfig:
 def _verdict_choices(values: list[str]) -> tuple[Optional[str], Optional[str]]:
     ok = next((v for v in values if v.strip().casefold() in _OK_WORDS), None)
     bad = next(
-        (v for v in values if v != ok and (v.casefold() == "ng" or any(w in v.casefold() for w in _BAD_WORDS))),
+        (
+            v
+            for v in values
+            if v != ok and (v.casefold() == "ng" or any(w in v.casefold() for w in _BAD_WORDS))
+        ),
         None,
     )
     if ok is not None and bad is None and len(values) == 2:
@@ -203,7 +208,9 @@ def parse_context(context: Any, cfg: LabelConfig, width: int, height: int) -> In
             labels.append(_region_label(region, kind))
         elif kind == "textarea":
             text = value.get("text", [])
-            texts += [t for t in (text if isinstance(text, list) else [text]) if isinstance(t, str) and t.strip()]
+            texts += [
+                t for t in (text if isinstance(text, list) else [text]) if isinstance(t, str) and t.strip()
+            ]
         else:
             logger.debug("ignoring a context region of type %r", kind)
     if not clicks and box is None:

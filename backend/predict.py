@@ -1,6 +1,7 @@
 """/predict: interactive (one task + a context of smart regions -> one brush mask) and batch (context null ->
 one prediction per task: anomalous regions, the verdict choice, the image anomaly score). Mirrors the upstream
 `predict(tasks, context)` of label-studio-ml-backend."""
+
 from __future__ import annotations
 
 import logging
@@ -41,14 +42,15 @@ def predict(service: ModelService, project: str, tasks: list, cfg: LabelConfig, 
     return [predict_batch_one(service, project, task, cfg) for task in tasks]
 
 
-def predict_interactive(service: ModelService, project: str, task: Any, cfg: LabelConfig, context: Any) -> dict:
+def predict_interactive(
+    service: ModelService, project: str, task: Any, cfg: LabelConfig, context: Any
+) -> dict:
     ref, task_id = _task_image_ref(task, cfg)
     if not isinstance(context, dict):
         raise BadRequest("context must be an object with a result list")
-    image = service.loader.load(ref, task_id)
-    request = ls_format.parse_context(context, cfg, image.width, image.height)
-    model, state = service.image_state(project, image)
-    out = model.predictor.predict(state, request.clicks, request.box, request.prompt)
+    model, cached = service.image_state(project, ref, task_id)
+    request = ls_format.parse_context(context, cfg, cached.width, cached.height)
+    out = model.predictor.predict(cached.state, request.clicks, request.box, request.prompt)
     region = ls_format.brush_region(np.asarray(out.mask, dtype=bool), request.label, cfg, out.score)
     return ls_format.prediction([region], out.score, service.project_version(project))
 
@@ -103,10 +105,9 @@ def anomaly_regions(result: AnomalyResult, cfg: LabelConfig, shape: tuple[int, i
 
 def predict_batch_one(service: ModelService, project: str, task: Any, cfg: LabelConfig) -> dict:
     ref, task_id = _task_image_ref(task, cfg)
-    image = service.loader.load(ref, task_id)
-    _, state = service.image_state(project, image)
-    result, version = _detect(service, project, state, cfg)
-    regions = anomaly_regions(result, cfg, (image.height, image.width))
+    _, cached = service.image_state(project, ref, task_id)
+    result, version = _detect(service, project, cached.state, cfg)
+    regions = anomaly_regions(result, cfg, (cached.height, cached.width))
     if cfg.choices_name:
         verdict = cfg.anomalous_choice if regions else cfg.ok_choice
         regions.append(ls_format.choice_region(verdict, cfg, result.score))

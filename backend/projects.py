@@ -2,6 +2,7 @@
 last sent to /setup (project.json, written atomically), and the folder of reference images the training job
 collects from OK-verdict tasks (references/). Reference images of a project = ADCLICK_NORMAL_DIR +
 extra_params.normal_dir + that folder."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ def parse_project(raw: object) -> str:
 
 
 def list_images(folder: Path, limit: int) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; at most `limit`, spread evenly over the sorted list."""
+    """Image files under `folder`, recursively, sorted; at most `limit`, spread evenly over the list."""
     if not folder.is_dir():
         logger.warning("reference folder %s does not exist", folder)
         return []
@@ -70,9 +71,10 @@ class ProjectStore:
                     self._memo[project] = {}
             return dict(self._memo[project])
 
-    def update(self, project: str, label_config: Optional[str] = None,
-               extra_params: Optional[dict] = None) -> dict:
-        """Keep what is given; what is not given stays as it was (extra_params survive a /setup without them)."""
+    def update(
+        self, project: str, label_config: Optional[str] = None, extra_params: Optional[dict] = None
+    ) -> dict:
+        """Keep what is given; the rest stays as it was (extra_params survive a /setup without them)."""
         current = self.get(project)
         if label_config:
             current["label_config"] = label_config

@@ -1,4 +1,5 @@
 """HTTP routes, in the shapes Label Studio 1.23 sends and expects: parse -> service -> serialize."""
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,12 @@ def _json_body() -> dict:
 def _model_info(svc: ModelService) -> dict:
     if not svc.loaded:
         return {"loaded": False, "kind": None, "version": None}
-    return {"loaded": True, "kind": svc.choice.kind, "version": svc.choice.version,
-            "load_seconds": svc.load_seconds}
+    return {
+        "loaded": True,
+        "kind": svc.choice.kind,
+        "version": svc.choice.version,
+        "load_seconds": svc.load_seconds,
+    }
 
 
 _normal_count: dict[str, int] = {}
@@ -64,11 +69,15 @@ def health():
         status="UP",
         model_class=MODEL_CLASS,
         model=_model_info(svc),
-        reference_images={"normal_dir": _env_reference_count(svc),
-                          "projects": {p: m.n_references for p, m in list(svc._models.items())}},
-        training={"active": [p for p, s in jobs.items() if s["status"] == "running"],
-                  "queued": [p for p, s in jobs.items() if s["status"] == "queued"],
-                  "jobs": jobs},
+        reference_images={
+            "normal_dir": _env_reference_count(svc),
+            "projects": {p: m.n_references for p, m in list(svc._models.items())},
+        },
+        training={
+            "active": [p for p, s in jobs.items() if s["status"] == "running"],
+            "queued": [p for p, s in jobs.items() if s["status"] == "queued"],
+            "jobs": jobs,
+        },
         uptime_s=round(time.time() - _STARTED, 1),
     )
 
@@ -108,11 +117,14 @@ def predict_route():
         raise BadRequest("tasks must be a list of Label Studio tasks")
     if not tasks:
         raise BadRequest("tasks is empty: nothing to predict")
-    project = parse_project(body.get("project") or (tasks[0].get("project") if tasks and isinstance(tasks[0], dict)
-                                                    else None))
+    project = parse_project(
+        body.get("project") or (tasks[0].get("project") if tasks and isinstance(tasks[0], dict) else None)
+    )
     schema = body.get("label_config") or svc.projects.label_config(project)
     if not schema:
-        raise LabelConfigError(f"no label config for project {project}: send label_config or call /setup first")
+        raise LabelConfigError(
+            f"no label config for project {project}: send label_config or call /setup first"
+        )
     cfg = ls_format.parse_label_config(schema)
     results = predict(svc, project, tasks, cfg, _context(body))
     return jsonify(results=results)

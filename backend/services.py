@@ -4,6 +4,7 @@ LRU; training runs in backend/jobs.py, never inside a request.
 
 The interactive predictor is chosen in ONE place, `choose_predictor` (learned ADClick when its weights are
 bundled and ADCLICK_PREDICTOR allows it, else the zero-training residual click mode)."""
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from backend.cache import ByteLRU
 from backend.errors import NotReady
-from backend.images import ImageLoader, LoadedImage
+from backend.images import ImageLoader
 from backend.jobs import JobManager
 from backend.locks import ProjectLock
 from backend.projects import ProjectStore
@@ -49,16 +50,33 @@ def choose_predictor(settings: Settings, engine: Any) -> PredictorChoice:
                 raise NotReady("ADCLICK_PREDICTOR=learned but no learned ADClick weights are bundled")
     from model.clickmode import ResidualClickPredictor
 
-    return PredictorChoice("residual-click", f"residual-click-{engine.config_hash()}",
-                           lambda eng, bank: ResidualClickPredictor(eng, bank))
+    return PredictorChoice(
+        "residual-click",
+        f"residual-click-{engine.config_hash()}",
+        lambda eng, bank: ResidualClickPredictor(eng, bank),
+    )
 
 
 def build_engine(settings: Settings) -> Any:
     from model.features import BackboneConfig
     from model.residuals import ResidualConfig, ResidualEngine
 
-    return ResidualEngine(BackboneConfig(device=settings.device), ResidualConfig(),
-                          cache_dir=settings.model_dir / "banks")
+    return ResidualEngine(
+        BackboneConfig(device=settings.device), ResidualConfig(), cache_dir=settings.model_dir / "banks"
+    )
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """What the state cache keeps per (image, model version, bank): image size and predictor state."""
+
+    height: int
+    width: int
+    state: Any
+
+    @property
+    def nbytes(self) -> int:
+        return int(getattr(self.state, "nbytes", 0)) + 64
 
 
 @dataclass
@@ -70,19 +88,26 @@ class ProjectModel:
 
 
 class ModelService:
-    def __init__(self, settings: Settings, loader: Optional[ImageLoader] = None,
-                 engine_factory: Callable[[Settings], Any] = build_engine,
-                 predictor_chooser: Callable[[Settings, Any], PredictorChoice] = choose_predictor,
-                 client_factory: Optional[Callable[[], Any]] = None):
+    def __init__(
+        self,
+        settings: Settings,
+        loader: Optional[ImageLoader] = None,
+        engine_factory: Callable[[Settings], Any] = build_engine,
+        predictor_chooser: Callable[[Settings, Any], PredictorChoice] = choose_predictor,
+        client_factory: Optional[Callable[[], Any]] = None,
+    ):
         self.settings = settings
         self.loader = loader or ImageLoader(settings)
         self.cache = ByteLRU(settings.state_cache_bytes)
         self.projects = ProjectStore(settings.model_dir, settings.normal_dir)
         from backend.queue import build_runner
 
-        self.jobs = JobManager(settings.model_dir / "jobs" / "state.json",
-                               build_runner(settings.redis_url, self.run_training),
-                               settings.train_after_annotations, settings.train_debounce_s)
+        self.jobs = JobManager(
+            settings.model_dir / "jobs" / "state.json",
+            build_runner(settings.redis_url, self.run_training),
+            settings.train_after_annotations,
+            settings.train_debounce_s,
+        )
         self._engine_factory = engine_factory
         self._chooser = predictor_chooser
         self._client_factory = client_factory or self._default_client
@@ -131,8 +156,8 @@ class ModelService:
         return project_store(self.settings.model_dir, project).latest()
 
     def project_version(self, project: str) -> str:
-        """The project's model_version, cheap (no model load): its latest trained ADClick-Seg version, else the
-        version the last fit published for its references, else the interactive model's version."""
+        """The project's model_version, cheap (no model load): its latest trained ADClick-Seg version,
+        else the version the last fit published for its references, else the interactive model's version."""
         trained = self.trained_version(project)
         if trained is not None:
             return trained.name
@@ -154,7 +179,12 @@ class ModelService:
         refs = self.projects.references_dir(project)
         mtime = refs.stat().st_mtime if refs.exists() else 0.0
         refs = self.projects.references_info(project) or {}
-        return (self.choice.version, str(self.projects.reference_folders(project)), mtime, refs.get("model_version"))
+        return (
+            self.choice.version,
+            str(self.projects.reference_folders(project)),
+            mtime,
+            refs.get("model_version"),
+        )
 
     def model_for(self, project: str) -> ProjectModel:
         engine, choice = self._ensure_loaded()
@@ -169,25 +199,41 @@ class ModelService:
             images = self.projects.reference_images(project, self.settings.max_reference_images)
             t0 = time.monotonic()
             bank = engine.build_bank(images)
-            logger.info("project %s: reference bank of %d images ready in %.1f s", project, len(images),
-                        time.monotonic() - t0)
+            logger.info(
+                "project %s: reference bank of %d images ready in %.1f s",
+                project,
+                len(images),
+                time.monotonic() - t0,
+            )
             model = ProjectModel(signature, bank, choice.build(engine, bank), len(images))
             self._models[project] = model
             return model
 
     def warm(self, project: str) -> None:
         """Load the model and the project's bank in a background thread (called by /setup)."""
+
         def run() -> None:
             try:
                 self.model_for(project)
             except Exception:  # warming is best effort; the next request reports the error properly
                 logger.exception("warming project %s failed", project)
+
         threading.Thread(target=run, name=f"warm-{project}", daemon=True).start()
 
-    def image_state(self, project: str, image: LoadedImage) -> tuple[ProjectModel, Any]:
+    def image_state(
+        self, project: str, ref: str, task_id: Optional[int] = None
+    ) -> tuple[ProjectModel, "CachedImage"]:
+        """The per-image work for a task's image, from the cache when this (image, model, bank) was seen:
+        then nothing is downloaded, decoded or recomputed."""
         model = self.model_for(project)
-        key = (image.key, model.predictor.version, getattr(model.bank, "key", ""))
-        return model, self.cache.get_or_set(key, lambda: model.predictor.set_image(image.array))
+        source = self.loader.resolve(ref, task_id)
+        key = (source.key, model.predictor.version, getattr(model.bank, "key", ""))
+
+        def compute() -> CachedImage:
+            image = self.loader.load_source(source)
+            return CachedImage(image.height, image.width, model.predictor.set_image(image.array))
+
+        return model, self.cache.get_or_set(key, compute)
 
     def detector(self, project: str) -> Optional[Any]:
         """The trained ADClick-Seg detector of the project's latest version, or None (use the predictor)."""
@@ -211,18 +257,27 @@ class ModelService:
         from label_studio_sdk.client import LabelStudio
 
         if not self.settings.label_studio_url or not self.settings.label_studio_api_key:
-            raise NotReady("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read the project's labels")
-        return LabelStudio(base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key)
+            raise NotReady(
+                "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read the project's labels"
+            )
+        return LabelStudio(
+            base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key
+        )
 
     def run_training(self, project: str, event: dict, progress: Callable[[float, str], None]) -> dict:
         """One fit of `project` (backend.training.fit) inside its cross-process ProjectLock; drops the
         project's in-memory predictor so the next request picks up the new references / version."""
         from backend import training
 
-        ctx = training.TrainingContext(settings=self.settings, progress=progress,
-                                       client_factory=self._client_factory, image_loader=self.loader,
-                                       engine=self.engine, projects=self.projects,
-                                       base_version=self.choice.version)
+        ctx = training.TrainingContext(
+            settings=self.settings,
+            progress=progress,
+            client_factory=self._client_factory,
+            image_loader=self.loader,
+            engine=self.engine,
+            projects=self.projects,
+            base_version=self.choice.version,
+        )
         with ProjectLock(self.settings.model_dir, project, "train"):
             result = training.fit(project, event, ctx)
         with self._lock:

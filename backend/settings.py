@@ -1,5 +1,6 @@
 """Service settings. `Settings.from_env()` is the only place in the project that reads `os.environ`;
 every variable is listed in docs/SETTINGS.md."""
+
 from __future__ import annotations
 
 import os
@@ -70,7 +71,8 @@ class Settings:
             raise ConfigError(f"ADCLICK_PREDICTOR must be auto, learned or residual, got {predictor!r}")
         return cls(
             label_studio_url=url.rstrip("/"),
-            label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY") or _text(env, "LABEL_STUDIO_ACCESS_TOKEN"),
+            label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY")
+            or _text(env, "LABEL_STUDIO_ACCESS_TOKEN"),
             basic_auth_user=_text(env, "BASIC_AUTH_USER"),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
             model_dir=Path(_text(env, "MODEL_DIR", "data/models") or "data/models"),

@@ -1,5 +1,6 @@
 """Request counters and latency percentiles per route, for GET /metrics. Latencies are kept in a bounded
 ring per route (the last `window` requests), so memory stays constant however long the server runs."""
+
 from __future__ import annotations
 
 import threading

@@ -1,21 +1,22 @@
 """What a training job does: `fit(project, event, ctx) -> {"model_version", ...figures}` (upstream name).
 
-Zero-training mode (the residual engine needs no weights): read the project's annotated tasks from Label Studio
-with the SDK (paginated), keep the images whose verdict is OK (or, in a config without a verdict Choices tag, whose
-annotation holds no brush region) as the project's reference images under MODEL_DIR/projects/<id>/references/,
-build the project's reference bank, and publish a new model_version for it (references.json). The ADClick-Seg
-training of the learning loop plugs in here and publishes `adclick-seg-v<N>` through model/versions.py."""
+Zero-training mode (the residual engine needs no weights): read the project's annotated tasks from Label
+Studio with the SDK (paginated), keep the images whose verdict is OK (or, in a config without a verdict
+Choices tag, whose annotation holds no brush region) as the project's reference images under
+MODEL_DIR/projects/<id>/references/, build the project's reference bank, and publish a new model_version for
+it (references.json). The ADClick-Seg training of the learning loop plugs in here and publishes `adclick-
+seg-v<N>` through model/versions.py."""
+
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -36,7 +37,9 @@ class TrainingContext:
     image_loader: Any  # backend.images.ImageLoader
     engine: Any  # model.residuals.ResidualEngine
     projects: ProjectStore
-    base_version: str = ""  # the interactive model's version (a references-only fit derives its version from it)
+    base_version: str = (
+        ""  # the interactive model's version (a references-only fit derives its version from it)
+    )
 
 
 def _as_dict(obj: Any) -> dict:
@@ -74,8 +77,12 @@ def is_normal(task: dict, cfg: ls_format.LabelConfig) -> bool:
     latest = max(annotations, key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""))
     result = latest.get("result") or []
     if cfg.choices_name:
-        choices = [c for r in result if r.get("from_name") == cfg.choices_name
-                   for c in (r.get("value") or {}).get("choices", [])]
+        choices = [
+            c
+            for r in result
+            if r.get("from_name") == cfg.choices_name
+            for c in (r.get("value") or {}).get("choices", [])
+        ]
         return choices == [cfg.ok_choice]
     return not any(r.get("type") == "brushlabels" for r in result)
 
@@ -91,7 +98,9 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         raise
 
 
-def sync_references(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, ctx: TrainingContext) -> dict:
+def sync_references(
+    project: str, tasks: list[dict], cfg: ls_format.LabelConfig, ctx: TrainingContext
+) -> dict:
     """Make the project's references folder hold exactly the OK tasks' images; returns counts."""
     folder = ctx.projects.references_dir(project)
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,8 +116,9 @@ def sync_references(project: str, tasks: list[dict], cfg: ls_format.LabelConfig,
             except BackendError as exc:
                 wanted.discard(name)
                 failed.append({"task": task.get("id"), "error": exc.message})
-                logger.warning("project %s: reference image of task %s skipped: %s", project, task.get("id"),
-                               exc.message)
+                logger.warning(
+                    "project %s: reference image of task %s skipped: %s", project, task.get("id"), exc.message
+                )
         ctx.progress(0.1 + 0.5 * (i + 1) / max(len(normal), 1), f"reference images {i + 1}/{len(normal)}")
     removed = 0
     for stale in folder.glob("task-*.png"):
@@ -116,8 +126,13 @@ def sync_references(project: str, tasks: list[dict], cfg: ls_format.LabelConfig,
             stale.unlink(missing_ok=True)
             removed += 1
     os.utime(folder)  # the service notices the change by the folder's mtime
-    return {"annotated_tasks": len(tasks), "ok_tasks": len(normal), "references_added_from_tasks": len(wanted),
-            "references_removed": removed, "download_failures": failed[:20]}
+    return {
+        "annotated_tasks": len(tasks),
+        "ok_tasks": len(normal),
+        "references_added_from_tasks": len(wanted),
+        "references_removed": removed,
+        "download_failures": failed[:20],
+    }
 
 
 def fit(project: str, event: dict, ctx: TrainingContext) -> dict:
@@ -131,9 +146,13 @@ def fit(project: str, event: dict, ctx: TrainingContext) -> dict:
     images = ctx.projects.reference_images(project, ctx.settings.max_reference_images)
     bank = ctx.engine.build_bank(images)
     base = ctx.base_version or f"residual-click-{ctx.engine.config_hash()}"
-    info = {"model_version": f"{base}-refs-{str(bank.key)[:8]}",
-            "bank_key": str(bank.key), "reference_images": len(images), "trigger": event.get("action"),
-            "created": time.time()}
+    info = {
+        "model_version": f"{base}-refs-{str(bank.key)[:8]}",
+        "bank_key": str(bank.key),
+        "reference_images": len(images),
+        "trigger": event.get("action"),
+        "created": time.time(),
+    }
     ctx.projects.set_references_info(project, info)
     figures.update(reference_images=len(images), fit_seconds=round(time.monotonic() - t0, 2))
     ctx.progress(1.0, "done")

@@ -1,5 +1,6 @@
 """Test support for the service tests: a tiny but real engine/predictor pair (colour statistics, no network
 weights), synthetic images with a known defect, and a local HTTP server that records what it was sent."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,13 +21,19 @@ from model.types import AnomalyResult, Click, ClickResult
 # ---- images ------------------------------------------------------------------------------------------------
 
 
-def defect_image(h: int = 96, w: int = 128, center: tuple[int, int] = (80, 40), radius: int = 12,
-                 seed: int = 0, color=(200, 40, 40)) -> tuple[np.ndarray, np.ndarray]:
+def defect_image(
+    h: int = 96,
+    w: int = 128,
+    center: tuple[int, int] = (80, 40),
+    radius: int = 12,
+    seed: int = 0,
+    color=(200, 40, 40),
+) -> tuple[np.ndarray, np.ndarray]:
     """Grey textured background with one coloured disk; returns (image, defect mask). center = (x, y)."""
     rng = np.random.default_rng(seed)
     img = np.clip(128 + rng.normal(0, 6, size=(h, w, 3)), 0, 255).astype(np.uint8)
     yy, xx = np.mgrid[:h, :w]
-    mask = (xx - center[0]) ** 2 + (yy - center[1]) ** 2 <= radius ** 2
+    mask = (xx - center[0]) ** 2 + (yy - center[1]) ** 2 <= radius**2
     img[mask] = color
     return img, mask
 
@@ -123,7 +130,7 @@ class TinyPredictor:
         closer = d_pos < np.min(rivals, axis=0)
         if box is not None:
             box_mask = np.zeros_like(closer)
-            box_mask[int(box[1]):int(box[3]) + 1, int(box[0]):int(box[2]) + 1] = True
+            box_mask[int(box[1]) : int(box[3]) + 1, int(box[0]) : int(box[2]) + 1] = True
             closer &= box_mask
         labels, _ = ndimage.label(closer)
         keep = {labels[int(c.y), int(c.x)] for c in pos} - {0}
@@ -142,8 +149,10 @@ class TinyPredictor:
 
 def tiny_chooser(delay_s: float = 0.0) -> Callable:
     def choose(settings, engine) -> PredictorChoice:
-        return PredictorChoice("tiny", f"tiny-{engine.config_hash()}",
-                               lambda eng, bank: TinyPredictor(eng, bank, delay_s))
+        return PredictorChoice(
+            "tiny", f"tiny-{engine.config_hash()}", lambda eng, bank: TinyPredictor(eng, bank, delay_s)
+        )
+
     return choose
 
 
@@ -226,7 +235,8 @@ CONTRACT_CONFIG = """<View>
   <RectangleLabels name="box" toName="image" smart="true" smartOnly="true">
     <Label value="Scratch"/><Label value="Dent"/></RectangleLabels>
   <TextArea name="prompt" toName="image" editable="true" maxSubmissions="1"/>
-  <Choices name="verdict" toName="image" choice="single"><Choice value="OK"/><Choice value="Anomalous"/></Choices>
+  <Choices name="verdict" toName="image" choice="single">
+    <Choice value="OK"/><Choice value="Anomalous"/></Choices>
 </View>"""
 
 
@@ -240,17 +250,35 @@ def make_app(settings, delay_s: float = 0.0, start_jobs: bool = False):
     return create_app(settings, service, start_jobs=start_jobs), service, engine
 
 
-def keypoint(x_pct: float, y_pct: float, label: str = "Scratch", positive: bool = True, w: int = 128,
-             h: int = 96) -> dict:
-    return {"id": f"k{x_pct}-{y_pct}", "from_name": "click", "to_name": "image", "type": "keypointlabels",
-            "original_width": w, "original_height": h, "image_rotation": 0, "is_positive": positive,
-            "value": {"x": x_pct, "y": y_pct, "width": 0.6, "keypointlabels": [label]}}
+def keypoint(
+    x_pct: float, y_pct: float, label: str = "Scratch", positive: bool = True, w: int = 128, h: int = 96
+) -> dict:
+    return {
+        "id": f"k{x_pct}-{y_pct}",
+        "from_name": "click",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "is_positive": positive,
+        "value": {"x": x_pct, "y": y_pct, "width": 0.6, "keypointlabels": [label]},
+    }
 
 
-def interactive_body(url: str, clicks: list[dict], project: str = "1.1700000000", task_id: int = 1,
-                     config: str = CONTRACT_CONFIG) -> dict:
-    return {"tasks": [{"id": task_id, "data": {"image": url}}], "project": project, "label_config": config,
-            "params": {"context": {"result": clicks}}}
+def interactive_body(
+    url: str,
+    clicks: list[dict],
+    project: str = "1.1700000000",
+    task_id: int = 1,
+    config: str = CONTRACT_CONFIG,
+) -> dict:
+    return {
+        "tasks": [{"id": task_id, "data": {"image": url}}],
+        "project": project,
+        "label_config": config,
+        "params": {"context": {"result": clicks}},
+    }
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

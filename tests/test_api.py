@@ -1,5 +1,6 @@
 """The HTTP service through Flask's test client: routes and shapes Label Studio 1.23 uses, basic auth,
 setup/extra_params/versions, interactive and batch predictions checked by the SDK, caching, webhooks."""
+
 import base64
 from dataclasses import replace
 
@@ -8,8 +9,18 @@ import pytest
 
 from backend import ls_format
 from backend.settings import Settings
-from tests.api_support import (CONTRACT_CONFIG, RecordingServer, Route, decode_mask, defect_image, encode,
-                               interactive_body, iou, keypoint, make_app)
+from tests.api_support import (
+    CONTRACT_CONFIG,
+    RecordingServer,
+    Route,
+    decode_mask,
+    defect_image,
+    encode,
+    interactive_body,
+    iou,
+    keypoint,
+    make_app,
+)
 
 
 @pytest.fixture()
@@ -44,16 +55,26 @@ def test_health_is_fast_open_and_reports_the_model(api):
         assert body["status"] == "UP" and body["model"]["loaded"] is False  # /health never loads the model
         assert set(body["training"]) == {"active", "queued", "jobs"}
     client.get("/versions")
-    assert client.get("/health").get_json()["model"] == {"loaded": True, "kind": "tiny", "version": "tiny-tiny0001",
-                                                         "load_seconds": service.load_seconds}
+    assert client.get("/health").get_json()["model"] == {
+        "loaded": True,
+        "kind": "tiny",
+        "version": "tiny-tiny0001",
+        "load_seconds": service.load_seconds,
+    }
 
 
 def test_basic_auth_guards_every_route_but_health(settings):
     app, _, _ = make_app(replace(settings, basic_auth_user="ann", basic_auth_pass="s3cret"))
     client = app.test_client()
     assert client.get("/health").status_code == 200
-    for method, path in (("get", "/"), ("get", "/metrics"), ("get", "/versions"), ("post", "/setup"),
-                         ("post", "/predict"), ("post", "/webhook")):
+    for method, path in (
+        ("get", "/"),
+        ("get", "/metrics"),
+        ("get", "/versions"),
+        ("post", "/setup"),
+        ("post", "/predict"),
+        ("post", "/webhook"),
+    ):
         resp = getattr(client, method)(path, json={})
         assert resp.status_code == 401 and "basic auth" in resp.get_json()["error"]
     bad = base64.b64encode(b"ann:wrong").decode()
@@ -64,8 +85,13 @@ def test_basic_auth_guards_every_route_but_health(settings):
 
 def test_setup_returns_the_version_and_keeps_extra_params(api):
     client, service, _ = api
-    body = {"project": "3.1712345678", "schema": CONTRACT_CONFIG, "hostname": "http://ls", "access_token": "x",
-            "extra_params": {"normal_dir": "/nowhere", "object": "tire"}}
+    body = {
+        "project": "3.1712345678",
+        "schema": CONTRACT_CONFIG,
+        "hostname": "http://ls",
+        "access_token": "x",
+        "extra_params": {"normal_dir": "/nowhere", "object": "tire"},
+    }
     resp = client.post("/setup", json=body)
     assert resp.status_code == 200
     assert resp.get_json()["model_version"] == "tiny-tiny0001"
@@ -78,22 +104,34 @@ def test_setup_never_overwrites_a_trained_version(api, settings):
     import torch
 
     from model.versions import project_store
+
     client, _, _ = api
-    project_store(settings.model_dir, "4").commit({"arch": "x", "config": {}, "state_dict": {"w": torch.zeros(1)}},
-                                                  {"kind": "test"})
+    project_store(settings.model_dir, "4").commit(
+        {"arch": "x", "config": {}, "state_dict": {"w": torch.zeros(1)}}, {"kind": "test"}
+    )
     resp = client.post("/setup", json={"project": "4.1", "schema": CONTRACT_CONFIG})
     assert resp.get_json()["model_version"] == "adclick-seg-v1"
-    assert client.get("/versions?project=4").get_json() == {"versions": ["tiny-tiny0001", "adclick-seg-v1"],
-                                                            "model_version": "adclick-seg-v1"}
+    assert client.get("/versions?project=4").get_json() == {
+        "versions": ["tiny-tiny0001", "adclick-seg-v1"],
+        "model_version": "adclick-seg-v1",
+    }
 
 
-@pytest.mark.parametrize("schema, status, words", [
-    ("<View><Image name='i' value='$image'/></View>", 422, "BrushLabels"),
-    ("""<View><Image name="image" value="$image"/><BrushLabels name="m" toName="image"><Label value="A"/>
-     </BrushLabels><KeyPointLabels name="k" toName="image" smart="true"><Label value="B"/></KeyPointLabels></View>""",
-     422, "missing from BrushLabels"),
-    (None, 422, "no label config"),
-])
+@pytest.mark.parametrize(
+    "schema, status, words",
+    [
+        ("<View><Image name='i' value='$image'/></View>", 422, "BrushLabels"),
+        (
+            """<View><Image name="image" value="$image"/>
+              <BrushLabels name="m" toName="image"><Label value="A"/></BrushLabels>
+              <KeyPointLabels name="k" toName="image" smart="true"><Label value="B"/>
+              </KeyPointLabels></View>""",
+            422,
+            "missing from BrushLabels",
+        ),
+        (None, 422, "no label config"),
+    ],
+)
 def test_setup_rejects_configs_it_cannot_serve(api, schema, status, words):
     client, _, _ = api
     resp = client.post("/setup", json={"project": "5", "schema": schema})
@@ -103,15 +141,21 @@ def test_setup_rejects_configs_it_cannot_serve(api, schema, status, words):
 def test_interactive_clicks_give_one_valid_brush_mask_on_the_defect(api, server):
     client, _, _ = api
     url, truth = serve_defect(server, center=(80, 40), radius=12)
-    clicks = [keypoint(80 / 128 * 100, 40 / 96 * 100), keypoint(84 / 128 * 100, 44 / 96 * 100),
-              keypoint(20 / 128 * 100, 70 / 96 * 100, positive=False)]
+    clicks = [
+        keypoint(80 / 128 * 100, 40 / 96 * 100),
+        keypoint(84 / 128 * 100, 44 / 96 * 100),
+        keypoint(20 / 128 * 100, 70 / 96 * 100, positive=False),
+    ]
     resp = client.post("/predict", json=interactive_body(url, clicks))
     assert resp.status_code == 200, resp.get_json()
     results = resp.get_json()["results"]
     assert len(results) == 1 and len(results[0]["result"]) == 1
     region = results[0]["result"][0]
     assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Scratch"]
-    assert isinstance(region["id"], str) and (region["original_width"], region["original_height"]) == (128, 96)
+    assert isinstance(region["id"], str) and (region["original_width"], region["original_height"]) == (
+        128,
+        96,
+    )
     mask = decode_mask(region)
     assert iou(mask, truth) > 0.9 and not mask[70, 20]
     assert 0 < region["score"] <= 1 and results[0]["model_version"] == "tiny-tiny0001"
@@ -123,20 +167,35 @@ def test_a_second_click_on_the_same_image_reuses_the_cached_work(api, server):
     client, _, engine = api
     url, _ = serve_defect(server)
     first = client.post("/predict", json=interactive_body(url, [keypoint(62.5, 41.7)]))
-    second = client.post("/predict", json=interactive_body(url, [keypoint(62.5, 41.7), keypoint(10, 10, positive=False)]))
+    second = client.post(
+        "/predict", json=interactive_body(url, [keypoint(62.5, 41.7), keypoint(10, 10, positive=False)])
+    )
     assert first.status_code == second.status_code == 200
     assert engine.set_image_calls == 1
     assert len([r for r in server.requests if r[1] == "/img.png"]) == 1
-    cache = client.get("/metrics").get_json()["state_cache"]
-    assert cache["hits"] >= 1 and cache["misses"] == 1
+    metrics = client.get("/metrics").get_json()
+    assert metrics["state_cache"]["hits"] >= 1 and metrics["state_cache"]["misses"] == 1
+    assert metrics["download_cache"]["hits"] == 0  # a cached state needs neither the download nor a decode
 
 
 def test_rectangle_prompt_segments_inside_the_box(api, server):
     client, _, _ = api
     url, truth = serve_defect(server, center=(40, 50), radius=10)
-    box = {"id": "r", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": 128,
-           "original_height": 96, "value": {"x": 20 / 128 * 100, "y": 30 / 96 * 100, "width": 40 / 128 * 100,
-                                            "height": 40 / 96 * 100, "rectanglelabels": ["Dent"]}}
+    box = {
+        "id": "r",
+        "from_name": "box",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": 128,
+        "original_height": 96,
+        "value": {
+            "x": 20 / 128 * 100,
+            "y": 30 / 96 * 100,
+            "width": 40 / 128 * 100,
+            "height": 40 / 96 * 100,
+            "rectanglelabels": ["Dent"],
+        },
+    }
     resp = client.post("/predict", json=interactive_body(url, [box]))
     region = resp.get_json()["results"][0]["result"][0]
     assert region["value"]["brushlabels"] == ["Dent"] and iou(decode_mask(region), truth) > 0.9
@@ -147,8 +206,12 @@ def test_batch_predictions_for_every_task_with_regions_verdict_and_score(api, se
     url, truth = serve_defect(server, center=(30, 30), radius=9)
     clean = np.clip(128 + np.random.default_rng(3).normal(0, 6, (96, 128, 3)), 0, 255).astype(np.uint8)
     server.routes["/clean.png"] = Route(encode(clean))
-    body = {"tasks": [{"id": 1, "data": {"image": url}}, {"id": 2, "data": {"image": f"{server.url}/clean.png"}}],
-            "project": "6.1", "label_config": CONTRACT_CONFIG, "params": {"context": None}}
+    body = {
+        "tasks": [{"id": 1, "data": {"image": url}}, {"id": 2, "data": {"image": f"{server.url}/clean.png"}}],
+        "project": "6.1",
+        "label_config": CONTRACT_CONFIG,
+        "params": {"context": None},
+    }
     resp = client.post("/predict", json=body)
     assert resp.status_code == 200, resp.get_json()
     defect, ok = resp.get_json()["results"]
@@ -168,9 +231,15 @@ def test_references_from_extra_params_are_used_and_counted(api, server, tmp_path
     normals.mkdir()
     for i in range(3):
         (normals / f"n{i}.png").write_bytes(encode(np.full((96, 128, 3), 128, np.uint8)))
-    client.post("/setup", json={"project": "7", "schema": CONTRACT_CONFIG, "extra_params": {"normal_dir": str(normals)}})
+    client.post(
+        "/setup",
+        json={"project": "7", "schema": CONTRACT_CONFIG, "extra_params": {"normal_dir": str(normals)}},
+    )
     url, _ = serve_defect(server)
-    assert client.post("/predict", json=interactive_body(url, [keypoint(62.5, 41.7)], project="7.1")).status_code == 200
+    assert (
+        client.post("/predict", json=interactive_body(url, [keypoint(62.5, 41.7)], project="7.1")).status_code
+        == 200
+    )
     assert service.model_for("7").n_references == 3 and engine.banks_built == 1
     assert client.get("/health").get_json()["reference_images"]["projects"] == {"7": 3}
 
@@ -179,7 +248,9 @@ def test_webhooks_answer_at_once_and_queue_training_events(api):
     client, service, _ = api
     resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 8, "title": "t"}})
     assert resp.status_code == 201 and resp.get_json()["status"] == "queued"
-    resp = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "annotations": [{"id": 1, "project": 8}]})
+    resp = client.post(
+        "/webhook", json={"action": "ANNOTATIONS_CREATED", "annotations": [{"id": 1, "project": 8}]}
+    )
     assert resp.status_code == 201 and resp.get_json()["job"]["pending_events"] == 1
     resp = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 8}})
     assert resp.status_code == 200 and resp.get_json()["status"] == "ignored"

@@ -1,13 +1,24 @@
 """Bad input never crashes the server: each case gets a JSON {"error": ...} naming the problem with a 4xx/502,
 and the server keeps answering afterwards."""
+
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from backend.settings import Settings
-from tests.api_support import (CONTRACT_CONFIG, RecordingServer, Route, decode_mask, defect_image, encode, interactive_body, iou,
-                               keypoint, make_app)
+from tests.api_support import (
+    CONTRACT_CONFIG,
+    RecordingServer,
+    Route,
+    decode_mask,
+    defect_image,
+    encode,
+    interactive_body,
+    iou,
+    keypoint,
+    make_app,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +35,13 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    settings = replace(Settings(), model_dir=tmp_path_factory.mktemp("m"), warm_on_setup=False,
-                       image_timeout_s=0.5, max_image_pixels=200_000)
+    settings = replace(
+        Settings(),
+        model_dir=tmp_path_factory.mktemp("m"),
+        warm_on_setup=False,
+        image_timeout_s=0.5,
+        max_image_pixels=200_000,
+    )
     app, _, _ = make_app(settings)
     return app.test_client()
 
@@ -41,12 +57,33 @@ CASES = [
     ("JSON array body", dict(raw="[1, 2]"), 400, "JSON object"),
     ("missing tasks", dict(body={"project": "1", "label_config": None}), 400, "tasks must be a list"),
     ("empty tasks", dict(body={"tasks": [], "project": "1"}), 400, "tasks is empty"),
-    ("no label config", dict(body={"tasks": [{"id": 1}], "project": "1", "params": {"context": None}}), 422,
-     "no label config"),
-    ("task without data", dict(body={"tasks": [{"id": 1}], "project": "1", "label_config": CONTRACT_CONFIG,
-                                     "params": {"context": None}}), 400, "task 1 has no data object"),
-    ("image key missing", dict(body={"tasks": [{"id": 2, "data": {"img": "x"}}], "project": "1",
-                                     "label_config": CONTRACT_CONFIG}), 400, "no image under data.image"),
+    (
+        "no label config",
+        dict(body={"tasks": [{"id": 1}], "project": "1", "params": {"context": None}}),
+        422,
+        "no label config",
+    ),
+    (
+        "task without data",
+        dict(
+            body={
+                "tasks": [{"id": 1}],
+                "project": "1",
+                "label_config": CONTRACT_CONFIG,
+                "params": {"context": None},
+            }
+        ),
+        400,
+        "task 1 has no data object",
+    ),
+    (
+        "image key missing",
+        dict(
+            body={"tasks": [{"id": 2, "data": {"img": "x"}}], "project": "1", "label_config": CONTRACT_CONFIG}
+        ),
+        400,
+        "no image under data.image",
+    ),
     ("no project", dict(body={"tasks": [{"id": 2, "data": {"image": "x"}}]}), 400, "names no project"),
 ]
 
@@ -54,6 +91,7 @@ CASES = [
 @pytest.mark.parametrize("name, kw, status, words", CASES, ids=[c[0] for c in CASES])
 def test_malformed_requests(client, name, kw, status, words):
     import re
+
     resp = post(client, **kw)
     assert resp.status_code == status, resp.get_json()
     assert re.search(words, resp.get_json()["error"])
@@ -65,20 +103,35 @@ def ask(client, server, path="/ok.png", clicks=None, **kw):
     return post(client, interactive_body(f"{server.url}{path}" if local else path, clicks, **kw))
 
 
-@pytest.mark.parametrize("path, clicks, status, words", [
-    ("/ok.png", [keypoint(62.5, 41.7, label="Crack")], 422, "'Crack' is not a value of BrushLabels"),
-    ("/ok.png", [keypoint(130.0, 20.0)], 400, "outside the image"),
-    ("/ok.png", [keypoint(50, 50), keypoint(20, 20, label="Dent")], 400, "several labels"),
-    ("/ok.png", [{"type": "keypointlabels", "value": "x"}], 400, "no value object"),
-    ("/text", None, 415, "not an image"),
-    ("/big.png", None, 413, "800x600 = 480000 pixels, over the limit of 200000"),
-    ("/slow.png", None, 502, "timed out"),
-    ("/missing.png", None, 502, "HTTP 404"),
-    ("http://127.0.0.1:9/none.png", None, 502, "cannot reach 127.0.0.1:9"),
-    ("/data/upload/1/x.png", None, 502, "LABEL_STUDIO_URL is not set"),
-    ("s3://bucket/x.png", None, 400, "needs the task id"),
-], ids=["unknown-label", "click-outside", "mixed-labels", "bad-region", "non-image", "too-many-pixels", "timeout",
-        "http-404", "unreachable", "ls-path-without-url", "cloud-no-task-id"])
+@pytest.mark.parametrize(
+    "path, clicks, status, words",
+    [
+        ("/ok.png", [keypoint(62.5, 41.7, label="Crack")], 422, "'Crack' is not a value of BrushLabels"),
+        ("/ok.png", [keypoint(130.0, 20.0)], 400, "outside the image"),
+        ("/ok.png", [keypoint(50, 50), keypoint(20, 20, label="Dent")], 400, "several labels"),
+        ("/ok.png", [{"type": "keypointlabels", "value": "x"}], 400, "no value object"),
+        ("/text", None, 415, "not an image"),
+        ("/big.png", None, 413, "800x600 = 480000 pixels, over the limit of 200000"),
+        ("/slow.png", None, 502, "timed out"),
+        ("/missing.png", None, 502, "HTTP 404"),
+        ("http://127.0.0.1:9/none.png", None, 502, "cannot reach 127.0.0.1:9"),
+        ("/data/upload/1/x.png", None, 502, "LABEL_STUDIO_URL is not set"),
+        ("s3://bucket/x.png", None, 400, "needs the task id"),
+    ],
+    ids=[
+        "unknown-label",
+        "click-outside",
+        "mixed-labels",
+        "bad-region",
+        "non-image",
+        "too-many-pixels",
+        "timeout",
+        "http-404",
+        "unreachable",
+        "ls-path-without-url",
+        "cloud-no-task-id",
+    ],
+)
 def test_bad_tasks_and_contexts(client, server, path, clicks, status, words):
     if path.startswith("s3://"):
         body = interactive_body(path, clicks or [keypoint(50, 50)])

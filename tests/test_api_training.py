@@ -1,8 +1,8 @@
 """The zero-training fit end to end through the service: webhook -> job -> the project's annotated tasks read
-with the real SDK client from a local stand-in Label Studio (paginated /api/tasks/) -> OK-verdict images become
-references -> a new model_version that /setup, /versions and predictions report."""
+with the real SDK client from a local stand-in Label Studio (paginated /api/tasks/) -> OK-verdict images
+become references -> a new model_version that /setup, /versions and predictions report."""
+
 import json
-import time
 from dataclasses import replace
 from urllib.parse import parse_qs, urlparse
 
@@ -10,18 +10,33 @@ import numpy as np
 import pytest
 
 from backend.settings import Settings
-from tests.api_support import (CONTRACT_CONFIG, RecordingServer, Route, defect_image, encode, interactive_body,
-                               keypoint, make_app)
+from tests.api_support import (
+    CONTRACT_CONFIG,
+    RecordingServer,
+    Route,
+    defect_image,
+    encode,
+    interactive_body,
+    keypoint,
+    make_app,
+)
 
 
 def annotation(verdict=None, brush=False):
     result = []
     if verdict:
-        result.append({"from_name": "verdict", "to_name": "image", "type": "choices",
-                       "value": {"choices": [verdict]}})
+        result.append(
+            {"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": [verdict]}}
+        )
     if brush:
-        result.append({"from_name": "mask", "to_name": "image", "type": "brushlabels",
-                       "value": {"format": "rle", "rle": [0], "brushlabels": ["Scratch"]}})
+        result.append(
+            {
+                "from_name": "mask",
+                "to_name": "image",
+                "type": "brushlabels",
+                "value": {"format": "rle", "rle": [0], "brushlabels": ["Scratch"]},
+            }
+        )
     return {"id": 1, "result": result, "was_cancelled": False, "updated_at": "2026-01-01T00:00:00Z"}
 
 
@@ -36,23 +51,37 @@ class FakeLabelStudio:
     def add(self, task_id, verdict=None, brush=False, seed=0):
         img = np.clip(128 + np.random.default_rng(seed).normal(0, 6, (96, 128, 3)), 0, 255).astype(np.uint8)
         self.server.routes[f"/data/upload/1/{task_id}.png"] = Route(encode(img))
-        self.tasks.append({"id": task_id, "data": {"image": f"/data/upload/1/{task_id}.png"},
-                           "annotations": [annotation(verdict, brush)]})
+        self.tasks.append(
+            {
+                "id": task_id,
+                "data": {"image": f"/data/upload/1/{task_id}.png"},
+                "annotations": [annotation(verdict, brush)],
+            }
+        )
 
     def _tasks(self, handler, body):
         page = int(parse_qs(urlparse(handler.path).query).get("page", ["1"])[0])
-        items = self.tasks[(page - 1) * 2: page * 2]
+        items = self.tasks[(page - 1) * 2 : page * 2]
         if not items and page > 1:
             return 404, {"Content-Type": "application/json"}, b'{"detail": "Invalid page."}'
-        return 200, {"Content-Type": "application/json"}, json.dumps({"tasks": items, "total": len(self.tasks)}).encode()
+        return (
+            200,
+            {"Content-Type": "application/json"},
+            json.dumps({"tasks": items, "total": len(self.tasks)}).encode(),
+        )
 
 
 @pytest.fixture()
 def world(tmp_path):
     with RecordingServer() as server:
         ls = FakeLabelStudio(server)
-        settings = replace(Settings(), model_dir=tmp_path / "m", warm_on_setup=False, label_studio_url=server.url,
-                           label_studio_api_key="legacy-token")
+        settings = replace(
+            Settings(),
+            model_dir=tmp_path / "m",
+            warm_on_setup=False,
+            label_studio_url=server.url,
+            label_studio_api_key="legacy-token",
+        )
         app, service, engine = make_app(settings, start_jobs=True)
         yield app.test_client(), service, engine, ls, server
         service.jobs.stop()
@@ -65,8 +94,10 @@ def test_start_training_turns_ok_tasks_into_references_and_a_new_version(world):
     ls.add(3, "Anomalous", brush=True, seed=3)
     ls.add(4, "OK", seed=4)
     ls.add(5, None, seed=5)  # no verdict yet: not a reference
-    assert client.post("/setup", json={"project": "1.17", "schema": CONTRACT_CONFIG}).get_json()["model_version"] \
+    assert (
+        client.post("/setup", json={"project": "1.17", "schema": CONTRACT_CONFIG}).get_json()["model_version"]
         == "tiny-tiny0001"
+    )
     resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
     assert resp.status_code == 201
     assert service.jobs.wait_idle(20)
@@ -79,14 +110,17 @@ def test_start_training_turns_ok_tasks_into_references_and_a_new_version(world):
     assert refs == ["1", "2", "4"]
     assert all(h == "Token legacy-token" for h in server.auth_headers("/api/tasks/"))
     # the version is what /setup, /versions, /metrics and predictions now report
-    assert client.post("/setup", json={"project": "1.18", "schema": CONTRACT_CONFIG}).get_json()["model_version"] \
+    assert (
+        client.post("/setup", json={"project": "1.18", "schema": CONTRACT_CONFIG}).get_json()["model_version"]
         == version
+    )
     assert version in client.get("/versions?project=1").get_json()["versions"]
     assert client.get("/metrics").get_json()["training"]["last"]["model_version"] == version
     img, _ = defect_image()
     server.routes["/q.png"] = Route(encode(img))
-    pred = client.post("/predict", json=interactive_body(f"{server.url}/q.png", [keypoint(62.5, 41.7)],
-                                                         project="1.19")).get_json()["results"][0]
+    pred = client.post(
+        "/predict", json=interactive_body(f"{server.url}/q.png", [keypoint(62.5, 41.7)], project="1.19")
+    ).get_json()["results"][0]
     assert pred["model_version"] == version and service.model_for("1").n_references == 3
 
 

@@ -1,5 +1,6 @@
 """Concurrent annotators: 8 threads clicking on 8 different images at once get their own correct masks, the
 state cache stays within its byte budget, and threads on the same image share one computation."""
+
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -8,8 +9,17 @@ import pytest
 
 from backend.cache import ByteLRU
 from backend.settings import Settings
-from tests.api_support import (RecordingServer, Route, decode_mask, defect_image, encode, interactive_body, iou,
-                               keypoint, make_app)
+from tests.api_support import (
+    RecordingServer,
+    Route,
+    decode_mask,
+    defect_image,
+    encode,
+    interactive_body,
+    iou,
+    keypoint,
+    make_app,
+)
 
 STATE_BYTES = 96 * 128 * 16  # TinyState: float32 image (3 channels) + float32 distance map
 
@@ -38,7 +48,9 @@ def test_eight_threads_on_eight_images(tmp_path, server):
         barrier.wait()
         ious = []
         for _ in range(3):  # three clicks per annotator, all at the same time as the others
-            body = interactive_body(f"{server.url}/{i}.png", [keypoint(cx / 128 * 100, cy / 96 * 100)], task_id=i)
+            body = interactive_body(
+                f"{server.url}/{i}.png", [keypoint(cx / 128 * 100, cy / 96 * 100)], task_id=i
+            )
             resp = client.post("/predict", json=body)
             assert resp.status_code == 200, resp.get_json()
             ious.append(iou(decode_mask(resp.get_json()["results"][0]["result"][0]), truth))
@@ -70,6 +82,7 @@ def test_threads_on_the_same_image_compute_it_once(tmp_path, server):
 
 def test_byte_lru_evicts_least_recently_used_and_skips_oversize():
     import numpy as np
+
     cache = ByteLRU(300)
     for key in "abc":
         cache.put(key, np.zeros(100, np.uint8))

@@ -1,5 +1,7 @@
-"""Image loading: reference resolution, Label Studio auth (legacy token, PAT -> JWT, refresh on 401), the token
-never leaving the LABEL_STUDIO_URL host, limits, EXIF rotation, the disk cache. Two local HTTP servers."""
+"""Image loading: reference resolution, Label Studio auth (legacy token, PAT -> JWT, refresh on 401), the
+token never leaving the LABEL_STUDIO_URL host, limits, EXIF rotation, the disk cache. Two local HTTP
+servers."""
+
 import json
 import time
 from dataclasses import replace
@@ -28,8 +30,14 @@ def other():
 
 
 def make_settings(tmp_path: Path, url: str = "", key: str = "", **kw) -> Settings:
-    return replace(Settings(), label_studio_url=url, label_studio_api_key=key, model_dir=tmp_path / "models",
-                   image_timeout_s=kw.pop("image_timeout_s", 2.0), **kw)
+    return replace(
+        Settings(),
+        label_studio_url=url,
+        label_studio_api_key=key,
+        model_dir=tmp_path / "models",
+        image_timeout_s=kw.pop("image_timeout_s", 2.0),
+        **kw,
+    )
 
 
 def png(seed=0):
@@ -131,16 +139,23 @@ def test_label_studio_paths_need_label_studio_url(tmp_path):
         loader.load("gs://b/a.png")
 
 
-@pytest.mark.parametrize("route, settings_kw, error, match", [
-    (Route(png(), delay_s=1.5), dict(image_timeout_s=0.5), ImageFetchError, "timed out"),
-    (Route(png()), dict(max_image_bytes=1000), ImageTooLarge, "over the limit of 1000 bytes"),
-    (Route(png(), headers={"Content-Length": None, "Connection": "close"}), dict(max_image_bytes=1000),
-     ImageTooLarge, "exceeds the limit"),
-    (Route(png()), dict(max_image_pixels=5000), ImageTooLarge, "pixels"),
-    (Route(b"<html>not an image</html>"), {}, UnsupportedImage, "not an image"),
-    (Route(png()[:200]), {}, UnsupportedImage, "truncated or corrupt"),
-    (Route(b"gone", status=404), {}, ImageFetchError, "HTTP 404"),
-])
+@pytest.mark.parametrize(
+    "route, settings_kw, error, match",
+    [
+        (Route(png(), delay_s=1.5), dict(image_timeout_s=0.5), ImageFetchError, "timed out"),
+        (Route(png()), dict(max_image_bytes=1000), ImageTooLarge, "over the limit of 1000 bytes"),
+        (
+            Route(png(), headers={"Content-Length": None, "Connection": "close"}),
+            dict(max_image_bytes=1000),
+            ImageTooLarge,
+            "exceeds the limit",
+        ),
+        (Route(png()), dict(max_image_pixels=5000), ImageTooLarge, "pixels"),
+        (Route(b"<html>not an image</html>"), {}, UnsupportedImage, "not an image"),
+        (Route(png()[:200]), {}, UnsupportedImage, "truncated or corrupt"),
+        (Route(b"gone", status=404), {}, ImageFetchError, "HTTP 404"),
+    ],
+)
 def test_limits_and_failures_name_the_problem(tmp_path, other, route, settings_kw, error, match):
     other.routes["/img"] = route
     loader = ImageLoader(make_settings(tmp_path, **settings_kw))
@@ -165,6 +180,7 @@ def test_sixteen_bit_and_grey_images_become_rgb():
     from io import BytesIO
 
     from PIL import Image
+
     buf = BytesIO()
     Image.fromarray((np.arange(64 * 32).reshape(32, 64) * 30).astype(np.uint16)).save(buf, format="PNG")
     arr = decode_image(buf.getvalue(), 10**8)

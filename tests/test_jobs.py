@@ -1,5 +1,6 @@
 """Training job queue: coalescing (N events or T seconds), START_TRAINING, one job per project at a time,
 failures with a reason, atomic persisted state that survives a restart."""
+
 import json
 import os
 import threading
@@ -137,8 +138,20 @@ def test_a_running_job_of_a_dead_process_is_queued_again(make, tmp_path):
         os._exit(0)
     os.waitpid(pid, 0)  # a pid that no longer exists
     import socket
-    path.write_text(json.dumps({"projects": {"6": {"project": "6", "status": "running",
-                                                    "owner": {"pid": pid, "host": socket.gethostname()}}}}))
+
+    path.write_text(
+        json.dumps(
+            {
+                "projects": {
+                    "6": {
+                        "project": "6",
+                        "status": "running",
+                        "owner": {"pid": pid, "host": socket.gethostname()},
+                    }
+                }
+            }
+        )
+    )
     runner = Recorder()
     mgr = make(runner)
     mgr.ensure_started()

@@ -1,4 +1,5 @@
 """Label config parsing, context -> clicks/box/prompt, and brush RLE results checked by the SDK."""
+
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
@@ -14,7 +15,8 @@ CONTRACT = """<View>
   <RectangleLabels name="box" toName="image" smart="true" smartOnly="true">
     <Label value="Scratch"/><Label value="Dent"/></RectangleLabels>
   <TextArea name="prompt" toName="image" editable="true" maxSubmissions="1"/>
-  <Choices name="verdict" toName="image" choice="single"><Choice value="OK"/><Choice value="Anomalous"/></Choices>
+  <Choices name="verdict" toName="image" choice="single">
+    <Choice value="OK"/><Choice value="Anomalous"/></Choices>
 </View>"""
 
 MINIMAL = """<View><Image name="img" value="$photo"/>
@@ -33,15 +35,51 @@ MISMATCH = """<View><Image name="image" value="$image"/>
   <KeyPointLabels name="click" toName="image" smart="true"><Label value="Hole"/></KeyPointLabels></View>"""
 
 
-@pytest.mark.parametrize("xml, expected", [
-    (CONTRACT, dict(image_name="image", image_key="image", brush_name="mask", brush_labels=("Scratch", "Dent"),
-                    keypoint_names=("click",), rectangle_names=("box",), textarea_names=("prompt",),
-                    choices_name="verdict", ok_choice="OK", anomalous_choice="Anomalous")),
-    (MINIMAL, dict(image_name="img", image_key="photo", brush_name="b", brush_labels=("Crack",),
-                   keypoint_names=(), rectangle_names=(), textarea_names=(), choices_name=None)),
-    (RENAMED, dict(image_name="pic", image_key="url", brush_labels=("crack",), keypoint_names=("kp",),
-                   choices_name="qc", ok_choice="Good", anomalous_choice="Defective")),
-])
+@pytest.mark.parametrize(
+    "xml, expected",
+    [
+        (
+            CONTRACT,
+            dict(
+                image_name="image",
+                image_key="image",
+                brush_name="mask",
+                brush_labels=("Scratch", "Dent"),
+                keypoint_names=("click",),
+                rectangle_names=("box",),
+                textarea_names=("prompt",),
+                choices_name="verdict",
+                ok_choice="OK",
+                anomalous_choice="Anomalous",
+            ),
+        ),
+        (
+            MINIMAL,
+            dict(
+                image_name="img",
+                image_key="photo",
+                brush_name="b",
+                brush_labels=("Crack",),
+                keypoint_names=(),
+                rectangle_names=(),
+                textarea_names=(),
+                choices_name=None,
+            ),
+        ),
+        (
+            RENAMED,
+            dict(
+                image_name="pic",
+                image_key="url",
+                brush_labels=("crack",),
+                keypoint_names=("kp",),
+                choices_name="qc",
+                ok_choice="Good",
+                anomalous_choice="Defective",
+            ),
+        ),
+    ],
+)
 def test_parse_label_config_table(xml, expected):
     cfg = ls_format.parse_label_config(xml)
     for key, value in expected.items():
@@ -49,8 +87,13 @@ def test_parse_label_config_table(xml, expected):
 
 
 def test_capabilities_follow_optional_tags():
-    assert ls_format.parse_label_config(CONTRACT).capabilities == ["brush", "keypoints", "rectangle", "prompt",
-                                                                    "verdict"]
+    assert ls_format.parse_label_config(CONTRACT).capabilities == [
+        "brush",
+        "keypoints",
+        "rectangle",
+        "prompt",
+        "verdict",
+    ]
     assert ls_format.parse_label_config(MINIMAL).capabilities == ["brush"]
 
 
@@ -68,19 +111,31 @@ def test_smart_labels_must_exist_in_brushlabels():
 
 
 def kp(x, y, label="Scratch", positive=True):
-    return {"id": "k", "from_name": "click", "to_name": "image", "type": "keypointlabels", "original_width": 200,
-            "original_height": 100, "is_positive": positive, "value": {"x": x, "y": y, "width": 1,
-                                                                       "keypointlabels": [label]}}
+    return {
+        "id": "k",
+        "from_name": "click",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "original_width": 200,
+        "original_height": 100,
+        "is_positive": positive,
+        "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]},
+    }
 
 
 def test_context_percent_to_pixels_with_negatives_box_and_prompt():
     cfg = ls_format.parse_label_config(CONTRACT)
-    ctx = {"result": [
-        kp(50, 50), kp(25, 10, positive=False),
-        {"type": "rectanglelabels", "value": {"x": 10, "y": 20, "width": 30, "height": 40,
-                                              "rectanglelabels": ["Scratch"]}},
-        {"type": "textarea", "value": {"text": ["long thin mark"]}},
-    ]}
+    ctx = {
+        "result": [
+            kp(50, 50),
+            kp(25, 10, positive=False),
+            {
+                "type": "rectanglelabels",
+                "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rectanglelabels": ["Scratch"]},
+            },
+            {"type": "textarea", "value": {"text": ["long thin mark"]}},
+        ]
+    }
     req = ls_format.parse_context(ctx, cfg, width=200, height=100)
     assert req.label == "Scratch"
     assert [(c.x, c.y, c.positive) for c in req.clicks] == [(100.0, 50.0, True), (50.0, 10.0, False)]
@@ -94,16 +149,19 @@ def test_context_edge_click_is_clamped_inside():
     assert (req.clicks[0].x, req.clicks[0].y) == (199.0, 99.0)
 
 
-@pytest.mark.parametrize("ctx, error, match", [
-    ({"result": [kp(120, 50)]}, BadRequest, "outside the image"),
-    ({"result": [kp(50, -3)]}, BadRequest, "outside the image"),
-    ({"result": [kp("a", 3)]}, BadRequest, "must be a number"),
-    ({"result": [kp(10, 10), kp(20, 20, label="Dent")]}, BadRequest, "several labels"),
-    ({"result": [kp(10, 10, label="Hole")]}, LabelConfigError, "Hole"),
-    ({"result": [{"type": "textarea", "value": {"text": ["x"]}}]}, BadRequest, "no keypoint"),
-    ({"result": "nope"}, BadRequest, "list"),
-    ({}, BadRequest, "list"),
-])
+@pytest.mark.parametrize(
+    "ctx, error, match",
+    [
+        ({"result": [kp(120, 50)]}, BadRequest, "outside the image"),
+        ({"result": [kp(50, -3)]}, BadRequest, "outside the image"),
+        ({"result": [kp("a", 3)]}, BadRequest, "must be a number"),
+        ({"result": [kp(10, 10), kp(20, 20, label="Dent")]}, BadRequest, "several labels"),
+        ({"result": [kp(10, 10, label="Hole")]}, LabelConfigError, "Hole"),
+        ({"result": [{"type": "textarea", "value": {"text": ["x"]}}]}, BadRequest, "no keypoint"),
+        ({"result": "nope"}, BadRequest, "list"),
+        ({}, BadRequest, "list"),
+    ],
+)
 def test_bad_contexts(ctx, error, match):
     cfg = ls_format.parse_label_config(CONTRACT)
     with pytest.raises(error, match=match):
@@ -116,7 +174,9 @@ def test_brush_region_round_trips_and_validates():
     mask[5:12, 7:40] = True
     mask[20, 3] = True
     region = ls_format.brush_region(mask, "Dent", cfg, 0.8)
-    assert isinstance(region["id"], str) and region["original_width"] == 50 and region["original_height"] == 30
+    assert (
+        isinstance(region["id"], str) and region["original_width"] == 50 and region["original_height"] == 30
+    )
     decoded = decode_rle(region["value"]["rle"]).reshape(30, 50, 4)[:, :, 3] > 0
     assert np.array_equal(decoded, mask)
     verdict = ls_format.choice_region("Anomalous", cfg, 0.9)

@@ -1,0 +1,58 @@
+"""The service with its real default model (residual engine on the bundled EfficientNet-Lite0 weights, zero-
+training click mode) on small synthetic textures: wiring, caching and a mask on the painted defect."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from backend.app import create_app
+from backend.services import ModelService
+from backend.settings import Settings
+from tests.api_support import RecordingServer, Route, decode_mask, encode, interactive_body, iou, keypoint
+from tests.conftest import texture
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    root = tmp_path_factory.mktemp("real")
+    normals = root / "normals"
+    normals.mkdir()
+    for i in range(3):
+        (normals / f"n{i}.png").write_bytes(encode(texture(h=192, w=256, seed=10 + i)))
+    settings = replace(
+        Settings(), model_dir=root / "m", normal_dir=str(normals), warm_on_setup=False, device="cpu"
+    )
+    service = ModelService(settings)
+    with RecordingServer() as server:
+        yield create_app(settings, service, start_jobs=False).test_client(), service, server
+
+
+@pytest.mark.slow
+def test_real_model_click_masks_the_painted_defect(setup):
+    client, service, server = setup
+    img = texture(h=192, w=256, seed=3)
+    truth = np.zeros((192, 256), bool)
+    truth[80:110, 150:185] = True
+    img[truth] = (235, 235, 60)
+    server.routes["/d.png"] = Route(encode(img))
+    clicks = [
+        keypoint(167 / 256 * 100, 95 / 192 * 100, w=256, h=192),
+        keypoint(30 / 256 * 100, 30 / 192 * 100, positive=False, w=256, h=192),
+    ]
+    body = interactive_body(f"{server.url}/d.png", clicks)
+    resp = client.post("/predict", json=body)
+    assert resp.status_code == 200, resp.get_json()
+    pred = resp.get_json()["results"][0]
+    assert pred["model_version"].startswith("residual-click-")
+    mask = decode_mask(pred["result"][0])
+    assert mask.shape == (192, 256) and mask[95, 167] and not mask[30, 30]
+    assert iou(mask, truth) > 0.4
+    assert service.model_for("1").n_references == 3
+    again = client.post("/predict", json=body)
+    assert again.status_code == 200 and service.cache.snapshot()["hits"] >= 1
+    batch = client.post("/predict", json={**body, "params": {"context": None}}).get_json()["results"][0]
+    assert batch["score"] > 0 and batch["model_version"] == pred["model_version"]
