@@ -47,21 +47,23 @@ def launched_by_torchrun(env: Optional[Mapping[str, str]] = None) -> bool:
     return int(env.get("WORLD_SIZE", "1")) > 1
 
 
-def init(device: torch.device, env: Optional[Mapping[str, str]] = None) -> DistContext:
+def init(device: torch.device, env: Optional[Mapping[str, str]] = None, backend: str = "") -> DistContext:
     """Join the process group torchrun set up. `device` is the resolved training device (model/device.py):
-    on CUDA each rank takes GPU LOCAL_RANK and NCCL; on CPU, gloo."""
+    on CUDA each rank takes GPU LOCAL_RANK and NCCL; on CPU, gloo. `backend="gloo"` on CUDA lets several
+    ranks share one GPU (NCCL refuses that): slower, meant for checks on a one-GPU machine."""
     env = os.environ if env is None else env
     if not launched_by_torchrun(env):
         return DistContext(device=device)
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices")
-        device = torch.device("cuda", local)
+        backend = backend or "nccl"
+        count = torch.cuda.device_count()
+        if backend == "nccl" and local >= count:
+            raise RuntimeError(f"LOCAL_RANK {local} but only {count} CUDA devices (one rank per GPU with NCCL)")
+        device = torch.device("cuda", local % count)
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
-        backend = "gloo"
+        backend = backend or "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
     logger.info("rank %d/%d (local %d) on %s, backend %s", rank, world, local, device, backend)

@@ -24,13 +24,13 @@ SCRIPT = textwrap.dedent(f"""
     from torch import nn
     from model import distributed as d
     torch.set_num_threads(1)
-    ctx = d.init(torch.device("cpu"))
+    ctx = d.init(torch.device(sys.argv[2]), backend=sys.argv[3])
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).to(ctx.device)
     start = d.fingerprint(model)
     g = torch.Generator().manual_seed(123)
-    x, y = torch.randn({N}, 8, generator=g), torch.randn({N}, 1, generator=g)
-    mine = torch.tensor(d.shard(list(range({N})), ctx))
+    x, y = torch.randn({N}, 8, generator=g).to(ctx.device), torch.randn({N}, 1, generator=g).to(ctx.device)
+    mine = torch.tensor(d.shard(list(range({N})), ctx), device=ctx.device)
     ddp = d.wrap(model, ctx)
     opt = torch.optim.SGD(ddp.parameters(), lr={LR})
     for _ in range({STEPS}):
@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(f"""
     tag = d.broadcast_object("rank0-says-%d" % ctx.rank, ctx)
     # manual mode (loops that call model methods, not a DDP forward): rank-dependent init, broadcast, average
     torch.manual_seed(100 + ctx.rank)
-    manual = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    manual = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).to(ctx.device)
     d.broadcast_module(manual, ctx)
     manual_start = d.fingerprint(manual)
     opt = torch.optim.SGD(manual.parameters(), lr={LR})
@@ -53,9 +53,10 @@ SCRIPT = textwrap.dedent(f"""
         opt.step()
     stop = d.any_rank(ctx.rank == 1, ctx)
     torch.save({{"rank": ctx.rank, "world": ctx.world_size, "start": start, "end": d.fingerprint(ddp),
-                "state": d.unwrap(ddp).state_dict(), "n_mine": len(mine), "mean_loss": mean_loss, "tag": tag,
+                "state": {{k: v.cpu() for k, v in d.unwrap(ddp).state_dict().items()}}, "n_mine": len(mine), "mean_loss": mean_loss, "tag": tag,
                 "manual_start": manual_start, "manual_end": d.fingerprint(manual),
-                "manual_state": manual.state_dict(), "stop": stop}},
+                "manual_state": {{k: v.cpu() for k, v in manual.state_dict().items()}}, "stop": stop,
+                "device": str(ctx.device), "backend": ctx.backend}},
                sys.argv[1] + "/rank%d.pt" % ctx.rank)
     d.cleanup(ctx)
 """)
@@ -65,6 +66,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CUDA_GLOO = pytest.param("cuda", "gloo", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])
+DEVICES = [("cpu", ""), CUDA_GLOO]
+
+
+def _torchrun(code: str, tmp_path: Path, device: str, backend: str) -> None:
+    """2 ranks of `code` under torchrun on `device` (2 ranks share one GPU with gloo; NCCL needs 2 GPUs)."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script), str(tmp_path), device, backend]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _reference_state(seed: int = 0) -> dict:
@@ -81,14 +98,9 @@ def _reference_state(seed: int = 0) -> dict:
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_ranks_train_the_same_model(tmp_path):
-    script = tmp_path / "train_ddp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.parametrize("device,backend", DEVICES)
+def test_torchrun_two_ranks_train_the_same_model(tmp_path, device, backend):
+    _torchrun(SCRIPT, tmp_path, device, backend)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
     assert r0["n_mine"] == r1["n_mine"] == N // 2, "each rank trains on its own half"
@@ -96,13 +108,15 @@ def test_torchrun_two_gloo_ranks_train_the_same_model(tmp_path):
     assert r0["end"] != r0["start"], "training did not change the weights"
     assert r0["mean_loss"] == pytest.approx(r1["mean_loss"])
     assert r0["tag"] == r1["tag"] == "rank0-says-0"
+    assert r0["device"].startswith(device) and r0["backend"] == (backend or "gloo")
+    tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
     reference = _reference_state()
     for name, value in reference.items():  # averaged half-batch gradients == full-batch gradient
-        torch.testing.assert_close(r0["state"][name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r0["state"][name], value, **tol)
     # manual sync: ranks started from different seeds, broadcast made them rank 0's model, and they stay equal
     assert r0["manual_start"] == r1["manual_start"] and r0["manual_end"] == r1["manual_end"]
     for name, value in _reference_state(seed=100).items():
-        torch.testing.assert_close(r0["manual_state"][name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r0["manual_state"][name], value, **tol)
     assert r0["stop"] is True and r1["stop"] is True
 
 
@@ -148,7 +162,7 @@ ADCLICK_SCRIPT = textwrap.dedent("""
     import torch.nn.functional as F
     from model.synth import KIND_WORDS
     torch.set_num_threads(1)
-    ctx = d.init(torch.device("cpu"))
+    ctx = d.init(torch.device(sys.argv[2]), backend=sys.argv[3])
     clean = np.full((128, 160, 3), 120, np.uint8)
     samples = build_samples([clean], fake_residual(clean), 8, np.random.default_rng(0), product="flat",
                             kinds=("contamination", "hole"))
@@ -158,7 +172,7 @@ ADCLICK_SCRIPT = textwrap.dedent("""
     net = build_net(tiny_cfg(), samples, text_dim=16)
     start = d.fingerprint(net)
     cfg = LoopConfig(steps=6, batch=4, lr=3e-3, warmup=2, max_rounds=1, log_every=3, ckpt_every=3)
-    losses = train(net, samples, prompts, cfg, seed=0, device=torch.device("cpu"),
+    losses = train(net, samples, prompts, cfg, seed=0, device=ctx.device,
                    ckpt_path=__import__("pathlib").Path(sys.argv[1]) / "ckpt.pt", dist=ctx)
     torch.save({"start": start, "end": d.fingerprint(net), "losses": losses}, sys.argv[1] + "/r%d.pt" % ctx.rank)
     d.cleanup(ctx)
@@ -166,16 +180,11 @@ ADCLICK_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_torchrun_adclick_training_loop_keeps_ranks_identical(tmp_path):
+@pytest.mark.parametrize("device,backend", DEVICES)
+def test_torchrun_adclick_training_loop_keeps_ranks_identical(tmp_path, device, backend):
     """The real ADClick loop (model/train_adclick.train) under torchrun: different per-rank data and init, one
     model: identical weights on both ranks at the end, different losses (own data), one checkpoint by rank 0."""
-    script = tmp_path / "train_adclick_ddp.py"
-    script.write_text(ADCLICK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(ADCLICK_SCRIPT, tmp_path, device, backend)
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["start"] != r1["start"], "the ranks were meant to start from different random inits"
     assert r0["end"] == r1["end"], "ranks ended with different weights"
