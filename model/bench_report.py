@@ -15,7 +15,7 @@ T = TypeVar("T")
 ANOMALY_KEYS = ("pixel_auroc", "pixel_ap", "au_pro", "image_auroc", "ms_per_image", "n_images")
 CLICK_KEYS = ("noc85", "noc90", "miou@1", "miou@3", "miou@5", "ap@5", "first_click_ms_p50",
               "first_click_ms_p95", "next_click_ms_p50", "next_click_ms_p95", "n_images")
-BANK_KEYS = ("n_refs", "bank_build_s", "bank_load_s", "bank_views", "bank_mb", "peak_rss_mb")
+BANK_KEYS = ("n_refs", "bank_built", "bank_build_s", "bank_load_s", "bank_views", "bank_mb", "peak_rss_mb")
 
 
 def peak_rss_mb() -> float:
@@ -62,7 +62,7 @@ def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
     return str(value)
 
 
