@@ -1,0 +1,136 @@
+"""The backend behind a real Label Studio 1.23.2, driven through Label Studio's own REST API: the calls its
+editor and its project pages make (connect, smart clicks, annotations -> webhook, train, retrieve predictions).
+
+Tests run in file order and share one project; each one states what it needs from the earlier ones."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+
+from tests.fixtures.images import DEFECT, H, NEGATIVE_CLICK, POSITIVE_CLICKS, W
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+LABEL = "Dent"
+
+
+def keypoint(x: float, y: float, positive: bool, n: int) -> dict:
+    """A smart keypoint region exactly as the 1.23.2 editor sends it (percent coordinates)."""
+    return {"id": f"kp{n}", "from_name": "click", "to_name": "image", "type": "keypointlabels",
+            "original_width": W, "original_height": H, "image_rotation": 0, "is_positive": positive,
+            "value": {"x": 100.0 * x / W, "y": 100.0 * y / H, "width": 0.6, "keypointlabels": [LABEL]}}
+
+
+def decode_mask(item: dict) -> np.ndarray:
+    """A brushlabels result item -> (H, W) bool (the RLE holds 4 channels per pixel)."""
+    h, w = item["original_height"], item["original_width"]
+    flat = np.asarray(decode_rle(item["value"]["rle"]), dtype=np.uint8)
+    assert flat.size == h * w * 4, f"RLE decodes to {flat.size} values, expected {h}x{w}x4"
+    return flat.reshape(h, w, 4)[:, :, 3] > 127
+
+
+def wait_for(what: str, probe, timeout_s: float, every_s: float = 1.0):
+    end = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)
+
+
+def test_backend_is_connected(label_studio, backend, project):
+    ml = label_studio.api.call("GET", f"/api/ml/{project.ml}")
+    assert ml["state"] == "CO", f"Label Studio reports the backend as {ml['state']}: {ml.get('error_message')}"
+    assert ml["is_interactive"] is True
+    routes = backend.get("/metrics")["routes"]
+    assert routes.get("POST /setup", {}).get("by_status", {}).get("200", 0) >= 1, routes
+    versions = label_studio.api.versions(project.ml)  # LS proxies GET /versions (404 = "upgrade your backend")
+    assert backend.get("/versions", project=project.id)["model_version"] in str(versions)
+
+
+def test_clicks_segment_the_defect(label_studio, dataset, project):
+    task = project.tasks[dataset.defective[0]]
+    clicks = [keypoint(x, y, True, i) for i, (x, y) in enumerate(POSITIVE_CLICKS)]
+    clicks.append(keypoint(*NEGATIVE_CLICK, positive=False, n=len(clicks)))
+    answer = label_studio.api.interactive(project.ml, task["id"], {"result": clicks})
+
+    prediction = answer["data"]
+    items = prediction["result"]
+    assert len(items) == 1, items
+    item = items[0]
+    assert item["type"] == "brushlabels" and item["from_name"] == "mask" and item["to_name"] == "image"
+    assert item["value"]["brushlabels"] == [LABEL] and item["value"]["format"] == "rle"
+    assert isinstance(item["id"], str) and (item["original_width"], item["original_height"]) == (W, H)
+    mask = decode_mask(item)
+    truth = dataset.mask
+    recall = (mask & truth).sum() / truth.sum()
+    precision = (mask & truth).sum() / max(mask.sum(), 1)
+    assert recall >= 0.8, f"the mask covers only {recall:.0%} of the defect"
+    assert precision >= 0.35, f"only {precision:.0%} of the mask lies on the defect ({mask.sum()} px)"
+    nx, ny = map(int, NEGATIVE_CLICK)
+    assert not mask[ny, nx], "the mask covers the negative click"
+    for x, y in POSITIVE_CLICKS:
+        assert mask[int(y), int(x)], f"the mask misses the positive click at ({x}, {y})"
+    assert 0.0 <= float(item["score"]) <= 1.0 and prediction["model_version"]
+
+
+def _annotation_from_mask(mask_item: dict, verdict: str) -> list[dict]:
+    result = [{"id": "verdict1", "from_name": "verdict", "to_name": "image", "type": "choices",
+               "value": {"choices": [verdict]}}]
+    if mask_item is not None:
+        result.append({k: mask_item[k] for k in ("id", "from_name", "to_name", "type", "original_width",
+                                                 "original_height", "image_rotation", "value")})
+    return result
+
+
+def test_annotation_reaches_the_webhook(label_studio, backend, dataset, project):
+    """An annotator accepts the clicked mask: Label Studio posts ANNOTATION_CREATED to <backend>/webhook."""
+    task = project.tasks[dataset.defective[1]]
+    clicks = [keypoint(x, y, True, i) for i, (x, y) in enumerate(POSITIVE_CLICKS)]
+    item = label_studio.api.interactive(project.ml, task["id"], {"result": clicks})["data"]["result"][0]
+    before = backend.get("/metrics")["routes"].get("POST /webhook", {}).get("count", 0)
+    label_studio.api.create_annotation(task["id"], _annotation_from_mask(item, "Anomalous"))
+
+    def received():
+        routes = backend.get("/metrics")["routes"]
+        return routes.get("POST /webhook", {}).get("by_status", {}).get("201", 0) > 0 and \
+            routes["POST /webhook"]["count"] > before
+    wait_for("the ANNOTATION_CREATED webhook", received, timeout_s=30)
+    job = backend.get("/health")["training"]["jobs"].get(str(project.id))
+    assert job is not None and (job["pending_events"] >= 1 or job["runs"] >= 1), job
+
+
+def test_training_and_predictions(label_studio, backend, dataset, project):
+    """An OK verdict on a normal image, then Train on the model page: the backend accepts the job, adds the
+    image to the project's references, publishes a new model_version; every task's retrieved prediction
+    carries it, and defective images score above the normal one."""
+    good = project.tasks[dataset.normal[0]]
+    label_studio.api.create_annotation(good["id"], _annotation_from_mask(None, "OK"))
+    before = backend.get("/versions", project=project.id)["model_version"]
+    label_studio.api.train(project.ml)  # 200 only when the backend accepted the START_TRAINING webhook
+
+    def trained():
+        job = backend.get("/health")["training"]["jobs"].get(str(project.id)) or {}
+        if job.get("last_status") == "failed":
+            raise AssertionError(f"training failed: {job.get('reason')}")
+        return job if job.get("last_status") == "done" and job.get("status") != "running" else None
+    job = wait_for("the training job", trained, timeout_s=180)
+    assert job["figures"]["ok_tasks"] >= 1 and job["figures"]["references_added_from_tasks"] >= 1, job
+    version = backend.get("/versions", project=project.id)["model_version"]
+    assert version == job["model_version"] and version != before
+
+    label_studio.api.retrieve_predictions(project.id)
+    scores = {}
+    for name, task in project.tasks.items():
+        preds = wait_for(f"a prediction of {name}", lambda: label_studio.api.predictions(task["id"]), 120)
+        assert [p["model_version"] for p in preds] == [version], preds
+        scores[name] = float(preds[0]["score"])
+        verdicts = [r["value"]["choices"] for r in preds[0]["result"] if r["type"] == "choices"]
+        assert verdicts == [["Anomalous"]] if name in dataset.defective else verdicts == [["OK"]], (name, preds)
+    worst_normal = max(scores[n] for n in dataset.normal)
+    assert all(scores[d] > worst_normal for d in dataset.defective), scores
