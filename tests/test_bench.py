@@ -172,3 +172,14 @@ def test_fit_subcommand_dispatches_to_bench_fit(monkeypatch):
     monkeypatch.setitem(sys.modules, "model.bench_fit", fake)
     assert bench.main(["fit", "--dataset", "x"]) == 0
     assert seen["argv"] == ["--dataset", "x"]
+
+
+def test_grabcut_box_alone_segments_the_blob_inside():
+    rng = np.random.default_rng(3)
+    img, gt = painted(rng, "spot")
+    ys, xs = np.nonzero(gt)
+    box = (xs.min() - 6.0, ys.min() - 6.0, xs.max() + 6.0, ys.max() + 6.0)
+    pred = GrabCutPredictor()
+    res = pred.predict(pred.set_image(img), [], box=box)
+    assert (res.mask & gt).sum() / (res.mask | gt).sum() > 0.8
+    assert not res.mask[: int(box[1]) - 1].any()  # nothing above the box
