@@ -64,6 +64,8 @@ def _register_auth_and_stats(
         g.t0 = time.perf_counter()
         if start_jobs:
             services.jobs.ensure_started()
+            if settings.warm_on_setup:
+                services.warm_known_projects()
         if not settings.auth_enabled or request.path in OPEN_ROUTES:
             return None
         auth = request.authorization

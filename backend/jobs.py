@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from backend.locks import ProjectLock
+
 logger = logging.getLogger(__name__)
 
 START = "START_TRAINING"
@@ -71,18 +73,6 @@ def _write_json_atomic(path: Path, obj: object) -> None:
         raise
 
 
-def _owner_alive(owner: Optional[dict]) -> bool:
-    if not owner or owner.get("host") != socket.gethostname():
-        return bool(owner)  # another host's job: trust it
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True
-    return True
-
-
 class JobManager:
     def __init__(
         self,
@@ -103,6 +93,16 @@ class JobManager:
         self._thread: Optional[threading.Thread] = None
         self._owner_pid: Optional[int] = None
         self._stopping = False
+        # -- owner liveness (backend/locks.py): the process running a project's job holds its "job" flock from
+        # _take to the end of _run; the kernel drops it when that process dies, on any host or container, so
+        # "running" with a free lock means the owner is gone (no pid/hostname guessing).
+        self._job_locks: dict[str, ProjectLock] = {}
+
+    def _job_lock(self, project: str) -> ProjectLock:
+        return ProjectLock(self.state_path.parent, project, "job")
+
+    def _owner_alive(self, project: str) -> bool:
+        return project in self._job_locks or self._job_lock(project).holder() is not None
 
     # -- persistence -----------------------------------------------------------------------------------------
     def _read(self) -> dict[str, dict]:
@@ -207,15 +207,20 @@ class JobManager:
         with self._transaction() as states:
             now = self.clock()
             for state in states.values():
-                if state["status"] == "running" and not _owner_alive(state["owner"]):
+                if state["status"] == "running" and not self._owner_alive(state["project"]):
                     logger.warning(
                         "project %s: training job of a gone process is queued again", state["project"]
                     )
                     state.update(status="queued", force=True, message="re-queued after a restart", owner=None)
             due = [s for s in states.values() if self._due(s, now)]
-            if not due:
+            due.sort(key=lambda s: s["queued_at"] or now)
+            for state in due:
+                lock = self._job_lock(state["project"])
+                if lock.acquire(blocking=False):
+                    self._job_locks[state["project"]] = lock
+                    break
+            else:
                 return None
-            state = min(due, key=lambda s: s["queued_at"] or now)
             event = {
                 "action": START if state["force"] else (state["trigger"] or "ANNOTATION_CREATED"),
                 "project": {"id": state["project"]},
@@ -288,16 +293,21 @@ class JobManager:
         except Exception as exc:  # a failed job must never kill the worker; its reason is shown in /health
             logger.exception("training job for project %s failed", project)
             update = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500], "message": "failed"}
-        with self._transaction() as states:
-            state = states.setdefault(project, _blank(project))
-            state.update(
-                update,
-                last_status=update["status"],
-                finished_at=self.clock(),
-                runs=state["runs"] + 1,
-                duration_s=round(time.monotonic() - t0, 3),
-                owner=None,
-            )
-            if state["force"] or state["pending_events"]:
-                state["status"] = "queued"  # events arrived while it ran; the result fields keep the last run
-                state["queued_at"] = self.clock()
+        try:
+            with self._transaction() as states:
+                state = states.setdefault(project, _blank(project))
+                state.update(
+                    update,
+                    last_status=update["status"],
+                    finished_at=self.clock(),
+                    runs=state["runs"] + 1,
+                    duration_s=round(time.monotonic() - t0, 3),
+                    owner=None,
+                )
+                if state["force"] or state["pending_events"]:
+                    state["status"] = (
+                        "queued"  # events arrived while it ran; the result fields keep the last run
+                    )
+                    state["queued_at"] = self.clock()
+        finally:
+            self._job_locks.pop(project).release()

@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from backend import ls_format
-from backend.errors import BadRequest
+from backend.errors import BackendError, BadRequest
 from backend.ls_format import LabelConfig
 from backend.services import ModelService
 from model.types import AnomalyResult
@@ -39,7 +39,16 @@ def predict(service: ModelService, project: str, tasks: list, cfg: LabelConfig, 
         raise BadRequest("tasks is empty: nothing to predict")
     if context:
         return [predict_interactive(service, project, tasks[0], cfg, context)]
-    return [predict_batch_one(service, project, task, cfg) for task in tasks]
+    predictions = []
+    for task in tasks:
+        try:
+            predictions.append(predict_batch_one(service, project, task, cfg))
+        except BackendError as exc:  # name the task: Label Studio may send many in one request
+            task_id = task.get("id") if isinstance(task, dict) else None
+            if len(tasks) == 1 or exc.message.startswith("task "):
+                raise
+            raise type(exc)(f"task {task_id}: {exc.message}") from exc
+    return predictions
 
 
 def predict_interactive(

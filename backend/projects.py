@@ -55,6 +55,12 @@ class ProjectStore:
     def dir(self, project: str) -> Path:
         return self.root / project
 
+    def known(self) -> list[str]:
+        """Projects that called /setup before (they have a project.json)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(d.name for d in self.root.iterdir() if (d / "project.json").is_file())
+
     def references_dir(self, project: str) -> Path:
         return self.dir(project) / "references"
 

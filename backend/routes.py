@@ -160,6 +160,16 @@ def webhook():
     return jsonify(status=job["status"], action=action, project=project, job=job), 201
 
 
+@blueprint.post("/train")
+def train():
+    """Older Label Studio versions call /train for "Start training"; same as a START_TRAINING webhook."""
+    svc = _services()
+    body = _json_body()
+    project = parse_project(_webhook_project(body))
+    job = svc.jobs.submit(project, "START_TRAINING")
+    return jsonify(status=job["status"], action="START_TRAINING", project=project, job=job), 201
+
+
 @blueprint.get("/versions")
 def versions():
     svc = _services()

@@ -8,6 +8,7 @@ bundled and ADCLICK_PREDICTOR allows it, else the zero-training residual click m
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ class ModelService:
         self._choice: Optional[PredictorChoice] = None
         self._project_locks: dict[str, threading.Lock] = {}
         self._models: dict[str, ProjectModel] = {}
+        self._builds: dict[str, tuple[tuple, threading.Event]] = {}
+        self._warmed_pid: Optional[int] = None
+        self._build_errors: dict[str, Exception] = {}
+        self._compute = threading.BoundedSemaphore(max(1, settings.compute_concurrency))
         self._detectors: dict[tuple[str, str], Any] = {}
         self.loaded_at: Optional[float] = None
         self.load_seconds: Optional[float] = None
@@ -176,38 +181,87 @@ class ModelService:
 
     # -- per-project predictors ------------------------------------------------------------------------------
     def _signature(self, project: str) -> tuple:
-        refs = self.projects.references_dir(project)
-        mtime = refs.stat().st_mtime if refs.exists() else 0.0
-        refs = self.projects.references_info(project) or {}
+        folder = self.projects.references_dir(project)
+        mtime = folder.stat().st_mtime if folder.exists() else 0.0
+        info = self.projects.references_info(project) or {}
         return (
             self.choice.version,
             str(self.projects.reference_folders(project)),
             mtime,
-            refs.get("model_version"),
+            info.get("model_version"),
         )
 
-    def model_for(self, project: str) -> ProjectModel:
-        engine, choice = self._ensure_loaded()
+    def model_for(self, project: str, wait_s: Optional[float] = None) -> ProjectModel:
+        """The project's predictor over its reference bank. The bank is built in a background thread: a project
+        with an older model keeps using it until the new one is ready; a project without one waits up to
+        BANK_WAIT_S, then gets NotReady (503) naming the build, instead of a request that hangs."""
+        self._ensure_loaded()
         signature = self._signature(project)
         current = self._models.get(project)
         if current is not None and current.signature == signature:
             return current
-        with self._project_lock(project):
-            current = self._models.get(project)
-            if current is not None and current.signature == signature:
-                return current
-            images = self.projects.reference_images(project, self.settings.max_reference_images)
-            t0 = time.monotonic()
-            bank = engine.build_bank(images)
+        done = self._start_build(project, signature)
+        if current is not None:
+            return current
+        if not done.wait(self.settings.bank_wait_s if wait_s is None else wait_s):
+            n = len(self.projects.reference_images(project, self.settings.max_reference_images))
+            raise NotReady(
+                f"project {project}: the reference bank of {n} images is still being built; "
+                "retry in a few seconds"
+            )
+        with self._lock:
+            error = self._build_errors.pop(project, None)
+        if error is not None:
+            raise error
+        return self._models[project]
+
+    def _start_build(self, project: str, signature: tuple) -> threading.Event:
+        with self._lock:
+            running = self._builds.get(project)
+            if running is not None and running[0] == signature:
+                return running[1]
+            done = threading.Event()
+            self._builds[project] = (signature, done)
+        threading.Thread(
+            target=self._build, args=(project, signature, done), name=f"bank-{project}", daemon=True
+        ).start()
+        return done
+
+    def _build(self, project: str, signature: tuple, done: threading.Event) -> None:
+        engine, choice = self._ensure_loaded()
+        try:
+            with self._project_lock(project):
+                images = self.projects.reference_images(project, self.settings.max_reference_images)
+                t0 = time.monotonic()
+                bank = engine.build_bank(images)
+                model = ProjectModel(signature, bank, choice.build(engine, bank), len(images))
             logger.info(
                 "project %s: reference bank of %d images ready in %.1f s",
                 project,
                 len(images),
                 time.monotonic() - t0,
             )
-            model = ProjectModel(signature, bank, choice.build(engine, bank), len(images))
-            self._models[project] = model
-            return model
+            with self._lock:
+                self._models[project] = model
+        except Exception as exc:  # handed to the waiting request, which maps it to a JSON error
+            logger.exception("project %s: building the reference bank failed", project)
+            with self._lock:
+                self._build_errors[project] = exc
+        finally:
+            with self._lock:
+                if self._builds.get(project, (None,))[0] == signature:
+                    del self._builds[project]
+            done.set()
+
+    def warm_known_projects(self) -> None:
+        """Once per process (after a fork too): warm every project that called /setup before, so the first
+        click after a restart does not wait for the model and the reference bank."""
+        with self._lock:
+            if self._warmed_pid == os.getpid():
+                return
+            self._warmed_pid = os.getpid()
+        for project in self.projects.known():
+            self.warm(project)
 
     def warm(self, project: str) -> None:
         """Load the model and the project's bank in a background thread (called by /setup)."""
@@ -231,7 +285,9 @@ class ModelService:
 
         def compute() -> CachedImage:
             image = self.loader.load_source(source)
-            return CachedImage(image.height, image.width, model.predictor.set_image(image.array))
+            with self._compute:  # bounded: 8 annotators must not run 8 backbone passes at once
+                state = model.predictor.set_image(image.array)
+            return CachedImage(image.height, image.width, state)
 
         return model, self.cache.get_or_set(key, compute)
 
@@ -265,8 +321,8 @@ class ModelService:
         )
 
     def run_training(self, project: str, event: dict, progress: Callable[[float, str], None]) -> dict:
-        """One fit of `project` (backend.training.fit) inside its cross-process ProjectLock; drops the
-        project's in-memory predictor so the next request picks up the new references / version."""
+        """One fit of `project` (backend.training.fit) inside its cross-process ProjectLock. Serving processes
+        notice the new references / version by the project's signature and swap the predictor when rebuilt."""
         from backend import training
 
         ctx = training.TrainingContext(
@@ -279,7 +335,4 @@ class ModelService:
             base_version=self.choice.version,
         )
         with ProjectLock(self.settings.model_dir, project, "train"):
-            result = training.fit(project, event, ctx)
-        with self._lock:
-            self._models.pop(project, None)
-        return result
+            return training.fit(project, event, ctx)

@@ -51,6 +51,8 @@ class Settings:
     predictor: str = "auto"  # auto | learned | residual
     max_reference_images: int = 200
     warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
+    bank_wait_s: float = 60.0  # a request waits this long for a project's first reference bank, then 503
+    compute_concurrency: int = 2  # per-image computations (backbone passes) running at once per process
     redis_url: str = ""  # when set, fits run on RQ workers (backend/queue.py, backend/worker.py)
 
     @property
@@ -90,5 +92,7 @@ class Settings:
             predictor=predictor,
             max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
             redis_url=_text(env, "REDIS_URL"),
+            bank_wait_s=_number(env, "BANK_WAIT_S", 60.0),
+            compute_concurrency=int(_number(env, "COMPUTE_CONCURRENCY", 2, minimum=1)),
             warm_on_setup=_text(env, "WARM_ON_SETUP", "1").lower() not in ("0", "false", "no", "off"),
         )

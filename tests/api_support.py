@@ -76,16 +76,20 @@ class TinyState:
 class TinyEngine:
     """Normal colour = mean colour of the reference images (or the image median without references)."""
 
-    def __init__(self):
+    def __init__(self, build_delay_s: float = 0.0):
         self.set_image_calls = 0
         self.banks_built = 0
+        self.build_delay_s = build_delay_s
         self.lock = threading.Lock()
+        self.running = 0  # set_image calls in progress now
+        self.max_running = 0
 
     def config_hash(self) -> str:
         return "tiny0001"
 
     def build_bank(self, images) -> TinyBank:
         self.banks_built += 1
+        time.sleep(self.build_delay_s)
         arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in images]
         if not arrays:
             return TinyBank(None, "empty", 0)
@@ -107,8 +111,12 @@ class TinyPredictor:
     def set_image(self, image: np.ndarray) -> TinyState:
         with self.engine.lock:
             self.engine.set_image_calls += 1
+            self.engine.running += 1
+            self.engine.max_running = max(self.engine.max_running, self.engine.running)
         if self.delay_s:
             time.sleep(self.delay_s)
+        with self.engine.lock:
+            self.engine.running -= 1
         img = image.astype(np.float32)
         normal = self.bank.mean if self.bank.mean is not None else np.median(img.reshape(-1, 3), axis=0)
         return TinyState(img, np.linalg.norm(img - normal, axis=2).astype(np.float32))
@@ -240,12 +248,12 @@ CONTRACT_CONFIG = """<View>
 </View>"""
 
 
-def make_app(settings, delay_s: float = 0.0, start_jobs: bool = False):
+def make_app(settings, delay_s: float = 0.0, start_jobs: bool = False, build_delay_s: float = 0.0):
     """(app, service, engine) with the tiny engine/predictor; no network weights."""
     from backend.app import create_app
     from backend.services import ModelService
 
-    engine = TinyEngine()
+    engine = TinyEngine(build_delay_s)
     service = ModelService(settings, engine_factory=lambda s: engine, predictor_chooser=tiny_chooser(delay_s))
     return create_app(settings, service, start_jobs=start_jobs), service, engine
 

@@ -252,10 +252,12 @@ def test_webhooks_answer_at_once_and_queue_training_events(api):
         "/webhook", json={"action": "ANNOTATIONS_CREATED", "annotations": [{"id": 1, "project": 8}]}
     )
     assert resp.status_code == 201 and resp.get_json()["job"]["pending_events"] == 1
+    resp = client.post("/train", json={"project": {"id": 9}})
+    assert resp.status_code == 201 and resp.get_json()["job"]["force"] is True
     resp = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 8}})
     assert resp.status_code == 200 and resp.get_json()["status"] == "ignored"
     health = client.get("/health").get_json()
-    assert health["training"]["queued"] == ["8"]
+    assert sorted(health["training"]["queued"]) == ["8", "9"]
 
 
 def test_metrics_report_routes_latency_and_caches(api, server):
@@ -267,3 +269,21 @@ def test_metrics_report_routes_latency_and_caches(api, server):
     assert body["routes"]["POST /predict"]["by_status"] == {"400": 1}
     assert set(body["routes"]["GET /health"]["latency_ms"]) == {"p50", "p90", "p99", "max", "window"}
     assert {"state_cache", "download_cache", "training", "model"} <= set(body)
+
+
+def test_a_restarted_process_warms_known_projects_before_the_first_click(settings):
+    import time
+
+    client = make_app(settings)[0].test_client()
+    assert client.post("/setup", json={"project": "12", "schema": CONTRACT_CONFIG}).status_code == 200
+    app, service, engine = make_app(
+        replace(settings, warm_on_setup=True), start_jobs=True
+    )  # "after a restart"
+    try:
+        assert app.test_client().get("/health").status_code == 200
+        deadline = time.monotonic() + 10
+        while "12" not in service._models and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.banks_built == 1 and "12" in service._models
+    finally:
+        service.jobs.stop()

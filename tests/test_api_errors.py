@@ -166,3 +166,14 @@ def test_the_server_keeps_serving_after_all_that(client, server):
     assert ask(client, server).status_code == 200
     errors = client.get("/metrics").get_json()["routes"]["POST /predict"]["by_status"]
     assert errors.get("500") is None
+
+
+def test_a_failing_task_in_a_batch_is_named(client, server):
+    tasks = [
+        {"id": 11, "data": {"image": f"{server.url}/ok.png"}},
+        {"id": 12, "data": {"image": f"{server.url}/text"}},
+    ]
+    resp = post(
+        client, {"tasks": tasks, "project": "1", "label_config": CONTRACT_CONFIG, "params": {"context": None}}
+    )
+    assert resp.status_code == 415 and resp.get_json()["error"].startswith("task 12: ")

@@ -2,6 +2,7 @@
 state cache stays within its byte budget, and threads on the same image share one computation."""
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -63,6 +64,32 @@ def test_eight_threads_on_eight_images(tmp_path, server):
     snap = service.cache.snapshot()
     assert snap["bytes"] <= budget and snap["items"] <= 3 and snap["evictions"] >= 5
     assert engine.banks_built == 1  # one project, one bank, built once despite 8 simultaneous first requests
+    assert engine.max_running <= settings.compute_concurrency  # backbone passes are bounded
+
+
+def test_a_slow_first_bank_answers_503_then_serves_and_a_rebuild_keeps_serving(tmp_path, server):
+    img, truth = defect_image()
+    server.routes["/a.png"] = Route(encode(img))
+    settings = replace(Settings(), model_dir=tmp_path / "m", warm_on_setup=False, bank_wait_s=0.1)
+    app, service, engine = make_app(settings, build_delay_s=0.6)
+    client = app.test_client()
+    body = interactive_body(f"{server.url}/a.png", [keypoint(62.5, 41.7)])
+    resp = client.post("/predict", json=body)
+    assert resp.status_code == 503 and "still being built" in resp.get_json()["error"]
+    assert client.get("/health").status_code == 200
+    deadline = time.monotonic() + 10
+    while resp.status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        resp = client.post("/predict", json=body)
+    assert resp.status_code == 200 and engine.banks_built == 1
+    # new references arrive (as a fit would write them): the old model serves while the new bank builds
+    refs = service.projects.references_dir("1")
+    refs.mkdir(parents=True)
+    (refs / "task-1.png").write_bytes(encode(img))
+    assert client.post("/predict", json=body).status_code == 200
+    while service.model_for("1").n_references != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.model_for("1").n_references == 1 and engine.banks_built == 2
 
 
 def test_threads_on_the_same_image_compute_it_once(tmp_path, server):
