@@ -192,8 +192,8 @@ class ModelService:
         )
 
     def model_for(self, project: str, wait_s: Optional[float] = None) -> ProjectModel:
-        """The project's predictor over its reference bank. The bank is built in a background thread: a
-        project with an older model keeps using it until the new one is ready; a project without one waits up to
+        """The project's predictor over its reference bank, built in a background thread: a project with
+        an older model keeps using it until the new one is ready; a project without one waits up to
         BANK_WAIT_S, then gets NotReady (503) naming the build, instead of a request that hangs."""
         self._ensure_loaded()
         signature = self._signature(project)
