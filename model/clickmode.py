@@ -1,0 +1,171 @@
+"""Zero-training click mode over the residual anomaly map (the Predictor protocol of model/types.py).
+
+predict(): every positive click seeds a region on the anomaly map. Its threshold is adaptive: halfway
+(`grow_frac`) between the image's background level (median of the map) and the peak of the map near the click
+(within `seed_radius` px); the region is the connected component of {map >= threshold} that holds that peak.
+Negative clicks carve: a negative click inside a grown region raises that region's threshold above the map value
+at the negative click (if that leaves the positive click's peak, the region is split between the clicks by
+nearest-click assignment); a `click_radius` disk around every negative click is removed, one around every
+positive click is kept. A box restricts everything to its inside (and with no positive click, the peak of the
+map inside the box seeds the region). prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5.
+
+detect(): regions of the map above an adaptive threshold, kept when larger than `min_area` px; possibly none.
+The threshold is `detect_margin` x the highest leave-one-out score of defect-free references (bank calibration,
+bank.meta["normal_scores"]); without calibration (empty or one-image bank) it is median + `detect_k` x robust
+sigma of the image's own map.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from model.errors import InputError
+from model.references import ReferenceBank
+from model.residuals import ResidualEngine, ResidualState
+from model.types import AnomalyResult, Box, Click, ClickResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClickModeConfig:
+    grow_frac: float = 0.5  # threshold = bg + grow_frac * (peak - bg)
+    seed_radius: int = 12  # px: where the peak near a positive click is looked for
+    click_radius: int = 4  # px: disk kept around positive / removed around negative clicks
+    detect_margin: float = 1.0  # detect threshold = margin x max normal score of the bank's calibration
+    detect_k: float = 10.0  # without calibration: median + detect_k x robust sigma (1.4826 MAD) of the map
+    min_area: int = 16  # px: smallest region reported by detect
+
+
+def _disk(shape: tuple[int, int], x: int, y: int, r: int) -> np.ndarray:
+    m = np.zeros(shape, np.uint8)
+    cv2.circle(m, (x, y), r, 1, -1)
+    return m.astype(bool)
+
+
+def _component_at(binary: np.ndarray, y: int, x: int) -> np.ndarray:
+    if not binary[y, x]:
+        return np.zeros_like(binary)
+    _, labels = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)
+    return labels == labels[y, x]
+
+
+class ResidualClickPredictor:
+    name = "residual"
+
+    def __init__(self, engine: ResidualEngine, bank: ReferenceBank, cfg: ClickModeConfig | None = None):
+        self.engine = engine
+        self.bank = bank
+        self.cfg = cfg or ClickModeConfig()
+        self.version = f"residual-click-{engine.config_hash()}"
+
+    def set_image(self, image: np.ndarray) -> ResidualState:
+        return self.engine.compute(image, self.bank)
+
+    # ---- clicks ---------------------------------------------------------------------------------------------
+    def predict(self, state: ResidualState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
+                previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+        amap = state.anomaly_map
+        H, W = amap.shape
+        pts = [(c, *self._pixel(c, H, W)) for c in clicks]
+        inside = self._box_mask(box, H, W)
+        bg = float(np.median(amap))
+        seeds = [(y, x) for c, y, x in pts if c.positive]
+        if not seeds and inside is not None:
+            y, x = np.unravel_index(int(np.argmax(np.where(inside, amap, -np.inf))), amap.shape)
+            seeds = [(int(y), int(x))]
+        negs = [(y, x) for c, y, x in pts if not c.positive]
+        mask = np.zeros((H, W), bool)
+        for y, x in seeds:
+            mask |= self._grow(amap, bg, y, x, negs, inside)
+        for c, y, x in pts:
+            disk = _disk((H, W), x, y, self.cfg.click_radius)
+            mask = mask | disk if c.positive else mask & ~disk
+        if inside is not None:
+            mask &= inside
+        prob = self._prob(amap, mask, bg)
+        score = float(prob[mask].mean()) if mask.any() else 0.0
+        return ClickResult(prob=prob, mask=mask, score=score)
+
+    def _grow(self, amap, bg, y, x, negs, inside) -> np.ndarray:
+        r = self.cfg.seed_radius
+        y0, y1, x0, x1 = max(0, y - r), min(amap.shape[0], y + r + 1), max(0, x - r), min(amap.shape[1], x + r + 1)
+        win = amap[y0:y1, x0:x1]
+        py, px = np.unravel_index(int(np.argmax(win)), win.shape)
+        py, px = py + y0, px + x0
+        peak = float(amap[py, px])
+        thr = bg + self.cfg.grow_frac * (peak - bg)
+        binary = amap >= thr
+        if inside is not None:
+            binary &= inside
+        region = _component_at(binary, py, px)
+        blocking = [(ny, nx) for ny, nx in negs if region[ny, nx]]
+        if blocking:
+            thr = max(thr, max(float(amap[ny, nx]) for ny, nx in blocking) * 1.0001)
+            if thr < peak:
+                region = _component_at(binary & (amap >= thr), py, px)
+            else:
+                region = self._split(region, (y, x), blocking)
+        return region
+
+    @staticmethod
+    def _split(region: np.ndarray, pos: tuple[int, int], negs: list[tuple[int, int]]) -> np.ndarray:
+        """Keep the pixels of region closer to the positive click than to every negative click."""
+        yy, xx = np.nonzero(region)
+        d_pos = (yy - pos[0]) ** 2 + (xx - pos[1]) ** 2
+        d_neg = np.min([(yy - ny) ** 2 + (xx - nx) ** 2 for ny, nx in negs], axis=0)
+        out = np.zeros_like(region)
+        keep = d_pos < d_neg
+        out[yy[keep], xx[keep]] = True
+        return out
+
+    @staticmethod
+    def _prob(amap: np.ndarray, mask: np.ndarray, bg: float) -> np.ndarray:
+        top = float(amap.max())
+        scaled = np.clip((amap - bg) / max(top - bg, 1e-6), 0.0, 1.0)
+        return np.where(mask, 0.5 + 0.5 * scaled, 0.49 * scaled).astype(np.float32)
+
+    @staticmethod
+    def _pixel(c: Click, H: int, W: int) -> tuple[int, int]:
+        if not (np.isfinite(c.x) and np.isfinite(c.y)) or not (0 <= c.x < W + 0.5 and 0 <= c.y < H + 0.5):
+            raise InputError(f"click ({c.x}, {c.y}) outside the {W}x{H} image")
+        return min(H - 1, int(round(c.y))), min(W - 1, int(round(c.x)))
+
+    @staticmethod
+    def _box_mask(box: Optional[Box], H: int, W: int) -> Optional[np.ndarray]:
+        if box is None:
+            return None
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (x0 <= x1 and y0 <= y1):
+            raise InputError(f"box {box} is not (x0, y0, x1, y1) with x0 <= x1, y0 <= y1")
+        m = np.zeros((H, W), bool)
+        m[max(0, int(y0)):max(0, int(np.ceil(y1)) + 1), max(0, int(x0)):max(0, int(np.ceil(x1)) + 1)] = True
+        return m
+
+    # ---- batch ---------------------------------------------------------------------------------------------
+    def detect(self, state: ResidualState, labels: Optional[list[str]] = None) -> AnomalyResult:
+        """Masks of regions found anomalous (key "" = any defect: the residual map has no defect types)."""
+        amap = state.anomaly_map
+        thr = self.detect_threshold(amap)
+        n, labels_img, stats, _ = cv2.connectedComponentsWithStats((amap >= thr).astype(np.uint8), connectivity=8)
+        keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= self.cfg.min_area]
+        masks = {}
+        if keep:
+            masks[""] = np.isin(labels_img, keep)
+        return AnomalyResult(anomaly_map=amap, score=state.score, masks=masks,
+                             label_scores={"": state.score})
+
+    def detect_threshold(self, amap: np.ndarray) -> float:
+        normal = (self.bank.meta.get("normal_scores") if self.bank is not None else None) or []
+        if normal:
+            return self.cfg.detect_margin * float(max(normal))
+        bg = float(np.median(amap))
+        sigma = 1.4826 * float(np.median(np.abs(amap - bg)))
+        return bg + self.cfg.detect_k * max(sigma, 1e-6)
+
+    def config(self) -> dict:
+        return asdict(self.cfg)

@@ -1,0 +1,114 @@
+"""Zero-training click mode: region growing on the residual map, negative clicks carve, a box restricts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.clickmode import ClickModeConfig, ResidualClickPredictor
+from model.errors import InputError
+from model.features import BackboneConfig
+from model.metrics import iou
+from model.residuals import ResidualConfig, ResidualEngine, ResidualState
+from model.types import Click
+
+H, W = 80, 120
+
+
+def blob(y, x, r, amp):
+    yy, xx = np.mgrid[0:H, 0:W]
+    return amp * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * r ** 2))
+
+
+def state_of(amap: np.ndarray) -> ResidualState:
+    amap = amap.astype(np.float32)
+    return ResidualState(torch.zeros(1, 10, 15), torch.zeros(1, 10, 15), np.zeros((10, 15), np.float32), amap,
+                         float(amap.max()), amap.shape)
+
+
+@pytest.fixture()
+def two_blobs():
+    """Defect A at (30, 30) and a weaker, connected false alarm B at (30, 62)."""
+    rng = np.random.default_rng(0)
+    amap = 1.0 + 0.05 * rng.standard_normal((H, W)) + blob(30, 30, 6, 4.0) + blob(30, 46, 10, 1.8)
+    amap += blob(30, 62, 6, 3.0)
+    return amap
+
+
+@pytest.fixture()
+def predictor():
+    return ResidualClickPredictor(ResidualEngine(BackboneConfig(input_size=128, device="cpu"), ResidualConfig()),
+                                  bank=None)
+
+
+def test_positive_click_covers_the_clicked_defect(predictor, two_blobs):
+    st = state_of(two_blobs)
+    res = predictor.predict(st, [Click(31, 29)])  # a few px off the peak
+    truth = blob(30, 30, 6, 1.0) > 0.5
+    assert res.mask[30, 30] and not res.mask[30, 110] and not res.mask[70, 30]
+    assert iou(res.mask, truth) > 0.5
+    assert res.prob.shape == (H, W) and res.prob.dtype == np.float32
+    assert np.array_equal(res.prob > 0.5, res.mask) and 0 < res.score <= 1
+
+
+def test_negative_click_removes_its_region(predictor, two_blobs):
+    st = state_of(two_blobs)
+    low = ResidualClickPredictor(predictor.engine, None, ClickModeConfig(grow_frac=0.2))
+    grown = low.predict(st, [Click(30, 30)])
+    assert grown.mask[30, 62]  # at a low threshold the false alarm B is merged with A
+    carved = low.predict(st, [Click(30, 30), Click(62, 30, positive=False)])
+    assert carved.mask[30, 30] and not carved.mask[30, 62]
+    assert carved.mask.sum() < grown.mask.sum()
+
+
+def test_negative_click_on_the_seed_peak_splits_the_region(predictor):
+    amap = 1.0 + blob(40, 60, 14, 4.0)
+    res = predictor.predict(state_of(amap), [Click(52, 40), Click(68, 40, positive=False)])
+    assert res.mask[40, 50] and not res.mask[40, 70]
+
+
+def test_box_restricts_and_seeds(predictor, two_blobs):
+    st = state_of(two_blobs)
+    only_box = predictor.predict(st, [], box=(50, 15, 80, 45))  # around B only
+    assert only_box.mask[30, 62] and not only_box.mask[30, 30]
+    assert not only_box.mask[:, :50].any() and not only_box.mask[:, 81:].any()
+    clipped = predictor.predict(st, [Click(30, 30)], box=(20, 20, 40, 40))
+    assert clipped.mask[30, 30] and not clipped.mask[:19].any() and not clipped.mask[:, 42:].any()
+
+
+def test_no_clicks_no_box_gives_empty_mask(predictor, two_blobs):
+    res = predictor.predict(state_of(two_blobs), [])
+    assert not res.mask.any() and res.score == 0.0 and (res.prob < 0.5).all()
+
+
+def test_bad_clicks_and_boxes_are_rejected(predictor, two_blobs):
+    st = state_of(two_blobs)
+    with pytest.raises(InputError):
+        predictor.predict(st, [Click(W + 5, 10)])
+    with pytest.raises(InputError):
+        predictor.predict(st, [Click(float("nan"), 10)])
+    with pytest.raises(InputError):
+        predictor.predict(st, [Click(5, 5)], box=(30, 30, 10, 10))
+
+
+def test_detect_finds_strong_regions_and_nothing_in_noise(predictor, two_blobs):
+    found = predictor.detect(state_of(two_blobs))
+    assert found.masks[""][30, 30] and found.masks[""][30, 62] and not found.masks[""][70, 100]
+    noise = 1.0 + 0.05 * np.random.default_rng(1).standard_normal((H, W))
+    assert predictor.detect(state_of(noise)).masks == {}
+
+
+def test_end_to_end_on_synthetic_defect(normal_textures, defect_texture):
+    engine = ResidualEngine(BackboneConfig(input_size=128, device="cpu"), ResidualConfig())
+    pred = ResidualClickPredictor(engine, engine.build_bank(normal_textures))
+    assert pred.version == f"residual-click-{engine.config_hash()}"
+    img, mask = defect_texture
+    st = pred.set_image(img)
+    ys, xs = np.nonzero(mask)
+    res = pred.predict(st, [Click(float(xs.mean()), float(ys.mean()))])
+    assert iou(res.mask, mask) > 0.3 and res.mask[int(ys.mean()), int(xs.mean())]
+    assert len(pred.bank.meta["normal_scores"]) == len(normal_textures)  # leave-one-out calibration
+    found = pred.detect(st)
+    assert found.masks[""][mask].mean() > 0.5 and found.masks[""].sum() < 4 * mask.sum()
+    from tests.conftest import texture
+    assert pred.detect(pred.set_image(texture(shift=(2, 1), seed=77))).masks == {}
