@@ -119,8 +119,8 @@ def build_bank(engine, paths: list) -> tuple[Any, dict]:
     start = time.perf_counter()
     bank = engine.build_bank(paths)
     load_s = time.perf_counter() - start
-    stats = {"n_refs": len(paths), "bank_built": built, "bank_build_s": build_s, "bank_load_s": load_s, "bank_views": len(bank),
-             "bank_mb": bank.nbytes / 2**20, "rss_after_bank_mb": peak_rss_mb()}
+    stats = {"n_refs": len(paths), "bank_built": built, "bank_build_s": build_s, "bank_load_s": load_s,
+             "bank_views": len(bank), "bank_mb": bank.nbytes / 2**20, "rss_after_bank_mb": peak_rss_mb()}
     return bank, stats
 
 
