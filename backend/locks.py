@@ -1,17 +1,20 @@
 """Cross-process locks on MODEL_DIR: one training job per project across threads, gunicorn workers, RQ workers
 and replicas that share the directory.
 
-`ProjectLock` is an exclusive `flock` on `MODEL_DIR/locks/<project>.<name>.lock` plus a per-process thread lock
-(flock alone does not exclude two threads of one process that share an open file). The kernel drops the lock
+`ProjectLock` is an exclusive `flock` on `<dir>/locks/<project>.<name>.lock` plus a per-process thread
+lock (flock alone does not exclude two threads of one process). The kernel drops the lock
 when its holder dies, so a crashed worker never leaves a stale lock. On NFS, Linux emulates flock with POSIX
 byte-range locks, so replicas on different hosts exclude each other too (the volume must support locking).
 
-backend/jobs.py already lets one process at a time take a project's job (its state file); this lock is the
-guarantee underneath: every fit runs inside it (backend/queue.py), in a gunicorn worker or an RQ worker, so even a
-job queued twice (a worker presumed dead, a replayed Redis job) trains after the other one, never beside it.
+Two uses. "train": every fit runs inside it (`ModelService.run_training`, in a gunicorn worker or an RQ
+worker), so even a job queued twice (a worker presumed dead, a replayed Redis job) trains after the other,
+never beside it. "job": backend/jobs.py holds it while a process owns a project's job, so a job whose owner
+died (any host, any container) is recognised by its free lock and queued again.
 """
+
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -21,8 +24,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
-
-import fcntl
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _thread_lock(path: Path) -> threading.Lock:
 
 
 class ProjectLock:
-    """Exclusive, non-reentrant lock named `name` on one project, shared by every process using `model_dir`."""
+    """Exclusive, non-reentrant lock `name` on one project, shared by every process using `model_dir`."""
 
     def __init__(self, model_dir: str | Path, project: str | int, name: str = "train"):
         self.path = (Path(model_dir) / "locks" / f"{project_key(project)}.{name}.lock").resolve()

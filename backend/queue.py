@@ -9,11 +9,12 @@ trains twice at once across gunicorn workers, RQ workers and replicas.
 
 Runner contract (backend/jobs.py): runner(project, event, progress) -> {"model_version": str, ...figures}.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,15 @@ def redis_connection(url: str) -> Any:
 class RQDispatcher:
     """A Runner that enqueues the fit on RQ and blocks until a worker finishes it (progress relayed)."""
 
-    def __init__(self, redis_url: str, queue_name: str = QUEUE_NAME, function: str = WORKER_FUNCTION,
-                 job_timeout_s: int = 6 * 3600, poll_s: float = 0.5, lost_after_s: float = 24 * 3600):
+    def __init__(
+        self,
+        redis_url: str,
+        queue_name: str = QUEUE_NAME,
+        function: str = WORKER_FUNCTION,
+        job_timeout_s: int = 6 * 3600,
+        poll_s: float = 0.5,
+        lost_after_s: float = 24 * 3600,
+    ):
         from rq import Queue
 
         self.queue = Queue(queue_name, connection=redis_connection(redis_url))
@@ -48,9 +56,15 @@ class RQDispatcher:
         self.lost_after_s = lost_after_s
 
     def enqueue(self, project: str, event: dict) -> Any:
-        job = self.queue.enqueue(self.function, project, event, job_timeout=self.job_timeout_s,
-                                 result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600,
-                                 description=f"train project {project} ({event.get('action')})")
+        job = self.queue.enqueue(
+            self.function,
+            project,
+            event,
+            job_timeout=self.job_timeout_s,
+            result_ttl=7 * 24 * 3600,
+            failure_ttl=7 * 24 * 3600,
+            description=f"train project {project} ({event.get('action')})",
+        )
         logger.info("project %s: training job %s enqueued on %s", project, job.id, self.queue.name)
         return job
 
@@ -60,8 +74,8 @@ class RQDispatcher:
         return self.wait(job, progress)
 
     def wait(self, job: Any, progress: Progress) -> dict:
-        from rq.job import JobStatus
         from rq.exceptions import NoSuchJobError
+        from rq.job import JobStatus
 
         start, seen = time.monotonic(), None
         while True:
@@ -79,7 +93,9 @@ class RQDispatcher:
                 seen = reported
                 progress(float(reported[0]), str(reported[1] or ""))
             if time.monotonic() - start > self.lost_after_s:
-                raise TrainingQueueError(f"training job {job.id} still {status.value} after {self.lost_after_s} s")
+                raise TrainingQueueError(
+                    f"training job {job.id} still {status.value} after {self.lost_after_s} s"
+                )
             time.sleep(self.poll_s)
 
 

@@ -1,10 +1,11 @@
 """Training worker for REDIS_URL deployments: `python -m backend.worker [--burst]`.
 
-Takes fits from the RQ queue that the web processes fill (backend/queue.py) and runs them with the same code as
-the in-process mode (`ModelService.run_training`: the project's labels from Label Studio, a new ADClick-Seg
-version published atomically under MODEL_DIR, inside the project's cross-process lock). Run as many workers as
-there are GPUs or hosts; they must share MODEL_DIR (and reach LABEL_STUDIO_URL) with the web processes.
+Takes fits from the RQ queue that the web processes fill (backend/queue.py) and runs them with the same
+code as the in-process mode (`ModelService.run_training`: the project's labels from Label Studio, a new
+version published atomically under MODEL_DIR, inside the project's cross-process lock). Run as many workers
+as there are GPUs or hosts; they must share MODEL_DIR (and reach LABEL_STUDIO_URL) with the web processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def train_job(project: str, event: dict) -> dict:
-    """The RQ job body: one fit of `project`; its progress goes to the job's meta for the waiting web process."""
+    """The RQ job body: one fit of `project`; progress goes to the job's meta for the waiting web process."""
     from rq import get_current_job
 
     from backend.services import ModelService
@@ -32,14 +33,17 @@ def train_job(project: str, event: dict) -> dict:
             job.save_meta()
 
     settings = Settings.from_env()
-    logger.info("project %s: training (%s) in worker, MODEL_DIR %s", project, event.get("action"),
-                settings.model_dir)
+    logger.info(
+        "project %s: training (%s) in worker, MODEL_DIR %s", project, event.get("action"), settings.model_dir
+    )
     return ModelService(settings).run_training(str(project), dict(event), progress)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m backend.worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--burst", action="store_true", help="exit once the queue is empty (batch runs, tests)")
+    parser.add_argument(
+        "--burst", action="store_true", help="exit once the queue is empty (batch runs, tests)"
+    )
     parser.add_argument("--queue", default=QUEUE_NAME, help=f"RQ queue name (default {QUEUE_NAME})")
     return parser.parse_args(argv)
 
@@ -51,7 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
-        logger.error("REDIS_URL is not set: without it training runs inside the web processes, no worker needed")
+        logger.error(
+            "REDIS_URL is not set: without it training runs inside the web processes, no worker needed"
+        )
         return 2
     connection = redis_connection(settings.redis_url)
     connection.ping()

@@ -1,14 +1,15 @@
-"""torch.distributed helpers so one training script runs alone or under torchrun on N GPUs (or N CPU processes).
+"""torch.distributed helpers: one training script runs alone or under torchrun on N GPUs (or N CPU processes).
 
-    torchrun --nproc_per_node=4 -m model.train seg --config FILE
+    torchrun --standalone --nproc_per_node=4 -m model.train adclick --config FILE
 
 Every rank builds the same model from the same seed, trains on its own shard of the data, and DDP averages the
 gradients, so all ranks hold identical weights after every step; only rank 0 writes checkpoints and logs
 results. Alone (no torchrun), `init()` returns a world of one and every helper is a no-op.
 
-torchrun passes RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment; this module is the
-one place in model/ that reads them (`init_process_group("env://")` reads the rest).
+torchrun passes RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment; this module
+is the one place in model/ that reads them (`init_process_group("env://")` reads the rest).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,9 @@ def init(device: torch.device, env: Optional[Mapping[str, str]] = None, backend:
         backend = backend or "nccl"
         count = torch.cuda.device_count()
         if backend == "nccl" and local >= count:
-            raise RuntimeError(f"LOCAL_RANK {local} but only {count} CUDA devices (one rank per GPU with NCCL)")
+            raise RuntimeError(
+                f"LOCAL_RANK {local} but only {count} CUDA devices (one rank per GPU with NCCL)"
+            )
         device = torch.device("cuda", local % count)
         torch.cuda.set_device(device)
     else:
@@ -129,7 +132,7 @@ def average_gradients(model: nn.Module, ctx: DistContext) -> None:
         flat.div_(ctx.world_size)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
 
@@ -166,11 +169,14 @@ def barrier(ctx: DistContext) -> None:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over the parameters and buffers (names, shapes, exact bytes): equal iff the weights are equal."""
+    """sha256 over parameters and buffers (names, shapes, exact bytes): equal iff the weights are equal."""
     h = hashlib.sha256()
     for name, tensor in sorted(unwrap(model).state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if tensor.numel() else b"")
+        h.update(
+            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            if tensor.numel()
+            else b""
+        )
     return h.hexdigest()

@@ -1,5 +1,6 @@
-"""A real redis-server on 127.0.0.1 for tests (not a fake): found on PATH, else installed with apt-get (Debian
-package redis-server) when the test process may do so, else the tests that need it are skipped with the reason."""
+"""A real redis-server on 127.0.0.1 for tests (not a fake): found on PATH, else installed with apt-get
+(Debian package redis-server) when the test process may, else the tests that need it skip with the reason."""
+
 from __future__ import annotations
 
 import os
@@ -47,13 +48,28 @@ def start_redis(workdir: Path) -> Iterator[str]:
     """Run redis-server (no persistence) until the generator is closed; yields its URL."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     try:
         from redis import Redis
-        from redis.exceptions import ConnectionError as RedisDown, TimeoutError as RedisSlow
+        from redis.exceptions import ConnectionError as RedisDown
+        from redis.exceptions import TimeoutError as RedisSlow
 
         deadline = time.monotonic() + 15
         while True:

@@ -1,4 +1,5 @@
 """Job bodies for tests/test_redis.py, imported by a real `python -m backend.worker` process."""
+
 from __future__ import annotations
 
 import os

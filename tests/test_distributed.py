@@ -1,5 +1,6 @@
 """model/distributed.py under torchrun: 2 CPU processes (gloo) train one model; both ranks end with identical
 weights, equal to single-process training on the full batch (the gradients really are averaged)."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from model.distributed import (DistContext, all_reduce_mean, any_rank, average_gradients, broadcast_module,
-                               broadcast_object, fingerprint, init, shard, wrap)
+from model.distributed import (
+    DistContext,
+    all_reduce_mean,
+    any_rank,
+    average_gradients,
+    broadcast_module,
+    broadcast_object,
+    fingerprint,
+    init,
+    shard,
+    wrap,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, N, LR = 5, 32, 0.1
@@ -53,7 +64,8 @@ SCRIPT = textwrap.dedent(f"""
         opt.step()
     stop = d.any_rank(ctx.rank == 1, ctx)
     torch.save({{"rank": ctx.rank, "world": ctx.world_size, "start": start, "end": d.fingerprint(ddp),
-                "state": {{k: v.cpu() for k, v in d.unwrap(ddp).state_dict().items()}}, "n_mine": len(mine), "mean_loss": mean_loss, "tag": tag,
+                "state": {{k: v.cpu() for k, v in d.unwrap(ddp).state_dict().items()}},
+                "n_mine": len(mine), "mean_loss": mean_loss, "tag": tag,
                 "manual_start": manual_start, "manual_end": d.fingerprint(manual),
                 "manual_state": {{k: v.cpu() for k, v in manual.state_dict().items()}}, "stop": stop,
                 "device": str(ctx.device), "backend": ctx.backend}},
@@ -68,8 +80,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-CUDA_GLOO = pytest.param("cuda", "gloo", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])
+CUDA_GLOO = pytest.param(
+    "cuda",
+    "gloo",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
 DEVICES = [("cpu", ""), CUDA_GLOO]
 
 
@@ -78,8 +93,18 @@ def _torchrun(code: str, tmp_path: Path, device: str, backend: str) -> None:
     script = tmp_path / "script.py"
     script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), str(tmp_path), device, backend]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(script),
+        str(tmp_path),
+        device,
+        backend,
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -174,7 +199,8 @@ ADCLICK_SCRIPT = textwrap.dedent("""
     cfg = LoopConfig(steps=6, batch=4, lr=3e-3, warmup=2, max_rounds=1, log_every=3, ckpt_every=3)
     losses = train(net, samples, prompts, cfg, seed=0, device=ctx.device,
                    ckpt_path=__import__("pathlib").Path(sys.argv[1]) / "ckpt.pt", dist=ctx)
-    torch.save({"start": start, "end": d.fingerprint(net), "losses": losses}, sys.argv[1] + "/r%d.pt" % ctx.rank)
+    torch.save({"start": start, "end": d.fingerprint(net), "losses": losses},
+               sys.argv[1] + "/r%d.pt" % ctx.rank)
     d.cleanup(ctx)
 """)
 
@@ -182,8 +208,8 @@ ADCLICK_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("device,backend", DEVICES)
 def test_torchrun_adclick_training_loop_keeps_ranks_identical(tmp_path, device, backend):
-    """The real ADClick loop (model/train_adclick.train) under torchrun: different per-rank data and init, one
-    model: identical weights on both ranks at the end, different losses (own data), one checkpoint by rank 0."""
+    """The real ADClick loop (model/train_adclick.train) under torchrun: different per-rank data and init,
+    one model: identical weights on both ranks at the end, different losses (own data), rank 0 saves."""
     _torchrun(ADCLICK_SCRIPT, tmp_path, device, backend)
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["start"] != r1["start"], "the ranks were meant to start from different random inits"

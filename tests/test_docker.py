@@ -1,5 +1,6 @@
 """What can be checked about the container setup without a Docker engine: the compose file is consistent, both
 Dockerfiles install from pyproject.toml (the specification `make serve` uses), and hadolint passes."""
+
 from __future__ import annotations
 
 import re
@@ -169,7 +170,9 @@ def test_dockerfile_runtime(name):
     for knob in ("${PORT}", "${WORKERS}", "${THREADS}"):
         assert knob in cmd
     makefile = (ROOT / "Makefile").read_text()
-    assert "'backend.wsgi:app'" in makefile or "backend.wsgi:app" in makefile, "same entry point as make serve"
+    assert "'backend.wsgi:app'" in makefile or "backend.wsgi:app" in makefile, (
+        "same entry point as make serve"
+    )
     assert (ROOT / "backend" / "wsgi.py").exists() or pytest.skip("backend/wsgi.py not written yet")
 
 
@@ -195,6 +198,7 @@ def _hadolint() -> str:
 
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_hadolint_passes(name):
-    result = subprocess.run([_hadolint(), "--no-color", str(DOCKER / name)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [_hadolint(), "--no-color", str(DOCKER / name)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,6 +1,8 @@
 """backend/locks.py: one training job per project across threads and processes sharing MODEL_DIR."""
+
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from backend.jobs import JobManager
 from backend.locks import ProjectLock, project_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,14 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 HOLDER = textwrap.dedent("""
     import sys, time
     from backend.locks import ProjectLock
-    lock = ProjectLock(sys.argv[1], sys.argv[2])
+    lock = ProjectLock(sys.argv[1], sys.argv[2], *sys.argv[4:])
     assert lock.acquire(blocking=False)
     print("held", flush=True)
     time.sleep(float(sys.argv[3]))
 """)
 
+
 def _python(code: str, *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, **kw
+    )
 
 
 def test_project_key_normalises_and_rejects():
@@ -84,3 +90,35 @@ def test_lock_misuse_is_an_error(tmp_path):
     with pytest.raises(RuntimeError):
         lock.acquire()
     lock.release()
+
+
+def test_a_running_job_is_requeued_only_once_its_owner_lock_is_free(tmp_path):
+    """backend/jobs.py judges a "running" job by its owner's "job" lock, not by pid/hostname: a job owned by
+    another host or container stays untouched while its owner lives, and runs again as soon as it dies."""
+    state = tmp_path / "jobs" / "state.json"
+    state.parent.mkdir(parents=True)
+    owner = {"pid": 1, "host": "another-replica"}
+    state.write_text(json.dumps({"projects": {"9": {"project": "9", "status": "running", "owner": owner}}}))
+    holder = _python(HOLDER, str(state.parent), "9", "60", "job")  # the other replica, alive
+    calls = []
+    manager = JobManager(
+        state, lambda p, e, progress: calls.append((p, e["action"])) or {"model_version": "v"}, poll_s=0.05
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        manager.ensure_started()
+        time.sleep(1.0)
+        assert calls == [] and manager.snapshot("9")["status"] == "running"
+        holder.kill()  # the replica dies mid-job: the kernel frees its lock
+        holder.wait(timeout=10)
+        assert manager.wait_idle(10)
+        assert calls == [("9", "START_TRAINING")]
+        assert manager.snapshot("9")["last_status"] == "done"
+        released = time.monotonic() + 5  # released right after the final state write
+        while ProjectLock(state.parent, "9", "job").holder() is not None:
+            assert time.monotonic() < released, "the job lock must be released after the run"
+            time.sleep(0.02)
+    finally:
+        manager.stop()
+        holder.kill()
+        holder.wait()

@@ -1,8 +1,10 @@
 """Several gunicorn workers and replicas on one MODEL_DIR (issue 6, requirement 4), with real servers:
-server A (`gunicorn --workers 2 backend.wsgi:app`, the production entry) and server B (a second replica) share a
-MODEL_DIR and talk to a local fake Label Studio. Training through A while B is asked to train the same project
-runs one job at a time (the second request is folded into a follow-up run, never run beside the first); B serves
-the version A's job published, and both pick up versions published from elsewhere, all without a restart."""
+server A (`gunicorn --workers 2 backend.wsgi:app`, the production entry) and server B (a second replica)
+share a MODEL_DIR and talk to a local fake Label Studio. Training through A while B is asked to train the
+same project runs one job at a time (the second request is folded into a follow-up run, never run beside
+the first); B serves the version A's job published, and both pick up versions published elsewhere, all
+without a restart."""
+
 from __future__ import annotations
 
 import http.server
@@ -43,10 +45,22 @@ class FakeLabelStudio:
     def __init__(self, n_tasks: int = 4, listing_delay_s: float = 3.0):
         self.images = {f"/data/upload/{PROJECT}/ok-{i}.png": _png(i) for i in range(n_tasks)}
         ok = {"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": ["OK"]}}
-        self.tasks = [{"id": 100 + i, "project": int(PROJECT), "data": {"image": path},
-                       "annotations": [{"id": 500 + i, "result": [ok], "was_cancelled": False,
-                                        "created_at": "2026-11-28T10:00:00Z"}]}
-                      for i, path in enumerate(self.images)]
+        self.tasks = [
+            {
+                "id": 100 + i,
+                "project": int(PROJECT),
+                "data": {"image": path},
+                "annotations": [
+                    {
+                        "id": 500 + i,
+                        "result": [ok],
+                        "was_cancelled": False,
+                        "created_at": "2026-11-28T10:00:00Z",
+                    }
+                ],
+            }
+            for i, path in enumerate(self.images)
+        ]
         self.listing_delay_s = listing_delay_s
         self.listings: list[list[float]] = []
         self.bad_auth = 0
@@ -88,8 +102,14 @@ class FakeLabelStudio:
             time.sleep(self.listing_delay_s)
             tasks = self.tasks
             span[1] = time.time()
-        return json.dumps({"tasks": tasks, "total": len(self.tasks), "total_annotations": len(self.tasks),
-                           "total_predictions": 0}).encode()
+        return json.dumps(
+            {
+                "tasks": tasks,
+                "total": len(self.tasks),
+                "total_annotations": len(self.tasks),
+                "total_predictions": 0,
+            }
+        ).encode()
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -103,22 +123,49 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, model_dir: Path, ls_url: str, workers: int, log_dir: Path,
-                 redis_url: str = ""):
+    def __init__(
+        self, name: str, model_dir: Path, ls_url: str, workers: int, log_dir: Path, redis_url: str = ""
+    ):
         self.name, self.port = name, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls_url,
-               "LABEL_STUDIO_API_KEY": TOKEN, "DEVICE": "cpu", "ADCLICK_PREDICTOR": "residual",
-               "WARM_ON_SETUP": "0", "OMP_NUM_THREADS": "1", "LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            "MODEL_DIR": str(model_dir),
+            "LABEL_STUDIO_URL": ls_url,
+            "LABEL_STUDIO_API_KEY": TOKEN,
+            "DEVICE": "cpu",
+            "ADCLICK_PREDICTOR": "residual",
+            "WARM_ON_SETUP": "0",
+            "OMP_NUM_THREADS": "1",
+            "LOG_LEVEL": "INFO",
+            "PYTHONPATH": str(ROOT),
+        }
         env.pop("REDIS_URL", None)
         if redis_url:
             env["REDIS_URL"] = redis_url
         self.log = log_dir / f"server-{name}.log"
         # the flags of `make serve` / the Dockerfile CMD
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
-             "--threads", "4", "--timeout", "300", "--preload", "backend.wsgi:app"],
-            cwd=ROOT, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(workers),
+                "--threads",
+                "4",
+                "--timeout",
+                "300",
+                "--preload",
+                "backend.wsgi:app",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_healthy(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -156,8 +203,10 @@ class Server:
 def cluster(tmp_path):
     ls = FakeLabelStudio()
     model_dir = tmp_path / "models"
-    servers = [Server("A", model_dir, ls.url, workers=2, log_dir=tmp_path),
-               Server("B", model_dir, ls.url, workers=1, log_dir=tmp_path)]
+    servers = [
+        Server("A", model_dir, ls.url, workers=2, log_dir=tmp_path),
+        Server("B", model_dir, ls.url, workers=1, log_dir=tmp_path),
+    ]
     try:
         for s in servers:
             s.wait_healthy()
@@ -195,7 +244,9 @@ def test_two_servers_share_one_model_dir(cluster):
 
     # train through A; while its fit runs, ask B to train the same project
     assert a.post("/webhook", {"action": "START_TRAINING", "project": {"id": int(PROJECT)}})["status"] in (
-        "queued", "running")
+        "queued",
+        "running",
+    )
     _wait(lambda: len(ls.listings) == 1, 60, "the first fit to read the project's tasks")
     second = b.post("/webhook", {"action": "START_TRAINING", "project": {"id": int(PROJECT)}})
     assert second["job"]["status"] == "running", "B must see A's running job, not start its own"

@@ -1,4 +1,5 @@
 """REDIS_URL deployments: fits go through RQ on a real redis-server and run in `python -m backend.worker`."""
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,26 @@ def redis_url(tmp_path_factory) -> str:
 
 
 def worker_env(redis_url: str, model_dir: Path, **extra: str) -> dict:
-    return {**os.environ, "REDIS_URL": redis_url, "MODEL_DIR": str(model_dir), "PYTHONPATH": str(ROOT),
-            "OMP_NUM_THREADS": "1", "LOG_LEVEL": "INFO", **extra}
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "MODEL_DIR": str(model_dir),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "LOG_LEVEL": "INFO",
+        **extra,
+    }
 
 
 def run_worker(env: dict, queue: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "backend.worker", "--burst", "--queue", queue], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "backend.worker", "--burst", "--queue", queue],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_without_redis_url_training_stays_in_process():
@@ -44,17 +58,27 @@ def test_without_redis_url_training_stays_in_process():
 
 def test_worker_command_refuses_to_start_without_redis_url(tmp_path):
     env = {k: v for k, v in worker_env("", tmp_path).items() if k != "REDIS_URL"}
-    done = subprocess.run([sys.executable, "-m", "backend.worker", "--burst"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "backend.worker", "--burst"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "REDIS_URL" in done.stderr
 
 
 def test_dispatch_runs_on_the_worker_and_relays_progress(redis_url, tmp_path):
     queue = f"test-{uuid.uuid4().hex[:8]}"
-    dispatcher = RQDispatcher(redis_url, queue_name=queue, function="tests.rq_jobs.echo_with_progress", poll_s=0.05)
+    dispatcher = RQDispatcher(
+        redis_url, queue_name=queue, function="tests.rq_jobs.echo_with_progress", poll_s=0.05
+    )
     job = dispatcher.enqueue("12", {"action": "START_TRAINING"})
     seen, out = [], {}
-    waiter = threading.Thread(target=lambda: out.update(result=dispatcher.wait(job, lambda f, m: seen.append((f, m)))))
+    waiter = threading.Thread(
+        target=lambda: out.update(result=dispatcher.wait(job, lambda f, m: seen.append((f, m))))
+    )
     waiter.start()
     done = run_worker(worker_env(redis_url, tmp_path), queue)
     waiter.join(timeout=60)
@@ -76,8 +100,9 @@ def test_failed_job_raises_with_its_reason(redis_url, tmp_path):
 
 @pytest.mark.slow
 def test_webhook_fit_goes_through_redis_to_the_worker(redis_url, tmp_path):
-    """A server with REDIS_URL enqueues the fit instead of running it; `python -m backend.worker` runs the real
-    fit (reads the fake Label Studio, publishes a version under the shared MODEL_DIR); the server reports it."""
+    """A server with REDIS_URL enqueues the fit instead of running it; `python -m backend.worker` runs the
+    real fit (reads the fake Label Studio, publishes a version under the shared MODEL_DIR); the server
+    reports it."""
     from redis import Redis
     from rq import Queue
     from rq.registry import FinishedJobRegistry
@@ -100,15 +125,26 @@ def test_webhook_fit_goes_through_redis_to_the_worker(redis_url, tmp_path):
             assert time.monotonic() < deadline, "the server did not enqueue the fit"
             time.sleep(0.1)
         assert ls.listings == [], "with REDIS_URL the server must not fit in-process"
-        done = run_worker(worker_env(redis_url, model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN,
-                                     DEVICE="cpu", ADCLICK_PREDICTOR="residual"), QUEUE_NAME)
+        done = run_worker(
+            worker_env(
+                redis_url,
+                model_dir,
+                LABEL_STUDIO_URL=ls.url,
+                LABEL_STUDIO_API_KEY=TOKEN,
+                DEVICE="cpu",
+                ADCLICK_PREDICTOR="residual",
+            ),
+            QUEUE_NAME,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert len(ls.listings) == 1, "the worker ran the fit once"
         assert FinishedJobRegistry(queue=queue).count == 1
         jobs = wait_training_finished(server, timeout=60)  # the server relays the worker's result
         body = server.get("/versions", params={"project": PROJECT})
         assert body["model_version"] != before
-        assert jobs[PROJECT]["last_status"] == "done" and jobs[PROJECT]["model_version"] == body["model_version"]
+        assert (
+            jobs[PROJECT]["last_status"] == "done" and jobs[PROJECT]["model_version"] == body["model_version"]
+        )
         assert jobs[PROJECT]["figures"]["ok_tasks"] == len(ls.tasks)
     finally:
         server.stop()
