@@ -101,6 +101,16 @@ def test_every_required_variable_is_in_env_example(compose, env_example):
     assert not missing, f"variables used by compose but not documented in .env.example: {missing}"
 
 
+def test_backend_environment_is_read_by_the_backend(compose):
+    """Every variable handed to the backend/worker containers is one Settings.from_env reads (or one the
+    image's gunicorn command uses), so a typo or a renamed setting cannot pass silently."""
+    source = (ROOT / "backend" / "settings.py").read_text()
+    known = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', source)) | {"PORT", "WORKERS", "THREADS", "TIMEOUT"}
+    for name in ("backend", "worker"):
+        unknown = sorted(set(compose["services"][name]["environment"]) - known)
+        assert not unknown, f"{name}: variables the backend never reads: {unknown}"
+
+
 def test_private_network_settings_for_label_studio(compose):
     env = compose["services"]["label-studio"]["environment"]
     assert env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
