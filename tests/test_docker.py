@@ -199,6 +199,59 @@ def test_cpu_and_gpu_bases():
     assert "TORCH_INDEX_URL" not in " ".join(a for _, a in gpu), "GPU image takes the CUDA wheels from PyPI"
 
 
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_requirement_step_reproduces_pyproject(name, tmp_path):
+    """Run the Dockerfile's own extraction command (from its RUN line) on a copy of pyproject.toml."""
+    runs = [arg for word, arg in _instructions(DOCKER / name) if word == "RUN" and "tomllib" in arg]
+    command = re.search(r'(python -c ".*?") \s*>', runs[0]).group(1)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    out = subprocess.run(
+        command.replace("python ", f"{sys.executable} ", 1),
+        shell=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    import tomllib
+
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert out.split("\n")[:-1] == expected and "torch==" in out
+
+
+@pytest.mark.slow
+def test_project_wheel_bundles_code_and_weights(tmp_path):
+    """`pip install --no-deps .` (the images' last step) ships backend/, model/ and every weights file; built
+    from a copy of exactly what the Dockerfile COPYs, so nothing else in the checkout can make it pass."""
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("backend", "model", "weights"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+    ]
+    subprocess.run([*cmd, str(src)], check=True, capture_output=True, timeout=300)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
+    for module in ("backend/wsgi.py", "backend/worker.py", "backend/queue.py", "model/distributed.py"):
+        assert module in names
+    for path in (ROOT / "weights").iterdir():
+        if path.suffix in (".pt", ".json"):
+            assert f"weights/{path.name}" in names, f"{path.name} would be missing from the images"
+
+
 def _hadolint() -> str:
     found = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
     if not Path(found).exists():
