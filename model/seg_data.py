@@ -35,6 +35,7 @@ class SegExample:
     boxes: list[tuple[str, Box]] = field(default_factory=list)  # (label, (x0, y0, x1, y1)) weak labels
     verdict: Optional[bool] = None  # True anomalous, False OK, None not given
     key: str = ""
+    image: Optional[np.ndarray] = None  # (H, W, 3) uint8, kept only for report overlays
 
     @property
     def has_masks(self) -> bool:

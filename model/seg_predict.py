@@ -171,7 +171,7 @@ class SegDetector:
 
 
 def _state_size(state: Any) -> tuple[int, int]:
-    size = getattr(state, "image_size", None)
+    size = getattr(state, "image_size", None) or getattr(state, "image_shape", None)
     if size is not None:
         return int(size[0]), int(size[1])
     amap = getattr(state, "anomaly_map", None)

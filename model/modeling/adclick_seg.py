@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.modeling.adclick import WindowBlock
+
 logger = logging.getLogger(__name__)
 
 ARCH = "adclick-seg"
@@ -34,30 +36,13 @@ class SegConfig:
     dim: int = 96
     depth: int = 2
     heads: int = 4
-    window: int = 12  # tokens per window side
-    stride: int = 6  # window stride in tokens
+    window: int = 8  # tokens per window side
+    stride: int = 4  # window stride in tokens at inference (overlapping windows, averaged)
+    train_stride: int = 8  # window stride while training (non-overlapping: 4x cheaper; crops shift them)
     mlp_ratio: float = 2.0
-    dropout: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class WindowBlock(nn.Module):
-    """Pre-norm transformer block over the tokens of one window: (N, T, D) -> (N, T, D)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
 
 
 def _pad_to_windows(x: torch.Tensor, win: int, stride: int) -> tuple[torch.Tensor, int, int]:
@@ -84,7 +69,9 @@ class AdClickSeg(nn.Module):
         self.register_buffer("score_std", torch.ones(()))
         self.embed = nn.Sequential(nn.Linear(2 * c + 1, d), nn.GELU(), nn.Linear(d, d))
         self.pos = nn.Conv2d(d, d, 3, padding=1, groups=d)
-        self.blocks = nn.ModuleList(WindowBlock(d, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        # the interactive ADClick's window block (same names and shapes: its weights initialise these)
+        self.blocks = nn.ModuleList(
+            WindowBlock(d, cfg.heads, cfg.window, cfg.mlp_ratio, shift=False) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
         self.prompt_film = nn.Linear(cfg.prompt_dim, 2 * d)
         self.prompt_query = nn.Sequential(nn.Linear(cfg.prompt_dim, d), nn.GELU(), nn.Linear(d, d))
@@ -126,15 +113,16 @@ class AdClickSeg(nn.Module):
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
         b, d, h, w = x.shape
-        win, stride = self.cfg.window, self.cfg.stride
+        win = self.cfg.window
+        stride = self.cfg.train_stride if self.training else self.cfg.stride
         xp, _, _ = _pad_to_windows(x, win, stride)
         hp, wp = xp.shape[-2:]
         cols = F.unfold(xp, win, stride=stride)  # (B, D*win*win, nW)
         nw = cols.shape[-1]
-        tokens = cols.view(b, d, win * win, nw).permute(0, 3, 2, 1).reshape(b * nw, win * win, d)
+        tokens = cols.view(b, d, win, win, nw).permute(0, 4, 2, 3, 1).reshape(b * nw, win, win, d)
         for blk in self.blocks:
-            tokens = blk(tokens)
-        cols = tokens.view(b, nw, win * win, d).permute(0, 3, 2, 1).reshape(b, d * win * win, nw)
+            tokens = blk(tokens)  # attention inside each (win x win) window
+        cols = tokens.view(b, nw, win, win, d).permute(0, 4, 2, 3, 1).reshape(b, d * win * win, nw)
         ones = torch.ones(1, 1, hp, wp, device=x.device, dtype=x.dtype)
         count = F.fold(F.unfold(ones, win, stride=stride), (hp, wp), win, stride=stride)
         out = F.fold(cols, (hp, wp), win, stride=stride) / count

@@ -1,0 +1,166 @@
+"""ADClick-Seg training pipeline: labelled examples -> a new published version.
+
+`train_version(examples, labels, prompts, store, cfg)` splits off a held-out part of the labels, trains
+(model/seg_fit.py), chooses per-label thresholds on the training labels, evaluates on the held-out part,
+and publishes checkpoint + metrics + PNG report atomically as `adclick-seg-v<N>` (model/versions.py).
+Both the service's fit (backend/training.py) and the CLI below use it.
+
+CLI: `python -m model.train seg --dataset DIR --out DIR [--n-train 20] [--labels masks|boxes]` trains on
+the first N defective test images of an MVTec-style folder (seeded shuffle) and publishes into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from model.modeling.adclick_seg import AdClickSeg, SegConfig, load_matching
+from model.report import Overlay, write_report
+from model.seg_data import ANY, SegExample
+from model.seg_fit import FitConfig, Progress, fit_seg
+from model.seg_predict import choose_thresholds, evaluate_maps, make_checkpoint, predict_grid, to_image
+from model.versions import VersionInfo, VersionStore
+
+logger = logging.getLogger(__name__)
+
+ANY_PROMPT = "defect"  # the text behind the any-defect map
+ADCLICK_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "adclick.pt"
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    model: dict[str, Any] = field(default_factory=dict)  # SegConfig overrides (dim, depth, window, ...)
+    fit: FitConfig = FitConfig()
+    holdout: float = 0.2  # fraction of the evaluable labelled images kept out of training
+    min_for_holdout: int = 4  # fewer evaluable images than this: no held-out part (train on all)
+    init_weights: Optional[str] = None  # ADClick checkpoint; None = weights/adclick.pt when present
+    seed: int = 0
+
+
+def prompt_matrix(encoder: Any, labels: Sequence[str], object_name: str = "") -> torch.Tensor:
+    """(1 + len(labels), P) prompt vectors [any defect, *labels] from a CachedTextEncoder-like encoder."""
+    rows = [encoder.prompt_vector(ANY_PROMPT, "", object_name)]
+    rows += [encoder.prompt_vector(label, "", object_name) for label in labels]
+    if any(r is None for r in rows):
+        raise ValueError("empty defect label: every label needs a prompt")
+    return torch.stack(rows).float()
+
+
+def init_from_adclick(model: AdClickSeg, path: Optional[str | Path]) -> int:
+    """Copy the interactive ADClick's transformer blocks and position encoding where shapes match."""
+    path = Path(path) if path else ADCLICK_WEIGHTS
+    if not path.is_file():
+        logger.info("no ADClick weights at %s: ADClick-Seg starts from scratch", path)
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    return load_matching(model, state, {"blocks.": "blocks.", "pos.": "pos."})
+
+
+def split_holdout(examples: list[SegExample], frac: float, minimum: int, seed: int):
+    """(train, held_out): held-out images are drawn among those with masks or an OK verdict."""
+    evaluable = [i for i, e in enumerate(examples) if e.masks or e.verdict is False]
+    if len(evaluable) < minimum or frac <= 0:
+        return examples, []
+    rng = np.random.default_rng(seed)
+    defective = [i for i in evaluable if examples[i].masks]
+    normal = [i for i in evaluable if not examples[i].masks]
+    held = set()
+    for group in (defective, normal):  # stratified: defective and OK images in proportion
+        k = int(round(frac * len(group)))
+        held.update(rng.permutation(group)[:k].tolist())
+    train = [e for i, e in enumerate(examples) if i not in held]
+    if not any(e.masks or e.boxes or e.verdict for e in train):
+        return examples, []
+    return train, [examples[i] for i in sorted(held)]
+
+
+def _eval_part(model, examples, prompts, thresholds):
+    maps, masks, overlays = [], [], []
+    for ex in examples:
+        if not ex.masks and ex.verdict is not False:
+            continue
+        prob = to_image(predict_grid(model, ex.residual, prompts[:1])[0], ex.image_size)
+        maps.append(prob)
+        masks.append(ex.union_mask())
+        if ex.masks and len(overlays) < 4:
+            overlays.append(Overlay(ex.image, prob, masks[-1], prob >= thresholds[ANY], ex.key))
+    return maps, masks, overlays
+
+
+def train_version(examples: list[SegExample], labels: list[str], prompts: torch.Tensor, store: VersionStore,
+                  cfg: SegTrainConfig = SegTrainConfig(), progress: Optional[Progress] = None,
+                  meta: Optional[dict[str, Any]] = None) -> tuple[VersionInfo, dict[str, Any]]:
+    """Train, evaluate and publish one version; returns (its VersionInfo, its figures)."""
+    t0 = time.monotonic()
+    usable = [e for e in examples if e.usable]
+    train, held = split_holdout(usable, cfg.holdout, cfg.min_for_holdout, cfg.seed)
+    c = int(usable[0].residual.shape[0]) if usable else 0
+    model = AdClickSeg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), **cfg.model))
+    n_init = init_from_adclick(model, cfg.init_weights)
+    report = (lambda f, m: progress(0.05 + 0.8 * f, m)) if progress else None
+    history = fit_seg(model, train, labels, prompts, cfg.fit, report)
+    thresholds = choose_thresholds(model, train, labels, prompts)
+    maps, masks, overlays = _eval_part(model, held or train, prompts, thresholds)
+    metrics = {k: float(v) for k, v in evaluate_maps(maps, masks).items()}
+    figures = {
+        "n_train": len(train), "n_heldout": len(held), "evaluated_on": "heldout" if held else "train",
+        "n_masks": sum(bool(e.masks) for e in train), "n_boxes": sum(len(e.boxes) for e in train),
+        "n_ok": sum(e.verdict is False and not e.masks and not e.boxes for e in train),
+        "labels": list(labels), "thresholds": thresholds, "metrics": metrics,
+        "loss_first": history[0], "loss_last": history[-1], "init_tensors": n_init,
+        "fit_seconds": round(time.monotonic() - t0, 2), "config": {
+            "model": model.cfg.to_dict(), "fit": cfg.fit.to_dict(), "holdout": cfg.holdout},
+    }
+    if progress:
+        progress(0.9, "publishing the new version")
+
+    def extra(folder: Path, name: str) -> None:
+        write_report(folder / "report.png", f"{name}: evaluated on {figures['evaluated_on']} "
+                     f"({len(maps)} images)", maps, masks, overlays,
+                     figures={k: v for k, v in metrics.items() if k != "n_images"})
+
+    ckpt = make_checkpoint(model, labels, prompts, thresholds, {"labels": list(labels)})
+    info = store.commit(ckpt, {**(meta or {}), **figures}, write_extra=extra)
+    logger.info("%s: %d train / %d held-out images, metrics %s, %.0f s", info.name, len(train), len(held),
+                {k: round(v, 4) for k, v in metrics.items()}, figures["fit_seconds"])
+    return info, figures
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from model.bench import _common  # the shared --dataset/--device/--backbone-opt/... flags
+
+    p = argparse.ArgumentParser(prog="python -m model.train seg", description=__doc__.split("\n\n")[0])
+    _common(p, "window | softpos (matching of the residual engine)")
+    p.add_argument("--out", required=True, help="version store folder (adclick-seg-v<N> are written here)")
+    p.add_argument("--n-train", type=int, default=20, help="defective images used for training")
+    p.add_argument("--labels", choices=("masks", "boxes"), default="masks")
+    p.add_argument("--steps", type=int, default=FitConfig.steps)
+    p.add_argument("--keep", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from model.bench_fit import load_examples  # dataset -> residual examples, shared with the benchmark
+
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    examples, labels, encoder = load_examples(args)
+    train = [e for e in examples if e.masks][: args.n_train]
+    if args.labels == "boxes":
+        from model.bench_fit import as_boxes
+
+        train = [as_boxes(e) for e in train]
+    cfg = SegTrainConfig(fit=dataclasses.replace(FitConfig(), steps=args.steps), holdout=0.0)
+    info, figures = train_version(train, labels, prompt_matrix(encoder, labels), VersionStore(args.out, args.keep),
+                                  cfg, progress=lambda f, m: logger.info("%3.0f%% %s", 100 * f, m))
+    print(f"{info.name} -> {info.path}  fit {figures['fit_seconds']} s  train metrics {figures['metrics']}")
+    return 0
