@@ -50,8 +50,10 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         status = _model_error_status(exc)
-        if status is not None and status < 500:
-            return jsonify(error=str(exc)), status
+        if status is not None:  # the model's own typed errors carry a message meant for the client
+            if status >= 500:
+                logger.error("model error on %s %s: %s", request.method, request.path, exc)
+            return jsonify(error=f"{type(exc).__name__}: {exc}"), status
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), status or 500
 

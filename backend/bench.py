@@ -74,6 +74,60 @@ def _ms(values: list[float]) -> dict:
     }
 
 
+def _concurrent(app, service, bodies: list[dict], masks: list[np.ndarray]) -> dict:
+    """All images clicked at once from one thread each, with an empty cache: latency, wall time, and how
+    close every mask is to the one computed alone (IoU)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    service.cache.clear()
+
+    def one(i: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        resp = app.test_client().post("/predict", json=bodies[i])
+        elapsed = time.perf_counter() - t0
+        if resp.status_code != 200:
+            return elapsed, 0.0
+        mask = _decode(resp.get_json()["results"][0]["result"][0])
+        return elapsed, float((mask & masks[i]).sum() / max((mask | masks[i]).sum(), 1))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(one, range(len(bodies))))
+    return {
+        "threads": len(bodies),
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "latency": _ms([r[0] for r in results]),
+        "mask_iou_vs_alone_min": round(min(r[1] for r in results), 4),  # 1.0 = same masks as computed alone
+        "cache_bytes": service.cache.bytes_used,
+        "cache_budget": service.cache.budget,
+    }
+
+
+def _health_under_load(client, service, dataset: Path, image_path: Path, seconds: float = 6.0) -> dict:
+    """/health latency while other threads keep the CPU busy with backbone passes (as training does)."""
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    bank = service.model_for("1").bank
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            service.engine.compute(image, bank)
+
+    workers = [threading.Thread(target=burn, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        client.get("/health")
+        times.append(time.perf_counter() - t0)
+        time.sleep(0.1)
+    stop.set()
+    for w in workers:
+        w.join()
+    return _ms(times)
+
+
 def run(dataset: Path, n_refs: int, n_images: int, seed: int) -> dict:
     from backend.app import create_app
     from backend.services import ModelService
@@ -88,7 +142,9 @@ def run(dataset: Path, n_refs: int, n_images: int, seed: int) -> dict:
     for p in sorted((dataset / "train" / "good").glob("*.jpg"))[:n_refs]:
         (normals / p.name).symlink_to(p.resolve())
     httpd, url = _serve(dataset / "test")
-    settings = replace(Settings(), model_dir=work / "models", normal_dir=str(normals), warm_on_setup=False)
+    settings = replace(
+        Settings(), model_dir=work / "models", normal_dir=str(normals), warm_on_setup=False, bank_wait_s=3600
+    )
     service = ModelService(settings)
     client = create_app(settings, service, start_jobs=False).test_client()
     out: dict = {"dataset": str(dataset), "references": n_refs, "images": len(tests)}
@@ -99,6 +155,8 @@ def run(dataset: Path, n_refs: int, n_images: int, seed: int) -> dict:
     service.model_for("1")
     out["bank_build_s"] = round(time.perf_counter() - t0, 2)
     first, again, batch, ious = [], [], [], []
+    bodies: list[dict] = []
+    masks: list[np.ndarray] = []
     for path in tests:
         gt = np.asarray(Image.open(dataset / "ground_truth" / path.parent.name / f"{path.stem}_mask.png")) > 0
         gt = gt if gt.ndim == 2 else gt[..., 0]
@@ -116,10 +174,14 @@ def run(dataset: Path, n_refs: int, n_images: int, seed: int) -> dict:
             if resp.status_code != 200:
                 raise RuntimeError(f"{path}: {resp.get_json()}")
         mask = _decode(resp.get_json()["results"][0]["result"][0])
+        bodies.append(body)
+        masks.append(mask)
         ious.append(float((mask & gt).sum() / max((mask | gt).sum(), 1)))
         t0 = time.perf_counter()
         client.post("/predict", json={**body, "params": {"context": None}})
         batch.append(time.perf_counter() - t0)
+    out["concurrent"] = _concurrent(create_app(settings, service, start_jobs=False), service, bodies, masks)
+    out["health_under_load"] = _health_under_load(client, service, dataset, tests[0])
     httpd.shutdown()
     out.update(
         first_click=_ms(first),
@@ -137,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dataset", type=Path, required=True, help="MVTec-style folder (train/good, test, ground_truth)"
     )
     parser.add_argument("--refs", type=int, default=20, help="reference images from train/good")
-    parser.add_argument("--images", type=int, default=6, help="defective test images to click on")
+    parser.add_argument("--images", type=int, default=8, help="defective test images to click on")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")

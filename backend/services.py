@@ -170,13 +170,15 @@ class ModelService:
         return str(refs["model_version"]) if refs and refs.get("model_version") else self.choice.version
 
     def versions(self, project: Optional[str]) -> list[str]:
+        """The interactive model's version and the published versions of `project` (of every project that
+        called /setup when none is named: Label Studio's GET /versions names none)."""
         from model.versions import project_store
 
         names = [self.choice.version]
-        if project:
-            refs = self.projects.references_info(project)
+        for key in [project] if project else self.projects.known():
+            refs = self.projects.references_info(key)
             names += [str(refs["model_version"])] if refs and refs.get("model_version") else []
-            names += [v.name for v in project_store(self.settings.model_dir, project).list()]
+            names += [v.name for v in project_store(self.settings.model_dir, key).list()]
         return list(dict.fromkeys(names))
 
     # -- per-project predictors ------------------------------------------------------------------------------

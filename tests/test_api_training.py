@@ -115,6 +115,7 @@ def test_start_training_turns_ok_tasks_into_references_and_a_new_version(world):
         == version
     )
     assert version in client.get("/versions?project=1").get_json()["versions"]
+    assert version in client.get("/versions").get_json()["versions"]  # Label Studio names no project
     assert client.get("/metrics").get_json()["training"]["last"]["model_version"] == version
     img, _ = defect_image()
     server.routes["/q.png"] = Route(encode(img))
