@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -166,6 +167,17 @@ def broadcast_object(obj: Any, ctx: DistContext) -> Any:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+@contextmanager
+def main_first(ctx: DistContext) -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it: rank 0 builds a cache or prompt file, the others
+    then find and load it instead of building it again (or racing to write it)."""
+    if not ctx.is_main:
+        barrier(ctx)
+    yield
+    if ctx.is_main:
+        barrier(ctx)
 
 
 def fingerprint(model: nn.Module) -> str:

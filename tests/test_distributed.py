@@ -63,12 +63,19 @@ SCRIPT = textwrap.dedent(f"""
         d.average_gradients(manual, ctx)
         opt.step()
     stop = d.any_rank(ctx.rank == 1, ctx)
+    import os, time
+    marker = sys.argv[1] + "/built-by-rank0"
+    with d.main_first(ctx):
+        if ctx.is_main:
+            time.sleep(0.5)
+            open(marker, "w").write("x")
+        found_marker = os.path.exists(marker)
     torch.save({{"rank": ctx.rank, "world": ctx.world_size, "start": start, "end": d.fingerprint(ddp),
                 "state": {{k: v.cpu() for k, v in d.unwrap(ddp).state_dict().items()}},
                 "n_mine": len(mine), "mean_loss": mean_loss, "tag": tag,
                 "manual_start": manual_start, "manual_end": d.fingerprint(manual),
                 "manual_state": {{k: v.cpu() for k, v in manual.state_dict().items()}}, "stop": stop,
-                "device": str(ctx.device), "backend": ctx.backend}},
+                "device": str(ctx.device), "backend": ctx.backend, "found_marker": found_marker}},
                sys.argv[1] + "/rank%d.pt" % ctx.rank)
     d.cleanup(ctx)
 """)
@@ -143,6 +150,7 @@ def test_torchrun_two_ranks_train_the_same_model(tmp_path, device, backend):
     for name, value in _reference_state(seed=100).items():
         torch.testing.assert_close(r0["manual_state"][name], value, **tol)
     assert r0["stop"] is True and r1["stop"] is True
+    assert r1["found_marker"], "main_first: rank 1 ran its block only after rank 0 finished"
 
 
 def test_single_process_helpers_are_identity():
