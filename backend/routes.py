@@ -12,7 +12,7 @@ from backend import ls_format
 from backend.errors import BadRequest, LabelConfigError
 from backend.jobs import TRAINING_EVENTS
 from backend.predict import predict
-from backend.projects import list_images, parse_project
+from backend.projects import parse_project
 from backend.services import ModelService
 
 logger = logging.getLogger(__name__)
@@ -46,20 +46,6 @@ def _model_info(svc: ModelService) -> dict:
     }
 
 
-_normal_count: dict[str, int] = {}
-
-
-def _env_reference_count(svc: ModelService) -> int:
-    folder = svc.settings.normal_dir
-    if not folder:
-        return 0
-    if folder not in _normal_count:  # counted once per process: /health must stay fast
-        from pathlib import Path
-
-        _normal_count[folder] = len(list_images(Path(folder), svc.settings.max_reference_images))
-    return _normal_count[folder]
-
-
 @blueprint.get("/")
 @blueprint.get("/health")
 def health():
@@ -69,10 +55,7 @@ def health():
         status="UP",
         model_class=MODEL_CLASS,
         model=_model_info(svc),
-        reference_images={
-            "normal_dir": _env_reference_count(svc),
-            "projects": {p: m.n_references for p, m in list(svc._models.items())},
-        },
+        reference_images=svc.reference_counts(),
         training={
             "active": [p for p, s in jobs.items() if s["status"] == "running"],
             "queued": [p for p, s in jobs.items() if s["status"] == "queued"],

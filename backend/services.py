@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from backend.cache import ByteLRU
@@ -19,7 +20,7 @@ from backend.errors import NotReady
 from backend.images import ImageLoader
 from backend.jobs import JobManager
 from backend.locks import ProjectLock
-from backend.projects import ProjectStore
+from backend.projects import ProjectStore, list_images
 from backend.settings import Settings
 from model.types import Predictor
 
@@ -119,6 +120,7 @@ class ModelService:
         self._models: dict[str, ProjectModel] = {}
         self._builds: dict[str, tuple[tuple, threading.Event]] = {}
         self._warmed_pid: Optional[int] = None
+        self._env_refs: Optional[int] = None
         self._build_errors: dict[str, Exception] = {}
         self._compute = threading.BoundedSemaphore(max(1, settings.compute_concurrency))
         self._detectors: dict[tuple[str, str], Any] = {}
@@ -180,6 +182,17 @@ class ModelService:
             names += [str(refs["model_version"])] if refs and refs.get("model_version") else []
             names += [v.name for v in project_store(self.settings.model_dir, key).list()]
         return list(dict.fromkeys(names))
+
+    def reference_counts(self) -> dict:
+        """Reference images: of ADCLICK_NORMAL_DIR (counted once per process: /health must stay fast) and of
+        every project whose bank is loaded in this process."""
+        if self._env_refs is None:
+            folder = self.settings.normal_dir
+            limit = self.settings.max_reference_images
+            self._env_refs = len(list_images(Path(folder), limit)) if folder else 0
+        with self._lock:
+            projects = {p: m.n_references for p, m in self._models.items()}
+        return {"normal_dir": self._env_refs, "projects": projects}
 
     # -- per-project predictors ------------------------------------------------------------------------------
     def _signature(self, project: str) -> tuple:
