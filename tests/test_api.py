@@ -287,3 +287,13 @@ def test_a_restarted_process_warms_known_projects_before_the_first_click(setting
         assert engine.banks_built == 1 and "12" in service._models
     finally:
         service.jobs.stop()
+
+
+def test_health_counts_the_environment_reference_folder(settings, tmp_path):
+    normals = tmp_path / "env-normals" / "sub"
+    normals.mkdir(parents=True)
+    for i in range(2):
+        (normals / f"n{i}.jpg").write_bytes(encode(np.full((8, 8, 3), 128, np.uint8), fmt="JPEG"))
+    (normals / "notes.txt").write_text("not an image")
+    app, _, _ = make_app(replace(settings, normal_dir=str(tmp_path / "env-normals")))
+    assert app.test_client().get("/health").get_json()["reference_images"] == {"normal_dir": 2, "projects": {}}
