@@ -158,6 +158,8 @@ class Server:
                 "4",
                 "--timeout",
                 "300",
+                "--graceful-timeout",  # only to stop quickly at the end of the test
+                "3",
                 "--preload",
                 "backend.wsgi:app",
             ],
