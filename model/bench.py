@@ -156,6 +156,7 @@ def run_anomaly_once(args, data: MvtecDataset, items: list[TestItem], refs: str,
             ms = (time.perf_counter() - start) * 1000.0
             pixels = metrics.ImagePixels.from_map(state.anomaly_map, load_mask(item, image.shape[:2]))
             rows.append({"defect": item.defect, "pixels": pixels, "score": state.score, "ms": ms})
+            logger.info("anomaly %d/%d %s: %.0f ms", len(rows), len(items), item.path.name, ms)
         stats["peak_rss_mb"] = peak_rss_mb()
         config = {"refs": refs, "match": match, **_engine_config(engine), **stats}
         return {"overall": _anomaly_summary(rows),
@@ -212,6 +213,8 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
         set_ms = (time.perf_counter() - start) * 1000.0
         sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=range(1, 6),
                        stop_iou=None if args.all_clicks else 0.90, min_clicks=5)
+        logger.info("clicks %s %s: IoU %s", getattr(predictor, "name", "?"), item.path.name,
+                    " ".join(f"{v:.2f}" for v in sim.ious))
         prob5 = sim.probs[max(sim.probs)]  # after click 5 (or the last one when it stopped earlier)
         rows.append({"defect": item.defect, "ious": sim.ious, "predict_ms": sim.predict_ms,
                      "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(prob5, gt)})
@@ -267,6 +270,7 @@ def _common(p: argparse.ArgumentParser, match_help: str) -> None:
     p.add_argument("--cache-dir",
                    help="bank cache (default: a fresh temporary folder, so the build time is real)")
     p.add_argument("--no-validation", action="store_true", help="do not use validation/good as references")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (one line per image)")
     p.add_argument("--backbone-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="BackboneConfig override, e.g. input_size=448 (repeatable)")
     p.add_argument("--residual-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -293,7 +297,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "fit":
         try:
             fit = importlib.import_module("model.bench_fit")
@@ -304,6 +307,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         return int(fit.main(argv[1:]) or 0)
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, min(args.threads, torch.get_num_threads())))
     report = cmd_anomaly(args) if args.command == "anomaly" else cmd_clicks(args)
     write_json(report, args.json)
