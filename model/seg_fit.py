@@ -31,7 +31,7 @@ class FitConfig:
     steps: int = 300
     batch: int = 8
     crop: int = 24  # tokens per crop side
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     focus: float = 0.6  # fraction of crops centred on a defect or box block
     guess_views: int = 2

@@ -79,7 +79,6 @@ class AdClickSeg(nn.Module):
         self.bias = nn.Parameter(torch.tensor(-2.0))
         nn.init.zeros_(self.prompt_film.weight)
         nn.init.zeros_(self.prompt_film.bias)
-        nn.init.normal_(self.prompt_query[-1].weight, std=0.02)
 
     # ---- statistics -----------------------------------------------------------------------------
     @torch.no_grad()
