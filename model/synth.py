@@ -203,16 +203,17 @@ def hole(img: np.ndarray, rng: np.random.Generator, textures: Sequence[np.ndarra
 
 def deformation(img: np.ndarray, rng: np.random.Generator, textures: Sequence[np.ndarray], where=None) -> tuple:
     h, w = img.shape[:2]
-    region = _place(blob(_region_size((h, w), rng), rng), (h, w), rng, where)
+    size = _region_size((h, w), rng)
+    region = _place(blob(size, rng), (h, w), rng, where)
     amp = rng.uniform(3, 8)
-    weight = _soft(region, 3.0)
+    weight = np.maximum(_soft(region, max(1.0, size / 12)), region * 0.6)
     dx = perlin((h, w), 6, rng) * amp * weight
     dy = perlin((h, w), 6, rng) * amp * weight
     gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     warped = cv2.remap(img, gx + dx.astype(np.float32), gy + dy.astype(np.float32), cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_REFLECT)
     shade = np.clip(warped.astype(np.float32) * (1 + 0.5 * (dx / amp)[..., None]), 0, 255)
-    return _blend(img, shade, weight), region & (weight > 0.5)
+    return _blend(img, shade, weight), region
 
 
 GENERATORS: dict[str, Callable] = {

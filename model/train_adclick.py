@@ -165,10 +165,14 @@ def train_step(net: AdClickNet, opt, batch: Batch, rounds: int, cfg: LoopConfig,
     return float(loss.detach())
 
 
-def lr_at(step: int, cfg: LoopConfig) -> float:
+def lr_at(step: int, cfg: LoopConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay over the run's progress: the larger of the step fraction and, with a
+    time budget, the elapsed fraction of `max_minutes` (so a time-capped run still anneals)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.max_minutes > 0:
+        t = max(t, elapsed_s / (cfg.max_minutes * 60))
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -183,9 +187,11 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
           seed: int, device: torch.device, ckpt_path: Optional[Path] = None, resume: bool = False,
           meta: Optional[dict] = None, dist: Optional[distributed.DistContext] = None) -> list[float]:
     """Train `net` in place; returns the per-step losses. Resumes from `ckpt_path` when asked and present.
-    Under torchrun pass `dist` (model/distributed.init): each rank samples batches from its own shard, gradients
-    are averaged across ranks every step, and only rank 0 writes the checkpoint."""
-    ctx = dist or distributed.DistContext(device=device)
+    Under torchrun (`dist` from model/distributed.init, or joined here when `dist` is None): each rank samples
+    batches from its own shard, gradients are averaged across ranks every step, only rank 0 writes the checkpoint."""
+    owns_group = dist is None and distributed.launched_by_torchrun()  # then leave the group again at the end
+    ctx = dist or (distributed.init(device) if owns_group else distributed.DistContext(device=device))
+    device = ctx.device
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -209,7 +215,7 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
     t0 = time.time()
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg, time.time() - t0)
         idx = rng.choice(pool, size=min(cfg.batch, len(samples) // ctx.world_size), replace=False)
         batch = make_batch([samples[i] for i in idx], prompts, rng, cfg, device)
         rounds = int(rng.integers(0, cfg.max_rounds + 1))
@@ -218,7 +224,7 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
         if done % cfg.log_every == 0 or done == cfg.steps:
             logger.info("step %d/%d loss %.4f (mean of last %d) lr %.2e %.1fs", done, cfg.steps,
                         float(np.mean(losses[-cfg.log_every:])), min(len(losses), cfg.log_every),
-                        lr_at(step, cfg), time.time() - t0)
+                        lr_at(step, cfg, time.time() - t0), time.time() - t0)
         timed_out = distributed.any_rank(cfg.max_minutes > 0 and time.time() - t0 > cfg.max_minutes * 60, ctx)
         if ctx.is_main and ckpt_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps or timed_out):
             m = dict(meta or {}, step=done, optimizer=opt.state_dict(), loop=asdict(cfg))
@@ -226,6 +232,8 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
         if timed_out:
             logger.info("time budget of %.1f min reached at step %d", cfg.max_minutes, done)
             break
+    if owns_group:
+        distributed.cleanup(ctx)
     return losses
 
 
@@ -235,3 +243,80 @@ def build_net(model_cfg: dict, samples: Sequence[Sample], text_dim: int) -> AdCl
                                        feat_channels=0 if s.features is None or not model_cfg.get(
                                            "use_features", True) else int(s.features.shape[0])))
     return AdClickNet(cfg)
+
+
+# ---- CLI: python -m model.train adclick --config FILE --seed N [--resume] -------------------------------------
+def _parse(argv: Optional[Sequence[str]]):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m model.train adclick", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="JSON training config (configs/adclick.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --ckpt when it exists")
+    p.add_argument("--dataset", default=None, help="MVTec-style folder of the main product (overrides config)")
+    p.add_argument("--cache", default=None, help="training-set cache file (built when missing)")
+    p.add_argument("--prompts", default=None, help="precomputed prompt table (.pt); else the text encoder runs")
+    p.add_argument("--ckpt", default=None, help="resumable training checkpoint (default: <out>.ckpt)")
+    p.add_argument("--out", default=None, help="final weights file (overrides config)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=1, help="synthesis worker processes")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and steps (smoke runs)")
+    p.add_argument("--max-minutes", type=float, default=None)
+    return p.parse_args(argv)
+
+
+def _prompts(args, cfg: dict, cache: Path) -> dict[str, torch.Tensor]:
+    from model.adclick_prepare import prompt_table
+    from model.modeling.text import TextConfig, build_text_encoder
+
+    path = Path(args.prompts) if args.prompts else cache.with_suffix(".prompts.pt")
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    table = prompt_table(build_text_encoder(TextConfig(**cfg.get("text", {}))), cfg["data"]["objects"])
+    atomic_save(table, path)
+    return table
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import json
+
+    from model.adclick_data import load_samples, save_samples
+    from model.adclick_prepare import build_training_set
+    from model.device import resolve_device
+    from model.features import BackboneConfig
+    from model.residuals import ResidualConfig, ResidualEngine
+
+    args = _parse(argv)
+    cfg = json.loads(Path(args.config).read_text())
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    data = cfg["data"]
+    out = Path(args.out or cfg["out"])
+    cache = Path(args.cache or data["cache"])
+    prompts = _prompts(args, cfg, cache)
+    if cache.is_file():
+        samples = load_samples(cache)
+        logger.info("loaded %d cached samples from %s", len(samples), cache)
+    else:
+        bb = dict(cfg.get("backbone", {}), device=str(device))
+        engine = ResidualEngine(BackboneConfig(**bb), ResidualConfig(**cfg.get("residual", {})),
+                                cache_dir=cache.parent / "banks")
+        dataset = Path(args.dataset or data["dataset"]) if (args.dataset or data.get("dataset")) else None
+        samples = build_training_set(engine, dataset, int(data["tire_samples"] * args.scale),
+                                     int(data["texture_samples"] * args.scale), args.seed, device, args.workers)
+        save_samples(samples, cache)
+    loop = LoopConfig(**dict(cfg.get("loop", {}), steps=max(1, int(cfg["loop"]["steps"] * args.scale))))
+    if args.max_minutes is not None:
+        loop = LoopConfig(**dict(asdict(loop), max_minutes=args.max_minutes))
+    text_dim = int(next(iter(prompts.values())).shape[1])
+    net = build_net(cfg.get("model", {}), samples, text_dim)
+    meta = {"seed": args.seed, "samples": len(samples), "config_file": Path(args.config).name,
+            "products": sorted({s.product for s in samples}), "backbone": cfg.get("backbone", {}),
+            "residual": cfg.get("residual", {}), "text": cfg.get("text", {})}
+    ckpt = Path(args.ckpt) if args.ckpt else out.with_suffix(".ckpt")
+    losses = train(net, samples, prompts, loop, args.seed, device, ckpt, args.resume, meta)
+    meta["final_loss"] = float(np.mean(losses[-50:])) if losses else None
+    net.cpu()
+    atomic_save(make_checkpoint(ARCH, net.cfg.to_dict(), net.state_dict(), meta), out)
+    logger.info("wrote %s (%d steps, final loss %s)", out, len(losses), meta["final_loss"])
+    return 0

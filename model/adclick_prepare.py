@@ -1,0 +1,180 @@
+"""Build the ADClick training set: products (defect-free images), their reference banks, synthetic defects,
+residuals, and the prompt table; cached to one file so training iterates fast.
+
+Products: the tire's train/good + validation/good (never its test images) and the three CC0 textures bundled
+in scikit-image (brick, grass, gravel), so the network does not overfit one product. Each product's normals are
+split: every second train/good image (or half the texture views) builds the reference bank, the others are the
+sources of synthetic defects, so a source image is never its own reference (its residual would be zero).
+Synthesis runs in worker processes; residuals run in the main process on the engine's device.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.adclick_data import Sample, half, half_mask
+from model.residuals import ResidualEngine, load_image
+from model.synth import KIND_WORDS, synthesize
+
+logger = logging.getLogger(__name__)
+
+TEXTURE_SIZE = (800, 600)  # (H, W): same grid as the tire so batches stack
+
+
+@dataclass
+class Product:
+    name: str
+    object_name: str  # prompt object ("tire", "brick wall", ...)
+    bank_images: list[np.ndarray]
+    sources: list[np.ndarray]
+
+
+def tire_product(dataset: Path, object_name: str = "tire") -> Product:
+    from model.data import list_images
+
+    train = [load_image(p) for p in list_images(dataset / "train" / "good")]
+    val = [load_image(p) for p in list_images(dataset / "validation" / "good")]
+    if not train:
+        raise FileNotFoundError(f"no train/good images under {dataset}")
+    return Product(dataset.name, object_name, train[::2], train[1::2] + val)
+
+
+def texture_views(tex: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`n` (800, 600) views of a square texture: scaled 1.6-2.0x, random crops, flips, brightness jitter."""
+    h, w = TEXTURE_SIZE
+    out = []
+    for _ in range(n):
+        s = rng.uniform(1.6, 2.0)
+        big = cv2.resize(tex, (int(tex.shape[1] * s), int(tex.shape[0] * s)), interpolation=cv2.INTER_LINEAR)
+        y = int(rng.integers(0, big.shape[0] - h + 1))
+        x = int(rng.integers(0, big.shape[1] - w + 1))
+        view = big[y:y + h, x:x + w]
+        if rng.random() < 0.5:
+            view = view[:, ::-1]
+        out.append(np.clip(view.astype(np.float32) * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8))
+    return out
+
+
+def texture_products(rng: np.random.Generator, n_views: int = 16) -> list[Product]:
+    from skimage import data
+
+    names = {"brick": "brick wall", "grass": "grass", "gravel": "gravel"}
+    out = []
+    for name, obj in names.items():
+        tex = np.repeat(getattr(data, name)()[..., None], 3, axis=2)
+        views = texture_views(tex, n_views, rng)
+        out.append(Product(name, obj, views[: n_views // 2], views[n_views // 2:]))
+    return out
+
+
+def make_residual_fn(engine: ResidualEngine, bank, device: torch.device):
+    """image -> (residual, grid, features) with matching on `device` (the engine's CPU path does the same)."""
+    gbank = bank
+    if device.type != "cpu":
+        import copy
+
+        gbank = copy.copy(bank)
+        gbank.features, gbank.desc = bank.features.to(device), bank.desc.to(device)
+        if bank.components is not None:
+            gbank.mean, gbank.components = bank.mean.to(device), bank.components.to(device)
+
+    def fn(image: np.ndarray):
+        with torch.inference_mode():
+            q = gbank.project(engine.extractor.extract([image]).to(device))[0]
+            if q.shape[1:] != gbank.grid:
+                q = F.interpolate(q[None], size=gbank.grid, mode="bilinear", align_corners=False)[0]
+            matched, _ = engine._match(q, gbank)  # noqa: SLF001 - the engine's own matcher, on this device
+            res = matched - q
+            return res.cpu(), res.norm(dim=0).cpu(), q.cpu()
+    return fn
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(sources: Sequence[np.ndarray], textures: Sequence[np.ndarray]) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    _WORKER["sources"], _WORKER["textures"] = sources, textures
+
+
+def _synth_job(args: tuple[int, int]) -> tuple:
+    index, seed = args
+    rng = np.random.default_rng(seed)
+    source = _WORKER["sources"][index]
+    base = source[:, ::-1].copy() if rng.random() < 0.5 else source
+    syn = synthesize(base, rng, _WORKER["textures"])
+    return syn.image, [half_mask(m) for m in syn.masks], syn.kinds
+
+
+def product_samples(engine: ResidualEngine, product: Product, n: int, seed: int, device: torch.device,
+                    textures: Sequence[np.ndarray], workers: int = 1) -> list[Sample]:
+    """`n` synthetic samples of one product; synthesis in `workers` spawned processes (fork can deadlock
+    after torch/OpenCV started their thread pools), residuals here on `device`."""
+    bank = engine.build_bank(product.bank_images)
+    fn = make_residual_fn(engine, bank, device)
+    rng = np.random.default_rng(seed)
+    jobs = [(int(rng.integers(len(product.sources))), int(rng.integers(2**31))) for _ in range(n)]
+    out: list[Sample] = []
+    pool = None
+    if workers > 1:
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, (product.sources, list(textures)))
+    else:
+        _init_worker(product.sources, list(textures))
+    try:
+        results = pool.imap(_synth_job, jobs, chunksize=4) if pool else map(_synth_job, jobs)
+        for i, (image, masks, kinds) in enumerate(results):
+            keep = [j for j, m in enumerate(masks) if m.any()]
+            if not keep:
+                continue
+            res, grid, feats = fn(image)
+            out.append(Sample(res.half(), grid.half(), feats.half(),
+                              torch.from_numpy(half(image)).permute(2, 0, 1).contiguous(),
+                              torch.from_numpy(np.stack([masks[j] for j in keep])), [kinds[j] for j in keep],
+                              product.name))
+            if (i + 1) % 200 == 0:
+                logger.info("%s: %d/%d samples", product.name, i + 1, n)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+        else:
+            _WORKER.clear()
+    return out
+
+
+def prompt_table(encoder, objects: Sequence[str]) -> dict[str, torch.Tensor]:
+    """kind -> (n_words * n_objects, dim) prompt vectors ("a {word} on a {object}" templates, averaged)."""
+    from model.modeling.text import CachedTextEncoder
+
+    enc = encoder if isinstance(encoder, CachedTextEncoder) else CachedTextEncoder(encoder)
+    table = {}
+    for kind, words in KIND_WORDS.items():
+        table[kind] = torch.stack([enc.prompt_vector(w, "", o) for w in words for o in objects])
+    return table
+
+
+def build_training_set(engine: ResidualEngine, dataset: Optional[Path], n_tire: int, n_texture: int,
+                       seed: int, device: torch.device, workers: int = 1,
+                       object_name: str = "tire") -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    from model.synth import skimage_textures
+
+    textures = skimage_textures()
+    products = texture_products(rng) if n_texture > 0 else []
+    if dataset is not None and n_tire > 0:
+        products.insert(0, tire_product(dataset, object_name))
+    samples: list[Sample] = []
+    for k, prod in enumerate(products):
+        n = n_tire if k == 0 and dataset is not None and n_tire > 0 else n_texture
+        samples += product_samples(engine, prod, n, seed * 1000 + k, device, textures, workers)
+        logger.info("product %s: %d samples (total %d)", prod.name, n, len(samples))
+    return samples

@@ -1,0 +1,230 @@
+"""Learned ADClick predictor (Predictor protocol) and the choice between it and the zero-training mode.
+
+`AdClickPredictor.set_image` runs the residual engine and the network's per-image encoder once and returns an
+immutable `AdClickState`; `predict` runs only the click-conditioned decoder (click maps -> windowed blocks ->
+head) and `detect` runs it once per label prompt without clicks. Prompt vectors are cached by text.
+
+`load_interactive_predictor(engine, settings=None, weights_dir=None, text_encoder=None)` is cheap (reads the
+manifest, hashes the weights file, compares configs; loads no weights) and returns an `InteractiveChoice`
+(kind, version, build(engine, bank) -> predictor, reason) or None when no compatible learned weights are
+bundled; `check_weights` gives the reason string either way (the service shows it in /health).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.adclick_data import click_maps, half
+from model.errors import CheckpointError, InputError
+from model.modeling.adclick import ImageEmbedding
+from model.types import AnomalyResult, Box, Click, ClickResult
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD = 0.49
+
+
+@dataclass(frozen=True)
+class AdClickState:
+    """Per-image cache: the engine's residual state and the network's click-free image embedding."""
+
+    residual: Any  # model.residuals.ResidualState
+    emb: ImageEmbedding
+    image_shape: tuple[int, int]  # (H, W)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.emb.tokens.numel() * 4 + (self.emb.stem.numel() * 4 if self.emb.stem is not None else 0)
+        return int(n + getattr(self.residual, "nbytes", 0))
+
+
+class AdClickPredictor:
+    name = "adclick"
+
+    def __init__(self, engine, bank, net, text_encoder=None, version: str = "adclick",
+                 object_name: str = "", use_prompt: bool = True, threshold: float = THRESHOLD) -> None:
+        self.engine, self.bank, self.net = engine, bank, net.eval()
+        self.text = text_encoder
+        self.version = version
+        self.object_name = object_name
+        self.use_prompt = use_prompt and text_encoder is not None
+        self.threshold = threshold
+        self._lock = threading.Lock()  # the text encoder's first load is not thread-safe
+
+    # ---- per image ---------------------------------------------------------------------------------------
+    def set_image(self, image: np.ndarray) -> AdClickState:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(f"expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        rs = self.engine.compute(image, self.bank)
+        with torch.inference_mode():
+            res = rs.residual.float()[None]
+            grid = torch.from_numpy(np.asarray(rs.grid_map, np.float32))[None, None]
+            feats = rs.features.float()[None] if self.net.cfg.feat_channels > 0 else None
+            img = torch.from_numpy(half(image)).permute(2, 0, 1)[None].float() / 255.0
+            emb = self.net.encode_image(res, grid, feats, img)
+        return AdClickState(rs, emb, (int(image.shape[0]), int(image.shape[1])))
+
+    # ---- per click ---------------------------------------------------------------------------------------
+    def _prompt(self, prompt: str) -> Optional[torch.Tensor]:
+        if not self.use_prompt or not prompt.strip():
+            return None
+        with self._lock:
+            vec = self.text.prompt_vector(prompt, "", self.object_name)
+        return None if vec is None else vec[None]
+
+    def _prob(self, state: AdClickState, clicks: list[Click], prompt: str,
+              previous_mask: Optional[np.ndarray]) -> np.ndarray:
+        h, w = state.emb.tokens.shape[-2:]
+        maps = click_maps(clicks, previous_mask, (2 * h, 2 * w), state.image_shape)
+        with torch.inference_mode():
+            logits = self.net.decode(state.emb, torch.from_numpy(maps)[None], self._prompt(prompt))
+            prob = torch.sigmoid(F.interpolate(logits, size=state.image_shape, mode="bilinear",
+                                               align_corners=False))
+        return prob[0, 0].numpy()
+
+    def predict(self, state: AdClickState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
+                previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+        H, W = state.image_shape
+        clicks = list(clicks)
+        for c in clicks:
+            if not (0 <= c.x < W and 0 <= c.y < H):
+                raise InputError(f"click ({c.x}, {c.y}) outside the {W}x{H} image")
+        if box is not None and not any(c.positive for c in clicks):
+            clicks.append(Click((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, True))
+        if previous_mask is not None and previous_mask.shape != (H, W):
+            raise InputError(f"previous mask {previous_mask.shape} does not match the image {(H, W)}")
+        prob = self._prob(state, clicks, prompt, previous_mask)
+        if box is not None:
+            inside = np.zeros((H, W), bool)
+            x0, y0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
+            inside[y0:int(np.ceil(box[3])) + 1, x0:int(np.ceil(box[2])) + 1] = True
+            prob = np.where(inside, prob, 0.0).astype(np.float32)
+        mask = prob > self.threshold
+        score = float(prob[mask].mean()) if mask.any() else float(prob.max())
+        return ClickResult(prob=prob.astype(np.float32), mask=mask, score=score)
+
+    def detect(self, state: AdClickState, labels: Optional[list[str]] = None) -> AnomalyResult:
+        """No clicks; one pass per label prompt ("" = any defect). anomaly_map = pixel-wise max over labels."""
+        names = list(labels) if labels else [""]
+        maps = {name: self._prob(state, [], name, None) for name in names}
+        amap = np.maximum.reduce(list(maps.values()))
+        masks = {n: m > self.threshold for n, m in maps.items()}
+        scores = {n: float(m.max()) for n, m in maps.items()}
+        return AnomalyResult(anomaly_map=amap.astype(np.float32), score=float(amap.max()), masks=masks,
+                             label_scores=scores)
+
+
+# ---- choosing the interactive predictor ----------------------------------------------------------------------
+@dataclass
+class InteractiveChoice:
+    """Same fields as backend.services.PredictorChoice (duck-typed), plus the reason shown in /health."""
+
+    kind: str
+    version: str
+    build: Callable[[Any, Any], Any]
+    reason: str = ""
+
+
+def default_weights_dir() -> Path:
+    import weights
+
+    return Path(weights.__file__).resolve().parent
+
+
+def check_weights(engine, weights_dir: Optional[Path] = None, name: str = "adclick") -> tuple[Optional[dict], str]:
+    """(manifest entry, reason): the entry when `name`'s weights exist, match their sha256 and the engine's
+    backbone/residual config; else None and why not."""
+    from weights import WeightsError, verify_entry
+
+    wdir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
+    try:
+        entry = verify_entry(wdir, name)
+    except WeightsError as exc:
+        return None, str(exc)
+    backbone = engine.backbone_cfg.to_dict()
+    for key, want in entry.get("engine", {}).get("backbone", {}).items():
+        have = backbone.get(key)
+        if key != "device" and (list(have) if isinstance(have, tuple) else have) != want:
+            return None, f"{name} weights need backbone {key}={want!r}, the engine has {have!r}"
+    pca = entry.get("engine", {}).get("residual", {}).get("pca_dim", 0)
+    if pca != engine.cfg.pca_dim:
+        return None, f"{name} weights need residual pca_dim={pca}, the engine has {engine.cfg.pca_dim}"
+    return entry, f"learned ADClick weights {entry['file']} (sha256 {entry['sha256'][:8]})"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_net(path: str, sha: str):
+    from model.checkpoint import load_checkpoint
+    from model.modeling.adclick import ARCH, AdClickConfig, AdClickNet
+
+    ckpt = load_checkpoint(path, expected_arch=ARCH)
+    net = AdClickNet(AdClickConfig.from_dict(ckpt["config"]))
+    try:
+        net.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the AdClick architecture: {exc}") from exc
+    return net.eval()
+
+
+@functools.lru_cache(maxsize=2)
+def _text_encoder(kind: str):
+    from model.modeling.text import CachedTextEncoder, TextConfig, build_text_encoder
+
+    return CachedTextEncoder(build_text_encoder(TextConfig(kind=kind)))
+
+
+def load_interactive_predictor(engine, settings=None, weights_dir: Optional[Path] = None, text_encoder=None,
+                               name: str = "adclick", use_prompt: bool = True) -> Optional[InteractiveChoice]:
+    """The learned predictor's choice when compatible weights are bundled, else None (caller falls back to
+    the zero-training ResidualClickPredictor). Cheap: no weights are loaded until `build` is called."""
+    wdir = weights_dir or getattr(settings, "weights_dir", None)
+    entry, reason = check_weights(engine, wdir, name)
+    if entry is None:
+        logger.warning("learned ADClick unavailable, zero-training click mode instead: %s", reason)
+        return None
+    path = str(Path(wdir or default_weights_dir()) / entry["file"])
+    version = f"adclick-{entry['sha256'][:8]}" + ("" if use_prompt else "-noprompt")
+    obj = getattr(settings, "object_name", "") or ""
+
+    def build(eng, bank) -> AdClickPredictor:
+        net = _load_net(path, entry["sha256"])
+        text = text_encoder
+        if text is None and use_prompt:
+            text = _text_encoder(entry.get("text", {}).get("kind", "minilm"))
+        if text is not None and text.dim != net.cfg.text_dim:
+            raise CheckpointError(f"text encoder {text.name} gives {text.dim}-d prompts, weights expect "
+                                  f"{net.cfg.text_dim}")
+        return AdClickPredictor(eng, bank, net, text, version, obj, use_prompt)
+
+    return InteractiveChoice("adclick", version, build, reason)
+
+
+def _register_bench() -> None:
+    try:
+        from model.bench import register_predictor
+    except ImportError:  # pragma: no cover - the benchmark is optional here
+        return
+
+    def builder(name: str, use_prompt: bool = True):
+        def make(engine, bank, args):
+            choice = load_interactive_predictor(engine, weights_dir=getattr(args, "weights_dir", None),
+                                                name=name, use_prompt=use_prompt)
+            if choice is None:
+                raise CheckpointError(check_weights(engine, getattr(args, "weights_dir", None), name)[1])
+            return choice.build(engine, bank)
+        return make
+
+    register_predictor("adclick")(builder("adclick"))
+    register_predictor("adclick-noprompt")(builder("adclick", use_prompt=False))
+    register_predictor("adclick-nores")(builder("adclick_nores"))
+
+
+_register_bench()
