@@ -18,7 +18,6 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.adclick_data import Sample, half, half_mask
 from model.residuals import ResidualEngine, load_image
@@ -75,25 +74,11 @@ def texture_products(rng: np.random.Generator, n_views: int = 16) -> list[Produc
     return out
 
 
-def make_residual_fn(engine: ResidualEngine, bank, device: torch.device):
-    """image -> (residual, grid, features) with matching on `device` (the engine's CPU path does the same)."""
-    gbank = bank
-    if device.type != "cpu":
-        import copy
-
-        gbank = copy.copy(bank)
-        gbank.features, gbank.desc = bank.features.to(device), bank.desc.to(device)
-        if bank.components is not None:
-            gbank.mean, gbank.components = bank.mean.to(device), bank.components.to(device)
-
+def make_residual_fn(engine: ResidualEngine, bank):
+    """image -> (residual, grid, features) through the engine's public `compute` (matching on its device)."""
     def fn(image: np.ndarray):
-        with torch.inference_mode():
-            q = gbank.project(engine.extractor.extract([image]).to(device))[0]
-            if q.shape[1:] != gbank.grid:
-                q = F.interpolate(q[None], size=gbank.grid, mode="bilinear", align_corners=False)[0]
-            matched, _ = engine._match(q, gbank)  # noqa: SLF001 - the engine's own matcher, on this device
-            res = matched - q
-            return res.cpu(), res.norm(dim=0).cpu(), q.cpu()
+        st = engine.compute(image, bank)
+        return st.residual, torch.from_numpy(np.asarray(st.grid_map, np.float32)), st.features
     return fn
 
 
@@ -120,7 +105,7 @@ def product_samples(engine: ResidualEngine, product: Product, n: int, seed: int,
     """`n` synthetic samples of one product; synthesis in `workers` spawned processes (fork can deadlock
     after torch/OpenCV started their thread pools), residuals here on `device`."""
     bank = engine.build_bank(product.bank_images)
-    fn = make_residual_fn(engine, bank, device)
+    fn = make_residual_fn(engine, bank)
     rng = np.random.default_rng(seed)
     jobs = [(int(rng.integers(len(product.sources))), int(rng.integers(2**31))) for _ in range(n)]
     out: list[Sample] = []
