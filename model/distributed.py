@@ -146,6 +146,15 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_max(value: float, ctx: DistContext) -> float:
+    """Max of a scalar over ranks (e.g. elapsed time, so a time-based schedule is the same on every rank)."""
+    if not ctx.distributed:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     """Mean of a scalar (a loss, a metric) over ranks."""
     if not ctx.distributed:

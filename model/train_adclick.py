@@ -185,10 +185,11 @@ def input_scales(samples: Sequence[Sample]) -> tuple[float, float]:
 
 def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.Tensor], cfg: LoopConfig,
           seed: int, device: torch.device, ckpt_path: Optional[Path] = None, resume: bool = False,
-          meta: Optional[dict] = None, dist: Optional[distributed.DistContext] = None) -> list[float]:
+          meta: Optional[dict] = None,
+          dist: Optional[distributed.DistContext] = None) -> list[float]:
     """Train `net` in place; returns the per-step losses. Resumes from `ckpt_path` when asked and present.
-    Under torchrun (`dist` from model/distributed.init, or joined here when `dist` is None): each rank samples
-    batches from its own shard, gradients are averaged across ranks every step, only rank 0 writes the checkpoint."""
+    Under torchrun (`dist` from model/distributed.init, or joined here when `dist` is None): each rank
+    samples batches from its own shard, gradients are averaged every step, rank 0 alone saves checkpoints."""
     owns_group = dist is None and distributed.launched_by_torchrun()  # then leave the group again at the end
     ctx = dist or (distributed.init(device) if owns_group else distributed.DistContext(device=device))
     device = ctx.device
@@ -205,7 +206,7 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
         rs, gs = input_scales(samples)
         net.res_scale.fill_(rs)
         net.grid_scale.fill_(gs)
-    # --- torchrun (model/distributed.py): same start weights everywhere, per-rank data, averaged gradients ---
+    # --- torchrun (model/distributed.py): same start weights everywhere, per-rank data, averaged grads ---
     distributed.broadcast_module(net, ctx)
     pool = np.asarray(distributed.shard(range(len(samples)), ctx)) if ctx.distributed else len(samples)
     sync = (lambda: distributed.average_gradients(net, ctx)) if ctx.distributed else None
@@ -214,8 +215,10 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
     losses: list[float] = []
     t0 = time.time()
     for step in range(start, cfg.steps):
+        # the time-aware lr must read one clock on every rank (else the ranks' weights drift apart)
+        elapsed = distributed.all_reduce_max(time.time() - t0, ctx) if cfg.max_minutes > 0 else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, time.time() - t0)
+            g["lr"] = lr_at(step, cfg, elapsed)
         idx = rng.choice(pool, size=min(cfg.batch, len(samples) // ctx.world_size), replace=False)
         batch = make_batch([samples[i] for i in idx], prompts, rng, cfg, device)
         rounds = int(rng.integers(0, cfg.max_rounds + 1))
@@ -224,9 +227,11 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
         if done % cfg.log_every == 0 or done == cfg.steps:
             logger.info("step %d/%d loss %.4f (mean of last %d) lr %.2e %.1fs", done, cfg.steps,
                         float(np.mean(losses[-cfg.log_every:])), min(len(losses), cfg.log_every),
-                        lr_at(step, cfg, time.time() - t0), time.time() - t0)
-        timed_out = distributed.any_rank(cfg.max_minutes > 0 and time.time() - t0 > cfg.max_minutes * 60, ctx)
-        if ctx.is_main and ckpt_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps or timed_out):
+                        lr_at(step, cfg, elapsed), time.time() - t0)
+        over_budget = cfg.max_minutes > 0 and time.time() - t0 > cfg.max_minutes * 60
+        timed_out = distributed.any_rank(over_budget, ctx)  # all ranks stop at the same step
+        save_now = done % cfg.ckpt_every == 0 or done == cfg.steps or timed_out
+        if ctx.is_main and ckpt_path is not None and save_now:
             m = dict(meta or {}, step=done, optimizer=opt.state_dict(), loop=asdict(cfg))
             atomic_save(make_checkpoint(ARCH, net.cfg.to_dict(), net.state_dict(), m), ckpt_path)
         if timed_out:
