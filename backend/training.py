@@ -4,8 +4,14 @@ Zero-training mode (the residual engine needs no weights): read the project's an
 Studio with the SDK (paginated), keep the images whose verdict is OK (or, in a config without a verdict
 Choices tag, whose annotation holds no brush region) as the project's reference images under
 MODEL_DIR/projects/<id>/references/, build the project's reference bank, and publish a new model_version for
-it (references.json). The ADClick-Seg training of the learning loop plugs in here and publishes `adclick-
-seg-v<N>` through model/versions.py."""
+it (references.json).
+
+Learning loop: when at least one annotation locates a defect (a brush mask or a rectangle), ADClick-Seg is
+trained on the project's labels (backend/seg_labels.py: newest annotation per task, masks per label, boxes,
+verdicts; images through the service's loader, residuals against the new bank) and published atomically as
+`adclick-seg-v<N>` (model/train_seg.py, model/versions.py); that version then serves batch predictions.
+Knobs (Settings fields when present, else the defaults below; per-project `extra_params` override them):
+seg_keep_versions (3), seg_fit_steps (300), seg_holdout (0.2), seg_max_ok_images (20)."""
 
 from __future__ import annotations
 
@@ -13,10 +19,11 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -24,6 +31,7 @@ from PIL import Image
 from backend import ls_format
 from backend.errors import BackendError, LabelConfigError
 from backend.projects import ProjectStore
+from backend.seg_labels import task_labels, to_example
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -135,6 +143,81 @@ def sync_references(
     }
 
 
+SEG_DEFAULTS = {"seg_keep_versions": 3, "seg_fit_steps": 300, "seg_holdout": 0.2, "seg_max_ok_images": 20}
+_TEXT: dict[str, Any] = {}
+_TEXT_LOCK = threading.Lock()
+
+
+def _seg_knob(project: str, ctx: TrainingContext, name: str) -> float:
+    extra = ctx.projects.extra_params(project) or {}
+    value = extra.get(name, getattr(ctx.settings, name, SEG_DEFAULTS[name]))
+    return float(value)
+
+
+def text_encoder() -> Any:
+    """The prompt encoder (MiniLM from its wheel), loaded once per process."""
+    from model.modeling.text import CachedTextEncoder, TextConfig, build_text_encoder
+
+    with _TEXT_LOCK:
+        if "enc" not in _TEXT:
+            _TEXT["enc"] = CachedTextEncoder(build_text_encoder(TextConfig()))
+        return _TEXT["enc"]
+
+
+def seg_examples(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank: Any,
+                 ctx: TrainingContext) -> tuple[list, dict]:
+    """Residual examples of the labelled tasks (defects first, then at most seg_max_ok_images OK images)."""
+    labelled = [tl for tl in (task_labels(t, cfg) for t in tasks) if tl is not None]
+    figures = {"seg_labelled_tasks": len(labelled),
+               "seg_located_defects": sum(tl.has_defect_location for tl in labelled)}
+    if not figures["seg_located_defects"]:
+        return [], figures
+    defects = [tl for tl in labelled if tl.verdict is not False]
+    ok = [tl for tl in labelled if tl.verdict is False]
+    ok = ok[len(ok) - int(_seg_knob(project, ctx, "seg_max_ok_images")):] if ok else []
+    chosen, examples, failed = defects + ok, [], 0
+    for i, tl in enumerate(chosen):
+        try:
+            image = ctx.image_loader.load(tl.image_ref, tl.task_id).array
+        except BackendError as exc:
+            failed += 1
+            logger.warning("project %s: image of task %s skipped: %s", project, tl.task_id, exc.message)
+            continue
+        examples.append(to_example(tl, ctx.engine.compute(image, bank).residual, image))
+        ctx.progress(0.7 + 0.1 * (i + 1) / len(chosen), f"residuals of labelled images {i + 1}/{len(chosen)}")
+    figures.update(seg_examples=len(examples), seg_download_failures=failed)
+    return examples, figures
+
+
+def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank: Any, ctx: TrainingContext,
+              event: dict) -> Optional[dict]:
+    """Train and publish a new ADClick-Seg version; None when no annotation locates a defect yet."""
+    from model.seg_fit import FitConfig
+    from model.train_seg import SegTrainConfig, prompt_matrix, train_version
+    from model.versions import project_store
+
+    examples, figures = seg_examples(project, tasks, cfg, bank, ctx)
+    if not any(e.masks or e.boxes for e in examples):
+        logger.info("project %s: no located defect label yet, ADClick-Seg not trained", project)
+        return None
+    labels = list(cfg.brush_labels)
+    obj = str((ctx.projects.extra_params(project) or {}).get("object") or "")
+    prompts = prompt_matrix(text_encoder(), labels, obj)
+    fit_cfg = FitConfig(steps=int(_seg_knob(project, ctx, "seg_fit_steps")))
+    train_cfg = SegTrainConfig(fit=fit_cfg, holdout=_seg_knob(project, ctx, "seg_holdout"))
+    store = project_store(ctx.settings.model_dir, project, keep=int(_seg_knob(project, ctx, "seg_keep_versions")))
+    info, seg = train_version(
+        examples, labels, prompts, store, train_cfg,
+        progress=lambda f, m: ctx.progress(0.8 + 0.18 * f, m),
+        meta={"project": project, "trigger": event.get("action"), "bank_key": str(getattr(bank, "key", "")),
+              "engine": ctx.engine.config_hash(), "object": obj},
+    )
+    return {"model_version": info.name, **figures, "seg_metrics": seg["metrics"],
+            "seg_thresholds": seg["thresholds"], "seg_train_images": seg["n_train"],
+            "seg_heldout_images": seg["n_heldout"], "seg_evaluated_on": seg["evaluated_on"],
+            "seg_fit_seconds": seg["fit_seconds"], "seg_report": str(info.path / "report.png")}
+
+
 def fit(project: str, event: dict, ctx: TrainingContext) -> dict:
     t0 = time.monotonic()
     ctx.progress(0.02, "reading the project's annotations from Label Studio")
@@ -154,7 +237,13 @@ def fit(project: str, event: dict, ctx: TrainingContext) -> dict:
         "created": time.time(),
     }
     ctx.projects.set_references_info(project, info)
-    figures.update(reference_images=len(images), fit_seconds=round(time.monotonic() - t0, 2))
+    figures.update(reference_images=len(images))
+    version = info["model_version"]
+    seg = train_seg(project, tasks, cfg, bank, ctx, event)
+    if seg is not None:
+        version = seg.pop("model_version")
+        figures.update(seg)
+    figures.update(fit_seconds=round(time.monotonic() - t0, 2))
     ctx.progress(1.0, "done")
-    logger.info("project %s: %s with %d reference images", project, info["model_version"], len(images))
-    return {"model_version": info["model_version"], **figures}
+    logger.info("project %s: %s with %d reference images", project, version, len(images))
+    return {"model_version": version, **figures}
