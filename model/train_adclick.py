@@ -293,23 +293,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = _parse(argv)
     cfg = json.loads(Path(args.config).read_text())
-    device = resolve_device(args.device)
+    ctx = distributed.init(resolve_device(args.device))  # torchrun: join its group (else a world of one)
+    device = ctx.device
     torch.manual_seed(args.seed)
     data = cfg["data"]
     out = Path(args.out or cfg["out"])
     cache = Path(args.cache or data["cache"])
-    prompts = _prompts(args, cfg, cache)
-    if cache.is_file():
-        samples = load_samples(cache)
-        logger.info("loaded %d cached samples from %s", len(samples), cache)
-    else:
-        bb = dict(cfg.get("backbone", {}), device=str(device))
-        engine = ResidualEngine(BackboneConfig(**bb), ResidualConfig(**cfg.get("residual", {})),
-                                cache_dir=cache.parent / "banks")
-        dataset = Path(args.dataset or data["dataset"]) if (args.dataset or data.get("dataset")) else None
-        samples = build_training_set(engine, dataset, int(data["tire_samples"] * args.scale),
-                                     int(data["texture_samples"] * args.scale), args.seed, device, args.workers)
-        save_samples(samples, cache)
+    with distributed.main_first(ctx):  # under torchrun rank 0 builds the caches, the other ranks load them
+        prompts = _prompts(args, cfg, cache)
+        if cache.is_file():
+            samples = load_samples(cache)
+            logger.info("loaded %d cached samples from %s", len(samples), cache)
+        else:
+            bb = dict(cfg.get("backbone", {}), device=str(device))
+            engine = ResidualEngine(BackboneConfig(**bb), ResidualConfig(**cfg.get("residual", {})),
+                                    cache_dir=cache.parent / "banks")
+            dataset = Path(args.dataset or data["dataset"]) if (args.dataset or data.get("dataset")) else None
+            samples = build_training_set(engine, dataset, int(data["tire_samples"] * args.scale),
+                                         int(data["texture_samples"] * args.scale), args.seed, device,
+                                         args.workers)
+            save_samples(samples, cache)
     loop = LoopConfig(**dict(cfg.get("loop", {}), steps=max(1, int(cfg["loop"]["steps"] * args.scale))))
     if args.max_minutes is not None:
         loop = LoopConfig(**dict(asdict(loop), max_minutes=args.max_minutes))
@@ -319,9 +322,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "products": sorted({s.product for s in samples}), "backbone": cfg.get("backbone", {}),
             "residual": cfg.get("residual", {}), "text": cfg.get("text", {})}
     ckpt = Path(args.ckpt) if args.ckpt else out.with_suffix(".ckpt")
-    losses = train(net, samples, prompts, loop, args.seed, device, ckpt, args.resume, meta)
-    meta["final_loss"] = float(np.mean(losses[-50:])) if losses else None
+    losses = train(net, samples, prompts, loop, args.seed, device, ckpt, args.resume, meta, dist=ctx)
+    meta["final_loss"] = distributed.all_reduce_mean(float(np.mean(losses[-50:])), ctx) if losses else None
     net.cpu()
-    atomic_save(make_checkpoint(ARCH, net.cfg.to_dict(), net.state_dict(), meta), out)
-    logger.info("wrote %s (%d steps, final loss %s)", out, len(losses), meta["final_loss"])
+    if ctx.is_main:
+        atomic_save(make_checkpoint(ARCH, net.cfg.to_dict(), net.state_dict(), meta), out)
+        logger.info("wrote %s (%d steps, final loss %s)", out, len(losses), meta["final_loss"])
+    distributed.cleanup(ctx)
     return 0

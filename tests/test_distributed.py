@@ -3,6 +3,7 @@ weights, equal to single-process training on the full batch (the gradients reall
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -242,3 +244,59 @@ def test_torchrun_adclick_training_loop_keeps_ranks_identical(tmp_path, device, 
     assert len(r0["losses"]) == len(r1["losses"]) > 2, "both ranks stop at the same step"
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["meta"]["step"] == len(r0["losses"])
+
+
+@pytest.mark.slow
+def test_torchrun_train_cli_writes_one_model(tmp_path):
+    """The documented command, `torchrun --nproc_per_node=2 -m model.train adclick --config ...`, on a tiny
+    cached training set: both ranks train, rank 0 writes the final weights and the resumable checkpoint."""
+    from model.adclick_data import build_samples, save_samples
+    from model.synth import KIND_WORDS
+    from tests.test_adclick import fake_residual, tiny_cfg
+
+    clean = np.full((128, 160, 3), 120, np.uint8)
+    samples = build_samples(
+        [clean],
+        fake_residual(clean),
+        8,
+        np.random.default_rng(0),
+        product="flat",
+        kinds=("contamination", "hole"),
+    )
+    save_samples(samples, tmp_path / "samples.pt")
+    g = torch.Generator().manual_seed(0)
+    torch.save(
+        {k: torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=-1) for k in KIND_WORDS},
+        tmp_path / "prompts.pt",
+    )
+    config = {
+        "data": {"cache": str(tmp_path / "samples.pt"), "tire_samples": 0, "texture_samples": 0},
+        "out": str(tmp_path / "adclick.pt"),
+        "model": tiny_cfg(),
+        "loop": {"steps": 4, "batch": 4, "lr": 3e-3, "warmup": 1, "max_rounds": 1, "log_every": 2},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "model.train",
+        "adclick",
+        "--config",
+        str(tmp_path / "config.json"),
+        "--prompts",
+        str(tmp_path / "prompts.pt"),
+        "--device",
+        "cpu",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = torch.load(tmp_path / "adclick.pt", weights_only=True)
+    assert weights["meta"]["samples"] == len(samples) and weights["meta"]["final_loss"] > 0
+    assert torch.load(tmp_path / "adclick.ckpt", weights_only=True)["meta"]["step"] == 4
+    assert result.stderr.count("wrote ") == 1, "only rank 0 writes the final weights"
