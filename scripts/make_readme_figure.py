@@ -20,11 +20,10 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backend.app import create_app  # noqa: E402
-from backend.settings import Settings  # noqa: E402
-from tests.e2e.ls_api import LABEL_CONFIG  # noqa: E402
-from tests.e2e.test_label_studio import decode_mask, keypoint  # noqa: E402
-from tests.fixtures.images import NEGATIVE_CLICK, POSITIVE_CLICKS, write_dataset  # noqa: E402
+from backend.app import create_app
+from backend.settings import Settings
+from tests.e2e.ls_api import LABEL_CONFIG, decode_mask, keypoint
+from tests.fixtures.images import NEGATIVE_CLICK, POSITIVE_CLICKS, write_dataset
 
 
 def run_backend(root: Path) -> tuple[np.ndarray, np.ndarray, dict]:

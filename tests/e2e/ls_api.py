@@ -3,9 +3,13 @@ checks its HTTP status and shows the answer's body when it is not the expected o
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
+import numpy as np
 import requests
+from label_studio_sdk.converter.brush import decode_rle
+
+from tests.fixtures.images import H, W
 
 # The label config of ../shared/docs/CONTRACT.md (also in README.md).
 LABEL_CONFIG = """<View>
@@ -24,6 +28,22 @@ LABEL_CONFIG = """<View>
     <Choice value="OK"/><Choice value="Anomalous"/>
   </Choices>
 </View>"""
+
+
+def keypoint(x: float, y: float, positive: bool, n: int, label: str = "Dent", width: int = W,
+             height: int = H) -> dict:
+    """A smart keypoint region exactly as the 1.23.2 editor sends it (percent coordinates)."""
+    return {"id": f"kp{n}", "from_name": "click", "to_name": "image", "type": "keypointlabels",
+            "original_width": width, "original_height": height, "image_rotation": 0, "is_positive": positive,
+            "value": {"x": 100.0 * x / width, "y": 100.0 * y / height, "width": 0.6, "keypointlabels": [label]}}
+
+
+def decode_mask(item: dict) -> np.ndarray:
+    """A brushlabels result item -> (H, W) bool (the RLE holds 4 channels per pixel)."""
+    h, w = item["original_height"], item["original_width"]
+    flat = np.asarray(decode_rle(item["value"]["rle"]), dtype=np.uint8)
+    assert flat.size == h * w * 4, f"RLE decodes to {flat.size} values, expected {h}x{w}x4"
+    return flat.reshape(h, w, 4)[:, :, 3] > 127
 
 
 class LabelStudioAPI:
@@ -64,12 +84,20 @@ class LabelStudioAPI:
         return self.call("POST", f"/api/tasks/{task}/annotations", json={"result": result})
 
     # -- the ML backend --------------------------------------------------------------------------------------
-    def connect_backend(self, project: int, url: str, title: str = "ADClick") -> dict:
+    def connect_backend(self, project: int, url: str, extra_params: dict | None = None,
+                        title: str = "ADClick") -> dict:
+        """Settings > Model > Connect Model with "Interactive preannotations" on; `extra_params` are the
+        model's extra parameters (Label Studio passes them to /setup)."""
         return self.call("POST", "/api/ml", json={"project": project, "url": url, "title": title,
-                                                  "is_interactive": True, "auth_method": "NONE"})
+                                                  "is_interactive": True, "auth_method": "NONE",
+                                                  "extra_params": extra_params or {}})
 
     def interactive(self, ml: int, task: int, context: dict) -> dict:
-        return self.call("POST", f"/api/ml/{ml}/interactive-annotating", json={"task": task, "context": context})
+        """Label Studio answers 200 either way: {"data": prediction} or {"errors": [the backend's error]}."""
+        body = self.call("POST", f"/api/ml/{ml}/interactive-annotating", json={"task": task, "context": context})
+        if not isinstance(body, dict) or "data" not in body:
+            raise AssertionError(f"interactive-annotating gave no prediction: {str(body)[:1500]}")
+        return body
 
     def train(self, ml: int) -> Any:
         return self.call("POST", f"/api/ml/{ml}/train", json={})
@@ -82,6 +110,6 @@ class LabelStudioAPI:
                                                            "project": project},
                          json={"selectedItems": {"all": True, "excluded": []}})
 
-    def predictions(self, task: int, model_version: Optional[str] = None) -> list[dict]:
+    def predictions(self, task: int, model_version: str | None = None) -> list[dict]:
         items = self.call("GET", "/api/predictions", params={"task": task})
         return [p for p in items if model_version is None or p.get("model_version") == model_version]

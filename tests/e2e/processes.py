@@ -7,15 +7,17 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional
 
 import requests
 
@@ -42,20 +44,21 @@ def log_tail(path: Path, n: int = 60) -> str:
         return f"(no log at {path})"
 
 
+def cache_dir() -> Path:
+    """${XDG_CACHE_HOME:-~/.cache}/adclick-e2e: what the test keeps between runs, outside the repository."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache") / "adclick-e2e"
+
+
 def default_ls_venv() -> Path:
-    """Where the Label Studio environment is cached between runs (outside the repository):
-    $ADCLICK_E2E_LS_VENV, else ${XDG_CACHE_HOME:-~/.cache}/adclick-e2e/ls-<version>."""
+    """Where the Label Studio environment lives: $ADCLICK_E2E_LS_VENV, else <cache_dir>/ls-<version>."""
     override = os.environ.get("ADCLICK_E2E_LS_VENV", "").strip()
-    if override:
-        return Path(override).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache")
-    return cache / "adclick-e2e" / f"ls-{LS_VERSION}"
+    return Path(override).expanduser() if override else cache_dir() / f"ls-{LS_VERSION}"
 
 
 def _ls_installed(venv: Path) -> bool:
     probe = subprocess.run([str(venv / "bin" / "python"), "-c",
                             "import importlib.metadata as m; print(m.version('label-studio'))"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, check=False)
     return probe.returncode == 0 and probe.stdout.strip() == LS_VERSION
 
 
@@ -63,8 +66,7 @@ def ensure_ls_venv(venv: Path, timeout_s: float = 900.0) -> Path:
     """A virtual environment holding label-studio==LS_VERSION; created (pip install, ~2 min, ~1 GB) when
     missing or broken. An flock next to it makes concurrent test runs wait for one installation."""
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f".{venv.name}.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(venv.parent / f".{venv.name}.lock"):
         if (venv / "bin" / "label-studio").exists() and _ls_installed(venv):
             return venv
         logger.info("installing label-studio==%s into %s (first run only)", LS_VERSION, venv)
@@ -75,11 +77,18 @@ def ensure_ls_venv(venv: Path, timeout_s: float = 900.0) -> Path:
         with open(log, "w") as out:
             done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input",
                                    f"label-studio=={LS_VERSION}"], stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s, env=_clean_env({}))
+                                  timeout=timeout_s, env=_clean_env({}), check=False)
         if done.returncode != 0 or not _ls_installed(venv):
             shutil.rmtree(venv, ignore_errors=True)
             raise RuntimeError(f"pip install label-studio=={LS_VERSION} failed:\n{log_tail(log)}")
         return venv
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -129,13 +138,10 @@ class Server:
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], log: Path, url: str,
-           cwd: Optional[Path] = None) -> Server:
-    out = open(log, "w")
-    try:
+           cwd: Path | None = None) -> Server:
+    with open(log, "w") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    finally:
-        out.close()  # the child holds its own descriptor
     return Server(name, url, proc, log)
 
 
@@ -165,6 +171,8 @@ def start_label_studio(cfg: LabelStudioConfig, log: Path, timeout_s: float = 240
         "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
         "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
         "COLLECT_ANALYTICS": "false",
+        "SENTRY_DSN": "",  # no error reports to the internet
+        "FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
         "LATEST_VERSION_CHECK": "false",
         "LABEL_STUDIO_HOST": url,
@@ -201,3 +209,31 @@ def start_backend(env_extra: Mapping[str, str], log: Path, timeout_s: float = 12
         server.stop()
         raise
     return server
+
+
+def ensure_ls_template(venv: Path, log: Path) -> tuple[Path, str]:
+    """A migrated Label Studio data directory with its admin and legacy token, made once by a first boot
+    (~1-2 min of database migrations) and cached in <cache_dir>/ls-<version>-template; returns (data dir, token).
+    Each run starts from a copy, so it boots in seconds and still never sees an earlier run's projects."""
+    root = cache_dir() / f"ls-{LS_VERSION}-template"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(root.parent / f".{root.name}.lock"):
+        data, token_file = root / "data", root / "token"
+        if token_file.exists() and (data / "label_studio.sqlite3").exists():
+            return data, token_file.read_text().strip()
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "files").mkdir(parents=True)
+        token = secrets.token_hex(20)
+        cfg = LabelStudioConfig(venv=venv, data_dir=root / "data.partial", document_root=root / "files", token=token)
+        start_label_studio(cfg, log, timeout_s=600).stop()
+        os.replace(root / "data.partial", data)
+        token_file.write_text(token)
+        return data, token
+
+
+def start_label_studio_from_template(venv: Path, data_dir: Path, document_root: Path, log: Path) -> tuple[Server, str]:
+    """Label Studio on a fresh copy of the cached template (see ensure_ls_template); returns (server, token)."""
+    template, token = ensure_ls_template(venv, log.with_name(log.stem + "-first-boot.log"))
+    shutil.copytree(template, data_dir)
+    cfg = LabelStudioConfig(venv=venv, data_dir=data_dir, document_root=document_root, token=token)
+    return start_label_studio(cfg, log), token
