@@ -117,3 +117,66 @@ def test_seg_loss_prefers_correct_prediction():
     target[..., 2:5, 2:5] = 1
     good = torch.where(target > 0, 6.0, -6.0)
     assert seg_loss(good, target, 2.0, 0.5) < seg_loss(-good, target, 2.0, 0.5)
+
+
+class FakeState:
+    def __init__(self, residual, grid):
+        self.residual, self.features = residual, residual
+        self.grid_map = grid
+        self.nbytes = 0
+
+
+class FakeEngine:
+    """Residual tokens = pooled colour difference to a flat grey (stride 8), like `fake_residual`."""
+
+    def compute(self, image, bank):
+        r, g, _ = fake_residual(np.full_like(image, 120))(image)
+        return FakeState(r, g.numpy())
+
+
+class FakeText:
+    name, dim = "fake", 8
+
+    def prompt_vector(self, label, text="", object_name=""):
+        g = torch.Generator().manual_seed(sum(map(ord, label)))
+        return F.normalize(torch.randn(8, generator=g), dim=0)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from model.predictor import AdClickPredictor
+
+    torch.manual_seed(0)
+    net = AdClickNet(AdClickConfig(res_channels=6, text_dim=8, **tiny_cfg())).eval()
+    return AdClickPredictor(FakeEngine(), None, net, FakeText(), version="adclick-test")
+
+
+def _image():
+    img = np.full((64, 96, 3), 120, np.uint8)
+    img[20:36, 30:50] = (200, 60, 60)
+    return img
+
+
+def test_predictor_shapes_box_and_errors(predictor):
+    from model.errors import InputError
+
+    state = predictor.set_image(_image())
+    res = predictor.predict(state, [Click(40, 28, True)])
+    assert res.prob.shape == (64, 96) and res.prob.dtype == np.float32 and res.mask.dtype == bool
+    assert 0.0 <= res.prob.min() and res.prob.max() <= 1.0 and 0.0 <= res.score <= 1.0
+    boxed = predictor.predict(state, [], box=(30, 20, 50, 36))
+    assert boxed.prob[:, :29].max() == 0 and boxed.prob[:, 52:].max() == 0
+    with pytest.raises(InputError):
+        predictor.predict(state, [Click(500, 5, True)])
+    with pytest.raises(InputError):
+        predictor.predict(state, [Click(4, 5, True)], previous_mask=np.zeros((3, 3), bool))
+
+
+def test_predictor_prompt_and_detect(predictor):
+    state = predictor.set_image(_image())
+    a = predictor.predict(state, [Click(40, 28, True)], prompt="scratch").prob
+    b = predictor.predict(state, [Click(40, 28, True)], prompt="hole").prob
+    assert np.abs(a - b).max() > 1e-5
+    out = predictor.detect(state, ["scratch", "hole"])
+    assert set(out.masks) == {"scratch", "hole"} and out.anomaly_map.shape == (64, 96)
+    assert out.score == pytest.approx(float(out.anomaly_map.max()))
