@@ -14,7 +14,6 @@ from tests.e2e import processes
 from tests.e2e.ls_api import LABEL_CONFIG, LabelStudioAPI
 from tests.fixtures.images import Dataset, write_dataset
 
-
 # The model's extra params in Label Studio (per project, sent with /setup): a short ADClick-Seg fit keeps the
 # test within minutes on a CPU; the tiny synthetic defect is learned well before 300 steps.
 EXTRA_PARAMS = {"seg_fit_steps": 80}
@@ -106,4 +105,11 @@ def project(label_studio, backend, dataset) -> Project:
     cold_setup_s = time.monotonic() - t0
     assert cold.status_code == 200, f"/setup -> {cold.status_code}: {cold.text[:500]}"
     ml = api.connect_backend(pid, backend.url, extra_params=EXTRA_PARAMS)
+    # /setup builds the project's reference bank in the background (about a minute on a busy 2-core machine); a
+    # click before it is ready waits BANK_WAIT_S and then gets a 503 that says so. Wait like an annotator would.
+    end = time.monotonic() + 300
+    while str(pid) not in backend.get("/health")["reference_images"]["projects"]:
+        assert time.monotonic() < end, f"no reference bank for project {pid} after 300 s:\n" + \
+            processes.log_tail(backend.log, 30)
+        time.sleep(1.0)
     return Project(pid, ml["id"], by_name, cold_setup_s)

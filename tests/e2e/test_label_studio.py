@@ -37,10 +37,12 @@ def test_cold_setup_fits_label_studios_timeout(project):
         f"{LS_SETUP_TIMEOUT_S:.0f} s and refuses to connect the model")
 
 
-def test_backend_is_connected(label_studio, backend, project):
+def test_backend_is_connected(label_studio, backend, dataset, project):
     ml = label_studio.api.call("GET", f"/api/ml/{project.ml}")
     assert ml["state"] == "CO", f"Label Studio reports the backend as {ml['state']}: {ml.get('error_message')}"
     assert ml["is_interactive"] is True
+    refs = backend.get("/health")["reference_images"]
+    assert refs["normal_dir"] == len(list(dataset.normal_dir.iterdir())) == refs["projects"][str(project.id)], refs
     routes = backend.get("/metrics")["routes"]
     assert routes.get("POST /setup", {}).get("by_status", {}).get("200", 0) >= 1, routes
     versions = label_studio.api.versions(project.ml)  # LS proxies GET /versions (404 = "upgrade your backend")
