@@ -31,6 +31,7 @@ KIND_WORDS: dict[str, tuple[str, ...]] = {
     "deformation": ("deformation", "dent", "bulge"),
 }
 KINDS = tuple(KIND_WORDS)
+Textures = Sequence[np.ndarray]
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _region_size(shape: tuple[int, int], rng: np.random.Generator) -> int:
     return int(np.clip(side * np.exp(rng.uniform(np.log(0.03), np.log(0.25))), 6, side))
 
 
-def contamination(img: np.ndarray, rng: np.random.Generator, textures: Sequence[np.ndarray], where=None) -> tuple:
+def contamination(img: np.ndarray, rng: np.random.Generator, textures: Textures, where=None) -> tuple:
     region = _place(blob(_region_size(img.shape[:2], rng), rng), img.shape[:2], rng, where)
     src = textures[int(rng.integers(len(textures)))] if textures else img
     th, tw = src.shape[:2]
@@ -130,7 +131,7 @@ def contamination(img: np.ndarray, rng: np.random.Generator, textures: Sequence[
     return _blend(img, np.clip(patch, 0, 255), alpha), region
 
 
-def discoloration(img: np.ndarray, rng: np.random.Generator, textures: Sequence[np.ndarray], where=None) -> tuple:
+def discoloration(img: np.ndarray, rng: np.random.Generator, textures: Textures, where=None) -> tuple:
     region = _place(blob(_region_size(img.shape[:2], rng), rng), img.shape[:2], rng, where)
     gain = rng.uniform(0.3, 0.7) if rng.random() < 0.5 else rng.uniform(1.5, 2.5)
     shifted = img.astype(np.float32) * gain * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 40, 3)
@@ -201,7 +202,7 @@ def hole(img: np.ndarray, rng: np.random.Generator, textures: Sequence[np.ndarra
     return _blend(out, dark, _soft(region, 0.8)), region
 
 
-def deformation(img: np.ndarray, rng: np.random.Generator, textures: Sequence[np.ndarray], where=None) -> tuple:
+def deformation(img: np.ndarray, rng: np.random.Generator, textures: Textures, where=None) -> tuple:
     h, w = img.shape[:2]
     size = _region_size((h, w), rng)
     region = _place(blob(size, rng), (h, w), rng, where)

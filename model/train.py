@@ -1,6 +1,7 @@
 """Training dispatcher: `python -m model.train adclick|seg ...`.
 
-adclick: the learned interactive network (model/train_adclick.py: main); seg: ADClick-Seg (model/train_seg.py).
+adclick: the learned interactive network (model/train_adclick.py: main);
+seg: ADClick-Seg (model/train_seg.py: main).
 """
 from __future__ import annotations
 

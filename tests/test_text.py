@@ -16,7 +16,8 @@ class CountingEncoder:
 
     def encode(self, texts):
         self.calls.append(list(texts))
-        return torch.nn.functional.normalize(torch.tensor([[len(t), 1.0, 0.0, t.count("a")] for t in texts]), dim=-1)
+        rows = [[len(t), 1.0, 0.0, t.count("a")] for t in texts]
+        return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
 
 
 def test_prompt_texts_from_label_text_and_object():

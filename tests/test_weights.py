@@ -1,4 +1,4 @@
-"""Weights manifest (sha256 + config checks with clear errors) and `python -m weights fetch` over local HTTP."""
+"""Weights manifest (sha256 + config checks, clear errors) and `python -m weights fetch` over local HTTP."""
 from __future__ import annotations
 
 import hashlib

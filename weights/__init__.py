@@ -114,7 +114,8 @@ def fetch(name: str, dest: Path, url: Optional[str] = None, timeout: float = 60.
                 fh.write(chunk)
                 h.update(chunk)
         if h.hexdigest() != sha:
-            raise WeightsError(f"download of {name} has sha256 {h.hexdigest()[:12]}..., expected {sha[:12]}...")
+            raise WeightsError(f"download of {name} has sha256 {h.hexdigest()[:12]}..., "
+                               f"expected {sha[:12]}...")
         os.replace(tmp, target)
     except requests.RequestException as exc:
         raise WeightsError(f"cannot download {name}: {exc}") from exc
