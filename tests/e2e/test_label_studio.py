@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.e2e.ls_api import decode_mask, keypoint
 from tests.fixtures.images import NEGATIVE_CLICK, POSITIVE_CLICKS, H, W
@@ -144,3 +145,31 @@ def _summary(prediction: dict, truth: np.ndarray) -> dict:
     verdict = [c for r in prediction["result"] if r["type"] == "choices" for c in r["value"]["choices"]]
     return {"score": float(prediction["score"]), "verdict": verdict, "regions": len(masks),
             "defect_recall": round(float((union & truth).sum() / truth.sum()), 3)}
+
+
+def test_personal_access_token_downloads_task_images(label_studio, dataset, tmp_path):
+    """LABEL_STUDIO_API_KEY may be a personal access token (a JWT refresh token; sent as is it gets 401): the
+    backend's image loader exchanges it at /api/token/refresh/ and downloads the task image pixel-exact from
+    Label Studio's local-files storage. A token Label Studio never issued fails with an error naming the 401."""
+    from backend.errors import BackendError
+    from backend.images import ImageLoader
+    from backend.settings import Settings
+
+    api = label_studio.api
+    pid = api.create_project("ADClick e2e: personal access token")
+    tasks = api.import_local_files(pid, str(dataset.task_dir), expected=len(dataset.defective + dataset.normal))
+    task = next(t for t in tasks if t["data"]["image"].endswith(dataset.defective[0]))
+    pat = api.call("POST", "/api/token/")["token"]
+
+    def loader(key: str) -> ImageLoader:
+        return ImageLoader(Settings(label_studio_url=label_studio.url, label_studio_api_key=key,
+                                    model_dir=tmp_path / key[:8], download_cache_bytes=0))
+    with_pat = loader(pat)
+    image = with_pat.load(task["data"]["image"], task["id"]).array
+    expected = np.asarray(Image.open(dataset.task_dir / dataset.defective[0]).convert("RGB"))
+    assert np.array_equal(image, expected)
+    assert with_pat.auth.refresh_count >= 1
+
+    forged = pat[:-6] + ("AAAAAA" if not pat.endswith("AAAAAA") else "BBBBBB")
+    with pytest.raises(BackendError, match="401"):
+        loader(forged).load(task["data"]["image"], task["id"])
