@@ -324,6 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ckpt = Path(args.ckpt) if args.ckpt else out.with_suffix(".ckpt")
     losses = train(net, samples, prompts, loop, args.seed, device, ckpt, args.resume, meta, dist=ctx)
     meta["final_loss"] = distributed.all_reduce_mean(float(np.mean(losses[-50:])), ctx) if losses else None
+    meta["steps"] = len(losses)
     net.cpu()
     if ctx.is_main:
         atomic_save(make_checkpoint(ARCH, net.cfg.to_dict(), net.state_dict(), meta), out)
