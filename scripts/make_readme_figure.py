@@ -29,7 +29,7 @@ from tests.fixtures.images import NEGATIVE_CLICK, POSITIVE_CLICKS, write_dataset
 def run_backend(root: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     data = write_dataset(root / "files", n_defective=1, n_normal=0)
     settings = Settings(model_dir=root / "models", normal_dir=str(data.normal_dir), device="cpu",
-                        local_files_root=str(root / "files"), warm_on_setup=False)
+                        local_files_root=str(root / "files"), warm_on_setup=False, bank_wait_s=600.0)
     client = create_app(settings, start_jobs=False).test_client()
     setup = client.post("/setup", json={"project": "1.0", "schema": LABEL_CONFIG})
     assert setup.status_code == 200, setup.get_json()
