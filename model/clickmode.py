@@ -34,11 +34,16 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ClickModeConfig:
     grow_frac: float = 0.5  # threshold = bg + grow_frac * (peak - bg)
+    bg_window: int = 64  # px: half size of the window around the seed whose `bg_pct` percentile is bg
+    bg_pct: float = 75.0
     seed_radius: int = 12  # px: where the peak near a positive click is looked for
-    click_radius: int = 4  # px: disk kept around positive / removed around negative clicks
+    click_radius: int = 8  # px: disk kept around positive / removed around negative clicks
     detect_margin: float = 1.0  # detect threshold = margin x max normal score of the bank's calibration
     detect_k: float = 10.0  # without calibration: median + detect_k x robust sigma (1.4826 MAD) of the map
     min_area: int = 16  # px: smallest region reported by detect
+    refine: bool = False  # snap the grown region to image edges with GrabCut (needs state.image)
+    refine_margin: int = 16  # px: the uncertain band around the grown region that GrabCut may claim or drop
+    refine_iters: int = 3
 
 
 def _disk(shape: tuple[int, int], x: int, y: int, r: int) -> np.ndarray:
@@ -82,6 +87,8 @@ class ResidualClickPredictor:
         mask = np.zeros((H, W), bool)
         for y, x in seeds:
             mask |= self._grow(amap, bg, y, x, negs, inside)
+        if self.cfg.refine and state.image is not None and mask.any():
+            mask = self._refine(state.image, mask, pts, inside)
         for c, y, x in pts:
             disk = _disk((H, W), x, y, self.cfg.click_radius)
             mask = mask | disk if c.positive else mask & ~disk
@@ -92,25 +99,66 @@ class ResidualClickPredictor:
         return ClickResult(prob=prob, mask=mask, score=score)
 
     def _grow(self, amap, bg, y, x, negs, inside) -> np.ndarray:
+        """Region of one positive click: the component holding the click of {map >= thr}; thr is halfway between
+        the local background and the peak near the click, lowered to the map value at the click (the click says
+        that pixel is defect) but never to the local background, raised above every negative click inside."""
         r = self.cfg.seed_radius
         y0, y1, x0, x1 = max(0, y - r), min(amap.shape[0], y + r + 1), max(0, x - r), min(amap.shape[1], x + r + 1)
         win = amap[y0:y1, x0:x1]
         py, px = np.unravel_index(int(np.argmax(win)), win.shape)
         py, px = py + y0, px + x0
         peak = float(amap[py, px])
+        b = self.cfg.bg_window
+        local = amap[max(0, py - b):py + b + 1, max(0, px - b):px + b + 1]
+        bg = max(bg, float(np.percentile(local, self.cfg.bg_pct)))
         thr = bg + self.cfg.grow_frac * (peak - bg)
+        at_click = float(amap[y, x])
+        if at_click > bg:
+            thr = min(thr, at_click)
         binary = amap >= thr
         if inside is not None:
             binary &= inside
-        region = _component_at(binary, py, px)
+        sy, sx = (y, x) if binary[y, x] else (py, px)
+        region = _component_at(binary, sy, sx)
         blocking = [(ny, nx) for ny, nx in negs if region[ny, nx]]
         if blocking:
             thr = max(thr, max(float(amap[ny, nx]) for ny, nx in blocking) * 1.0001)
-            if thr < peak:
-                region = _component_at(binary & (amap >= thr), py, px)
+            if binary[sy, sx] and amap[sy, sx] >= thr:
+                region = _component_at(binary & (amap >= thr), sy, sx)
             else:
                 region = self._split(region, (y, x), blocking)
         return region
+
+    def _refine(self, image: np.ndarray, mask: np.ndarray, pts, inside) -> np.ndarray:
+        """GrabCut on a crop around the region: the region is probable foreground, a `refine_margin` band
+        around it probable background, the rest background; click disks are hard seeds."""
+        H, W = mask.shape
+        m = self.cfg.refine_margin
+        ys, xs = np.nonzero(mask)
+        y0, y1 = max(0, ys.min() - 2 * m), min(H, ys.max() + 2 * m + 1)
+        x0, x1 = max(0, xs.min() - 2 * m), min(W, xs.max() + 2 * m + 1)
+        region = mask[y0:y1, x0:x1].astype(np.uint8)
+        band = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * m + 1, 2 * m + 1)))
+        seeds = np.full(region.shape, cv2.GC_BGD, np.uint8)
+        seeds[band > 0] = cv2.GC_PR_BGD
+        seeds[region > 0] = cv2.GC_PR_FGD
+        for c, y, x in pts:
+            cv2.circle(seeds, (x - x0, y - y0), 2, int(cv2.GC_FGD if c.positive else cv2.GC_BGD), -1)
+        if inside is not None:
+            seeds[~inside[y0:y1, x0:x1]] = cv2.GC_BGD
+        if (seeds == cv2.GC_BGD).sum() < 8:
+            return mask
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        try:
+            cv2.grabCut(np.ascontiguousarray(image[y0:y1, x0:x1]), seeds, None, bgd, fgd, self.cfg.refine_iters,
+                        cv2.GC_INIT_WITH_MASK)
+        except cv2.error as exc:  # degenerate colour statistics: keep the residual region
+            logger.debug("grabCut refinement skipped: %s", exc)
+            return mask
+        fg = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
+        out = np.zeros_like(mask)
+        out[y0:y1, x0:x1] = fg
+        return out
 
     @staticmethod
     def _split(region: np.ndarray, pos: tuple[int, int], negs: list[tuple[int, int]]) -> np.ndarray:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -41,15 +41,15 @@ BANK_FORMAT = 1
 
 @dataclass(frozen=True)
 class ResidualConfig:
-    k_refs: int = 10  # references retrieved globally per query
+    k_refs: int = 20  # references retrieved globally per query
     match: str = "window"  # window (hard, SemiREST) | softpos (soft positional embedding, ADClick)
-    window_radius: int = 4  # hard window, grid cells (Chebyshev)
+    window_radius: int = 2  # hard window, grid cells (Chebyshev)
     pos_weight: float = 0.15  # softpos: embedding scale relative to the RMS feature norm
     pca_dim: int = 0  # project features to this many dims (0 = keep all)
     max_refs: int = 400  # memory bound: more reference views are thinned by greedy k-center on descriptors
     augment_below: int = 10  # add flipped/shifted/rotated views when fewer source images than this
     retrieval_cell: int = 4  # grid cells per retrieval-descriptor block
-    smooth_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, px at image resolution (0 = off)
+    smooth_sigma: float = 2.0  # Gaussian smoothing of the anomaly map, px at image resolution (0 = off)
     self_exclude: int = 2  # empty-bank fallback: neighbourhood excluded from self-matching, grid cells
     calib_n: int = 8  # leave-one-out maps of this many references calibrate the normal score range
 
@@ -71,10 +71,12 @@ class ResidualState:
     score: float  # max of anomaly_map
     image_shape: tuple[int, int]  # (H, W)
     ref_indices: tuple[int, ...] = ()  # bank views retrieved (empty = self-similarity fallback)
+    image: Optional[np.ndarray] = field(default=None, repr=False)  # (H, W, 3) uint8, for boundary refinement
 
     @property
     def nbytes(self) -> int:
         t = (self.residual.numel() + self.features.numel()) * 4
+        t += 0 if self.image is None else self.image.nbytes
         return int(t + self.grid_map.nbytes + self.anomaly_map.nbytes)
 
 
@@ -254,10 +256,10 @@ class ResidualEngine:
             rest = [i for i, k in enumerate(bank.keys) if k != src]
             sub = ReferenceBank(bank.features[rest], bank.desc[rest], [bank.keys[i] for i in rest], [],
                                 feat_rms=bank.feat_rms)
-            q = bank.features[own[0]].float()
+            q = bank.features[own[0]].to(self.extractor.device, torch.float32)
             with torch.inference_mode():
                 matched, _ = self._match(q, sub)
-            amap = self.to_image((matched - q).norm(dim=0).numpy(), tuple(bank.meta["image_shape"]))
+            amap = self.to_image((matched - q).norm(dim=0).cpu().numpy(), tuple(bank.meta["image_shape"]))
             scores.append(float(amap.max()))
         bank.meta["normal_scores"] = scores
 
@@ -287,25 +289,28 @@ class ResidualEngine:
 
     # ---- residuals ----------------------------------------------------------------------------------------
     def compute(self, image: np.ndarray, bank: ReferenceBank) -> ResidualState:
-        """Residual state of one RGB uint8 image against the bank (self-similarity when the bank is empty)."""
+        """Residual state of one RGB uint8 image against the bank (self-similarity when the bank is empty).
+        Matching runs on the extractor's device; the state holds CPU tensors."""
         img = load_image(image)
         q = bank.project(self.extractor.extract([img]))[0]
         if len(bank) and q.shape[1:] != bank.grid:
             q = F.interpolate(q[None], size=bank.grid, mode="bilinear", align_corners=False)[0]
         with torch.inference_mode():
+            q = q.to(self.extractor.device)
             matched, idx = self._match(q, bank)
-        residual = matched - q
+            residual = (matched - q).cpu()
+            q = q.cpu()
         grid_map = residual.norm(dim=0).numpy().astype(np.float32)
         amap = self.to_image(grid_map, img.shape[:2])
-        return ResidualState(residual, q, grid_map, amap, float(amap.max()), tuple(img.shape[:2]), idx)
+        return ResidualState(residual, q, grid_map, amap, float(amap.max()), tuple(img.shape[:2]), idx, img)
 
     def _match(self, q: torch.Tensor, bank: ReferenceBank) -> tuple[torch.Tensor, tuple[int, ...]]:
         c, h, w = q.shape
         if len(bank) == 0:
             _, index = match(q, q[None], None, exclude=self.cfg.self_exclude)
             return q.reshape(c, -1)[:, index.flatten()].reshape(c, h, w), ()
-        top = retrieve(descriptors(q[None], self.cfg.retrieval_cell)[0], bank.desc, self.cfg.k_refs)
-        refs = bank.features[top].float()
+        top = retrieve(descriptors(q[None], self.cfg.retrieval_cell)[0].cpu(), bank.desc, self.cfg.k_refs)
+        refs = bank.features[top].to(q.device, torch.float32)
         if self.cfg.match == "softpos":
             qs = with_position(q[None], self.cfg.pos_weight, bank.feat_rms)[0]
             rs = with_position(refs, self.cfg.pos_weight, bank.feat_rms)

@@ -99,16 +99,16 @@ def test_detect_finds_strong_regions_and_nothing_in_noise(predictor, two_blobs):
 
 
 def test_end_to_end_on_synthetic_defect(normal_textures, defect_texture):
-    engine = ResidualEngine(BackboneConfig(input_size=128, device="cpu"), ResidualConfig())
+    engine = ResidualEngine(BackboneConfig(input_size=256, device="cpu"), ResidualConfig())  # 4 px cells
     pred = ResidualClickPredictor(engine, engine.build_bank(normal_textures))
     assert pred.version == f"residual-click-{engine.config_hash()}"
     img, mask = defect_texture
     st = pred.set_image(img)
     ys, xs = np.nonzero(mask)
     res = pred.predict(st, [Click(float(xs.mean()), float(ys.mean()))])
-    assert iou(res.mask, mask) > 0.3 and res.mask[int(ys.mean()), int(xs.mean())]
+    assert iou(res.mask, mask) > 0.4 and res.mask[int(ys.mean()), int(xs.mean())]
     assert len(pred.bank.meta["normal_scores"]) == len(normal_textures)  # leave-one-out calibration
     found = pred.detect(st)
-    assert found.masks[""][mask].mean() > 0.5 and found.masks[""].sum() < 4 * mask.sum()
+    assert found.masks[""][mask].mean() > 0.5 and found.masks[""].sum() < 0.15 * mask.size
     from tests.conftest import texture
     assert pred.detect(pred.set_image(texture(shift=(2, 1), seed=77))).masks == {}

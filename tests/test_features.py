@@ -27,11 +27,11 @@ def test_input_size_keeps_aspect_and_stride_multiple():
     assert w == 256 and h % 32 == 0 and h == 96
 
 
-def test_lite0_two_levels_stride8_grid(lite0):
+def test_lite0_three_levels_stride8_grid(lite0):
     imgs = [texture(seed=0), texture(seed=1)]  # 96 x 128 -> network input 96 x 128
     f = lite0.extract(imgs)
-    assert f.shape == (2, 40 + 112, 96 // 8, 128 // 8)
-    assert lite0.dim == 152 and lite0.stride == 8
+    assert f.shape == (2, 24 + 40 + 112, 96 // 8, 128 // 8)
+    assert lite0.dim == 176 and lite0.stride == 8
     assert f.dtype == torch.float32 and torch.isfinite(f).all()
     assert not torch.allclose(f[0], f[1])  # different noise -> different features
 
@@ -41,8 +41,9 @@ def test_lite0_resizes_to_long_side(lite0):
     assert f.shape[2:] == (96 // 8, 128 // 8)
 
 
-def test_level_norm_balances_levels(lite0):
-    f = lite0.extract([texture()])[0]
+def test_level_norm_balances_levels():
+    ext = build_extractor(BackboneConfig(input_size=128, device="cpu", levels=(4, 10), level_norm=True))
+    f = ext.extract([texture()])[0]
     rms_a = f[:40].pow(2).mean().sqrt()
     rms_b = f[40:].pow(2).mean().sqrt()
     assert 0.9 < float(rms_a / rms_b) < 1.1

@@ -39,7 +39,7 @@ def test_map_peaks_on_defect(engine, bank, defect_texture):
     assert st.residual.shape == st.features.shape == (bank.features.shape[1], 12, 16)
     assert np.allclose(st.grid_map, st.residual.norm(dim=0).numpy(), atol=1e-5)
     assert st.score == pytest.approx(float(st.anomaly_map.max()))
-    assert len(st.ref_indices) == min(10, len(bank)) and st.nbytes > 0
+    assert len(st.ref_indices) == min(ResidualConfig().k_refs, len(bank)) and st.nbytes > 0
 
 
 def test_defective_image_scores_above_normal(engine, bank, defect_texture):
