@@ -133,7 +133,7 @@ def initial_clicks(target: np.ndarray, others: np.ndarray, rng: np.random.Genera
 
 def click_maps(clicks: Sequence[Click], prev: Optional[np.ndarray], shape: tuple[int, int],
                src_shape: tuple[int, int], radius: float = 1.0) -> np.ndarray:
-    """(3, h2, w2) float32: positive disks, negative disks, previous mask (area-resized), on the click grid."""
+    """(3, h2, w2) float32: positive disks, negative disks, previous mask (area-resized), click grid."""
     disks = encode_clicks(list(clicks), shape, radius=radius, src_shape=src_shape)
     if prev is None:
         p = np.zeros(shape, np.float32)

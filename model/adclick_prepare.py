@@ -2,7 +2,8 @@
 residuals, and the prompt table; cached to one file so training iterates fast.
 
 Products: the tire's train/good + validation/good (never its test images) and the three CC0 textures bundled
-in scikit-image (brick, grass, gravel), so the network does not overfit one product. Each product's normals are
+in scikit-image (brick, grass, gravel), so the network does not overfit one product. Each product's normals
+are
 split: every second train/good image (or half the texture views) builds the reference bank, the others are the
 sources of synthetic defects, so a source image is never its own reference (its residual would be zero).
 Synthesis runs in worker processes; residuals run in the main process on the engine's device.

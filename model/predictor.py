@@ -112,7 +112,7 @@ class AdClickPredictor:
         return ClickResult(prob=prob.astype(np.float32), mask=mask, score=score)
 
     def detect(self, state: AdClickState, labels: Optional[list[str]] = None) -> AnomalyResult:
-        """No clicks; one pass per label prompt ("" = any defect). anomaly_map = pixel-wise max over labels."""
+        """No clicks; one pass per label prompt ("" = any defect); anomaly_map = pixel-wise max."""
         names = list(labels) if labels else [""]
         maps = {name: self._prob(state, [], name, None) for name in names}
         amap = np.maximum.reduce(list(maps.values()))
@@ -122,7 +122,7 @@ class AdClickPredictor:
                              label_scores=scores)
 
 
-# ---- choosing the interactive predictor ----------------------------------------------------------------------
+# ---- choosing the interactive predictor -------------------------------------------------------------
 @dataclass
 class InteractiveChoice:
     """Same fields as backend.services.PredictorChoice (duck-typed), plus the reason shown in /health."""
@@ -139,7 +139,8 @@ def default_weights_dir() -> Path:
     return Path(weights.__file__).resolve().parent
 
 
-def check_weights(engine, weights_dir: Optional[Path] = None, name: str = "adclick") -> tuple[Optional[dict], str]:
+def check_weights(engine, weights_dir: Optional[Path] = None,
+                  name: str = "adclick") -> tuple[Optional[dict], str]:
     """(manifest entry, reason): the entry when `name`'s weights exist, match their sha256 and the engine's
     backbone/residual config; else None and why not."""
     from weights import WeightsError, verify_entry

@@ -72,7 +72,8 @@ def make_batch(samples: Sequence[Sample], prompts: dict[str, torch.Tensor], rng:
         kind = s.kinds[int(rng.integers(len(s.kinds)))]
         sel = torch.tensor([k == kind for k in s.kinds])
         target = _flip(s.masks[sel].any(0).float(), hflip, vflip)
-        others = _flip(s.masks[~sel].any(0), hflip, vflip) if (~sel).any() else torch.zeros_like(target, dtype=torch.bool)
+        others = (_flip(s.masks[~sel].any(0), hflip, vflip) if (~sel).any()
+                  else torch.zeros_like(target, dtype=torch.bool))
         t4 = F.avg_pool2d(target[None, None], 2, ceil_mode=True)[0, 0]
         gt4 = (t4 >= 0.5).numpy() if (t4 >= 0.5).any() else (t4 > 0).numpy()
         o4 = (F.avg_pool2d(others[None, None].float(), 2, ceil_mode=True)[0, 0] >= 0.5).numpy()
@@ -250,7 +251,7 @@ def build_net(model_cfg: dict, samples: Sequence[Sample], text_dim: int) -> AdCl
     return AdClickNet(cfg)
 
 
-# ---- CLI: python -m model.train adclick --config FILE --seed N [--resume] -------------------------------------
+# ---- CLI: python -m model.train adclick --config FILE --seed N [--resume] ----------------------------
 def _parse(argv: Optional[Sequence[str]]):
     import argparse
 
@@ -258,9 +259,9 @@ def _parse(argv: Optional[Sequence[str]]):
     p.add_argument("--config", required=True, help="JSON training config (configs/adclick.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --ckpt when it exists")
-    p.add_argument("--dataset", default=None, help="MVTec-style folder of the main product (overrides config)")
+    p.add_argument("--dataset", default=None, help="MVTec-style folder of the product (overrides config)")
     p.add_argument("--cache", default=None, help="training-set cache file (built when missing)")
-    p.add_argument("--prompts", default=None, help="precomputed prompt table (.pt); else the text encoder runs")
+    p.add_argument("--prompts", default=None, help="precomputed prompt table (.pt); else encode")
     p.add_argument("--ckpt", default=None, help="resumable training checkpoint (default: <out>.ckpt)")
     p.add_argument("--out", default=None, help="final weights file (overrides config)")
     p.add_argument("--device", default="auto")
@@ -319,7 +320,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text_dim = int(next(iter(prompts.values())).shape[1])
     net = build_net(cfg.get("model", {}), samples, text_dim)
     meta = {"seed": args.seed, "samples": len(samples), "config_file": Path(args.config).name,
-            "products": sorted({s.product for s in samples}), "backbone": cfg.get("backbone", {}),
+            "products": sorted({s.product for s in samples}),
+            "backbone": {k: v for k, v in BackboneConfig(**cfg.get("backbone", {})).to_dict().items()
+                         if k not in ("device", "batch_size")},
             "residual": cfg.get("residual", {}), "text": cfg.get("text", {})}
     ckpt = Path(args.ckpt) if args.ckpt else out.with_suffix(".ckpt")
     losses = train(net, samples, prompts, loop, args.seed, device, ckpt, args.resume, meta, dist=ctx)

@@ -17,7 +17,7 @@ GRID = 8  # token stride of the fake residual function, px
 
 
 def fake_residual(clean: np.ndarray):
-    """Residual tokens = pooled (image - clean) colour difference and its square: informative like the engine's."""
+    """Residual tokens = pooled (image - clean) colour difference and its square (informative)."""
     def fn(image: np.ndarray):
         d = torch.from_numpy(image.astype(np.float32) - clean.astype(np.float32)).permute(2, 0, 1)[None] / 64
         r = F.avg_pool2d(torch.cat([d, d.pow(2)], 1), GRID)[0]
@@ -84,7 +84,8 @@ def _decode(net, emb, clicks, prompt=None):
 def test_output_responds_to_clicks():
     torch.manual_seed(0)
     net = AdClickNet(AdClickConfig(res_channels=4, text_dim=8, **tiny_cfg())).eval()
-    emb = net.encode_image(torch.zeros(1, 4, 16, 16), torch.zeros(1, 1, 16, 16), None, torch.zeros(1, 3, 32, 32))
+    z = torch.zeros
+    emb = net.encode_image(z(1, 4, 16, 16), z(1, 1, 16, 16), None, z(1, 3, 32, 32))
     a = _decode(net, emb, [Click(10, 10, True)])
     b = _decode(net, emb, [Click(10, 10, True), Click(20, 20, False)])
     assert not torch.allclose(a, b)
@@ -93,7 +94,8 @@ def test_output_responds_to_clicks():
 def test_prompt_changes_output():
     torch.manual_seed(0)
     net = AdClickNet(AdClickConfig(res_channels=4, text_dim=8, **tiny_cfg())).eval()
-    emb = net.encode_image(torch.randn(1, 4, 16, 16), torch.rand(1, 1, 16, 16), None, torch.rand(1, 3, 32, 32))
+    r = torch.rand
+    emb = net.encode_image(torch.randn(1, 4, 16, 16), r(1, 1, 16, 16), None, r(1, 3, 32, 32))
     clicks = [Click(10, 10, True)]
     p1, p2 = F.normalize(torch.randn(2, 8), dim=-1)
     assert (_decode(net, emb, clicks, p1[None]) - _decode(net, emb, clicks, p2[None])).abs().max() > 1e-4
@@ -180,3 +182,31 @@ def test_predictor_prompt_and_detect(predictor):
     out = predictor.detect(state, ["scratch", "hole"])
     assert set(out.masks) == {"scratch", "hole"} and out.anomaly_map.shape == (64, 96)
     assert out.score == pytest.approx(float(out.anomaly_map.max()))
+
+
+@pytest.mark.slow
+def test_shipped_weights_follow_positive_and_negative_clicks():
+    """With the shipped weights and the real engine: a positive click on a synthetic defect marks it, and a
+    negative click on it removes the region around it."""
+    from model.features import BackboneConfig
+    from model.predictor import load_interactive_predictor
+    from model.residuals import ResidualConfig, ResidualEngine
+
+    engine = ResidualEngine(BackboneConfig(device="cpu"), ResidualConfig())
+    choice = load_interactive_predictor(engine)
+    if choice is None:
+        pytest.skip("no compatible shipped ADClick weights")
+    rng = np.random.default_rng(0)
+    normals = [np.clip(110 + rng.normal(0, 12, (240, 320, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    bank = engine.build_bank(normals)
+    image = np.clip(110 + rng.normal(0, 12, (240, 320, 3)), 0, 255).astype(np.uint8)
+    image[100:140, 60:110] = (220, 200, 40)  # defect A
+    image[100:140, 210:260] = (220, 200, 40)  # defect B, same look
+    pred = choice.build(engine, bank)
+    state = pred.set_image(image)
+    a = pred.predict(state, [Click(85, 120, True)]).prob
+    assert a[105:135, 65:105].mean() > a[:60, :].mean() + 0.2  # the clicked defect is marked
+    both = pred.predict(state, [Click(85, 120, True), Click(235, 120, True)]).prob
+    not_b = pred.predict(state, [Click(85, 120, True), Click(235, 120, False)]).prob
+    assert not_b[105:135, 215:255].mean() < both[105:135, 215:255].mean() - 0.3
+    assert not_b[105:135, 65:105].mean() > 0.5  # the positive defect stays

@@ -3,7 +3,8 @@
 Split in two so that a click costs only the light part (SAM-style):
 - `encode_image(residual, grid, features, image) -> ImageEmbedding` (once per image, cached by the predictor):
   residual tokens (C_r, h, w) and the anomaly grid (1, h, w) embedded by 1x1 convs; the optional image-feature
-  branch (C_f, h, w) joins through a zero-initialised 1x1 conv (ControlNet-style: a no-op at init); a small conv
+  branch (C_f, h, w) joins through a zero-initialised 1x1 conv (ControlNet-style: a no-op at init); a small
+  conv
   stem over the half-size RGB image gives stride-4 detail features for the head.
 - `decode(emb, clicks, prompt) -> logits` (every click): click maps (positive disks, negative disks, previous
   mask; (3, 2h, 2w)) embedded by a strided conv and ADDED to the tokens; tokens pooled to stride 2*s and run
@@ -177,7 +178,8 @@ class AdClickNet(nn.Module):
         deep = torch.cat(outs, -1).permute(0, 3, 1, 2)
         deep = F.interpolate(self.head_blocks(deep), size=x.shape[-2:], mode="bilinear", align_corners=False)
         fused = self.head_fuse(torch.cat([self.head_tokens(x), deep], 1))
-        size = emb.stem.shape[-2:] if emb.stem is not None else (out_size or (x.shape[-2] * 2, x.shape[-1] * 2))
+        default = out_size or (x.shape[-2] * 2, x.shape[-1] * 2)
+        size = emb.stem.shape[-2:] if emb.stem is not None else default
         fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
         if emb.stem is not None:
             fused = torch.cat([fused, emb.stem], 1)
