@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class ClickModeConfig:
     grow_frac: float = 0.5  # threshold = bg + grow_frac * (peak - bg)
     bg_window: int = 64  # px: half size of the window around the seed whose `bg_pct` percentile is bg
-    bg_pct: float = 75.0
+    bg_pct: float = 88.0
     seed_radius: int = 12  # px: where the peak near a positive click is looked for
     click_radius: int = 8  # px: disk kept around positive / removed around negative clicks
     detect_margin: float = 1.0  # detect threshold = margin x max normal score of the bank's calibration
