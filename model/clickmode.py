@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -72,8 +71,8 @@ class ResidualClickPredictor:
         return self.engine.compute(image, self.bank)
 
     # ---- clicks ---------------------------------------------------------------------------------------------
-    def predict(self, state: ResidualState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
-                previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+    def predict(self, state: ResidualState, clicks: list[Click], box: Box | None = None, prompt: str = "",
+                previous_mask: np.ndarray | None = None) -> ClickResult:
         amap = state.anomaly_map
         H, W = amap.shape
         pts = [(c, *self._pixel(c, H, W)) for c in clicks]
@@ -181,10 +180,10 @@ class ResidualClickPredictor:
     def _pixel(c: Click, H: int, W: int) -> tuple[int, int]:
         if not (np.isfinite(c.x) and np.isfinite(c.y)) or not (0 <= c.x < W + 0.5 and 0 <= c.y < H + 0.5):
             raise InputError(f"click ({c.x}, {c.y}) outside the {W}x{H} image")
-        return min(H - 1, int(round(c.y))), min(W - 1, int(round(c.x)))
+        return min(H - 1, round(c.y)), min(W - 1, round(c.x))
 
     @staticmethod
-    def _box_mask(box: Optional[Box], H: int, W: int) -> Optional[np.ndarray]:
+    def _box_mask(box: Box | None, H: int, W: int) -> np.ndarray | None:
         if box is None:
             return None
         x0, y0, x1, y1 = (float(v) for v in box)
@@ -195,7 +194,7 @@ class ResidualClickPredictor:
         return m
 
     # ---- batch ---------------------------------------------------------------------------------------------
-    def detect(self, state: ResidualState, labels: Optional[list[str]] = None) -> AnomalyResult:
+    def detect(self, state: ResidualState, labels: list[str] | None = None) -> AnomalyResult:
         """Masks of regions found anomalous (key "" = any defect: the residual map has no defect types)."""
         amap = state.anomaly_map
         thr = self.detect_threshold(amap)

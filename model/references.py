@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,8 @@ class ReferenceBank:
     desc: torch.Tensor  # (N, D, gh, gw) float32
     keys: list[str]
     source_keys: list[str]  # distinct content hashes of the source images, in insertion order
-    mean: Optional[torch.Tensor] = None  # (C_raw,)
-    components: Optional[torch.Tensor] = None  # (C_raw, C)
+    mean: torch.Tensor | None = None  # (C_raw,)
+    components: torch.Tensor | None = None  # (C_raw, C)
     feat_rms: float = 1.0  # RMS norm of projected features (scale of the positional embedding)
     key: str = ""  # cache key (content of the reference set + configs)
     meta: dict = field(default_factory=dict)
@@ -68,7 +67,7 @@ class ReferenceBank:
                 "feat_rms": float(self.feat_rms), "key": self.key, "meta": dict(self.meta)}
 
     @classmethod
-    def from_payload(cls, p: dict) -> "ReferenceBank":
+    def from_payload(cls, p: dict) -> ReferenceBank:
         try:
             return cls(**p)
         except TypeError as exc:
@@ -98,7 +97,7 @@ def retrieve(query_desc: torch.Tensor, bank_desc: torch.Tensor, k: int, keep: fl
     `keep` fraction (robust to a defect in either image), ascending."""
     n = bank_desc.shape[0]
     d = (bank_desc - query_desc.unsqueeze(0)).pow(2).sum(1).flatten(1)  # (N, cells)
-    m = max(1, int(round(keep * d.shape[1])))
+    m = max(1, round(keep * d.shape[1]))
     score = d.sort(dim=1).values[:, :m].mean(1)
     return score.topk(min(k, n), largest=False).indices
 
@@ -123,7 +122,7 @@ def with_position(feats: torch.Tensor, pos_weight: float, feat_rms: float) -> to
     return torch.cat([feats, pe.unsqueeze(0).expand(b, -1, -1, -1)], 1)
 
 
-def match(query: torch.Tensor, refs: torch.Tensor, radius: Optional[int], exclude: int = -1,
+def match(query: torch.Tensor, refs: torch.Tensor, radius: int | None, exclude: int = -1,
           tile: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest reference patch for every query patch.
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
 
 import cv2
 import numpy as np
@@ -34,8 +34,8 @@ from model.references import ReferenceBank, descriptors, fit_pca, match, retriev
 
 logger = logging.getLogger(__name__)
 
-ImageLike = Union[np.ndarray, Path, str]
-Progress = Optional[Callable[[int, int], None]]
+ImageLike = np.ndarray | Path | str
+Progress = Callable[[int, int], None] | None
 BANK_FORMAT = 1
 
 
@@ -71,7 +71,7 @@ class ResidualState:
     score: float  # max of anomaly_map
     image_shape: tuple[int, int]  # (H, W)
     ref_indices: tuple[int, ...] = ()  # bank views retrieved (empty = self-similarity fallback)
-    image: Optional[np.ndarray] = field(default=None, repr=False)  # (H, W, 3) uint8, for boundary refinement
+    image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8, for boundary refinement
 
     @property
     def nbytes(self) -> int:
@@ -136,7 +136,7 @@ class ResidualEngine:
         self.backbone_cfg = backbone_cfg or BackboneConfig()
         self.cfg = residual_cfg or ResidualConfig()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._extractor: Optional[FeatureExtractor] = None
+        self._extractor: FeatureExtractor | None = None
         self._lock = threading.Lock()
 
     @property
@@ -158,10 +158,10 @@ class ResidualEngine:
         tag = f"v{BANK_FORMAT}|{self.extractor.cache_key()}|{sorted(cfg.items())}|{sorted(set(source_keys))}"
         return hashlib.sha1(tag.encode()).hexdigest()[:20]
 
-    def _bank_path(self, key: str) -> Optional[Path]:
+    def _bank_path(self, key: str) -> Path | None:
         return self.cache_dir / f"bank-{key}.pt" if self.cache_dir is not None else None
 
-    def load_cached(self, key: str) -> Optional[ReferenceBank]:
+    def load_cached(self, key: str) -> ReferenceBank | None:
         path = self._bank_path(key)
         if path is None or not path.is_file():
             return None

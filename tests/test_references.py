@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.references import (ReferenceBank, descriptors, fit_pca, match, retrieve, sincos_embedding,
-                              with_position)
+from model.references import (
+    ReferenceBank,
+    descriptors,
+    fit_pca,
+    match,
+    retrieve,
+    sincos_embedding,
+    with_position,
+)
 
 
 def brute_force(q, refs, radius, exclude=-1):
@@ -71,7 +78,7 @@ def test_pca_orthonormal_and_captures_main_axes():
     lat = torch.randn(4, 3, 20, 20, generator=g) * torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
     mix = torch.linalg.qr(torch.randn(10, 10, generator=g))[0][:, :3]  # 3 orthonormal axes in 10-d
     feats = torch.einsum("nchw,dc->ndhw", lat, mix) + 0.01 * torch.randn(4, 10, 20, 20, generator=g)
-    mean, comps = fit_pca(feats, 3)
+    _, comps = fit_pca(feats, 3)
     assert comps.shape == (10, 3)
     assert torch.allclose(comps.T @ comps, torch.eye(3), atol=1e-4)
     assert torch.allclose((comps.T @ mix).abs().sum(0), torch.ones(3), atol=0.05)
