@@ -26,9 +26,9 @@ COMMON=(--seed 0 --dataset .h5data/mvtec3d_tire --cache /tmp/adc/samples.pt --pr
         --device "$DEV" --workers "$WORKERS" --scale "$SCALE")
 start=$(date +%s)
 $PY -m model.train adclick --config configs/adclick.json "${COMMON[@]}" --out "$OUT/adclick.pt" \
-    --ckpt /tmp/adc/adclick.ckpt --max-minutes "$MAIN_MIN" 2>&1 | grep -v Warning | tee "$OUT/train_adclick.log"
+    --ckpt /tmp/adc/adclick.ckpt --max-minutes "$MAIN_MIN" 2>&1 | tee "$OUT/train_adclick.log"
 echo "main done in $(( $(date +%s) - start )) s"
 $PY -m model.train adclick --config configs/adclick_nores.json "${COMMON[@]}" --out "$OUT/adclick_nores.pt" \
-    --ckpt /tmp/adc/adclick_nores.ckpt --max-minutes "$ABL_MIN" 2>&1 | grep -v Warning | tee "$OUT/train_nores.log"
+    --ckpt /tmp/adc/adclick_nores.ckpt --max-minutes "$ABL_MIN" 2>&1 | tee "$OUT/train_nores.log"
 echo "all done in $(( $(date +%s) - start )) s"
 ls -la "$OUT"
