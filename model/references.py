@@ -54,12 +54,13 @@ class ReferenceBank:
         return int(n)
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
-        """Raw extractor features (B, C_raw, h, w) -> bank space (B, C, h, w)."""
+        """Raw extractor features (B, C_raw, h, w) -> bank space (B, C, h, w), dtype kept."""
         if self.components is None:
             return feats
         b, c, h, w = feats.shape
-        x = feats.permute(0, 2, 3, 1).reshape(-1, c) - self.mean
-        return (x @ self.components).reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        x = feats.permute(0, 2, 3, 1).reshape(-1, c).float() - self.mean
+        out = (x @ self.components).reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return out.to(feats.dtype)
 
     def to_payload(self) -> dict:
         return {"features": self.features, "desc": self.desc, "keys": list(self.keys),
@@ -77,28 +78,34 @@ class ReferenceBank:
 def fit_pca(feats: torch.Tensor, dim: int, max_samples: int = 200_000) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA over patch features (N, C, h, w) -> (mean (C,), components (C, dim)); subsampled, deterministic."""
     c = feats.shape[1]
-    x = feats.permute(0, 2, 3, 1).reshape(-1, c).float()
+    x = feats.permute(0, 2, 3, 1).reshape(-1, c)
     if x.shape[0] > max_samples:
         g = torch.Generator().manual_seed(0)
         x = x[torch.randperm(x.shape[0], generator=g)[:max_samples]]
+    x = x.float()
     mean = x.mean(0)
     cov = (x - mean).T @ (x - mean) / max(1, x.shape[0] - 1)
     _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
     return mean, vecs[:, -dim:].flip(1).contiguous()
 
 
-def descriptors(feats: torch.Tensor, cell: int) -> torch.Tensor:
-    """Coarse retrieval descriptors: features averaged over cell x cell blocks."""
-    return F.avg_pool2d(feats.float(), cell, stride=cell, ceil_mode=True)
+def descriptors(feats: torch.Tensor, cell: int, chunk: int = 16) -> torch.Tensor:
+    """Coarse retrieval descriptors: features averaged over cell x cell blocks (float32, computed in chunks)."""
+    return torch.cat([F.avg_pool2d(feats[i:i + chunk].float(), cell, stride=cell, ceil_mode=True)
+                      for i in range(0, max(1, feats.shape[0]), chunk)])
 
 
-def retrieve(query_desc: torch.Tensor, bank_desc: torch.Tensor, k: int, keep: float = 0.8) -> torch.Tensor:
+def retrieve(query_desc: torch.Tensor, bank_desc: torch.Tensor, k: int, keep: float = 0.8,
+             skip: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the k references most similar to the query: per-cell squared distances, mean of the lowest
-    `keep` fraction (robust to a defect in either image), ascending."""
+    `keep` fraction (robust to a defect in either image), ascending. skip: bool (N,) views never returned."""
     n = bank_desc.shape[0]
     d = (bank_desc - query_desc.unsqueeze(0)).pow(2).sum(1).flatten(1)  # (N, cells)
     m = max(1, round(keep * d.shape[1]))
     score = d.sort(dim=1).values[:, :m].mean(1)
+    if skip is not None:
+        score = score.masked_fill(skip, float("inf"))
+        n = int((~skip).sum())
     return score.topk(min(k, n), largest=False).indices
 
 
@@ -172,14 +179,20 @@ def _match_window(query, refs, radius, exclude, tile):
     th, tw = math.ceil(h / tile), math.ceil(w / tile)
     ph, pw = th * tile - h, tw * tile - w
     side = tile + 2 * radius
-    q = F.pad(query.unsqueeze(0), (0, pw, 0, ph))  # (1, C, TH, TW)
-    q = F.unfold(q, tile, stride=tile).reshape(c, tile * tile, -1).permute(2, 1, 0)  # (T, t*t, C)
+    t = th * tw
+    q = F.pad(query, (0, pw, 0, ph)).permute(1, 2, 0)  # (TH, TW, C)
+    q = q.reshape(th, tile, tw, tile, c).permute(0, 2, 1, 3, 4).reshape(t, tile * tile, c)
     valid = F.pad(torch.ones(1, 1, h, w, device=query.device), (radius, radius + pw, radius, radius + ph))
     valid = F.unfold(valid, side, stride=tile).reshape(side * side, -1).T > 0.5  # (T, R*R)
-    r = F.pad(refs, (radius, radius + pw, radius, radius + ph))
-    r = F.unfold(r, side, stride=tile).reshape(k, c, side * side, -1)  # (K, C, R*R, T)
-    r = r.permute(3, 0, 2, 1).reshape(-1, k * side * side, c)  # (T, K*R*R, C)
-    d = torch.baddbmm(r.pow(2).sum(2).unsqueeze(1), q, r.transpose(1, 2), alpha=-2.0)
+    # channels-last padded references; every tile's candidate region is a strided view, copied once
+    r = F.pad(refs, (radius, radius + pw, radius, radius + ph)).permute(0, 2, 3, 1).contiguous()  # (K, H', W', C)
+    r2 = r.pow(2).sum(-1)  # (K, H', W')
+    sk, sh, sw, sc = r.stride()
+    cand = r.as_strided((th, tw, k, side, side, c), (tile * sh, tile * sw, sk, sh, sw, sc))
+    cand = cand.reshape(t, k * side * side, c)  # (T, K*R*R, C)
+    zk, zh, zw = r2.stride()
+    cand2 = r2.as_strided((th, tw, k, side, side), (tile * zh, tile * zw, zk, zh, zw)).reshape(t, 1, -1)
+    d = torch.baddbmm(cand2, q, cand.transpose(1, 2), alpha=-2.0)
     d += q.pow(2).sum(2, keepdim=True)  # (T, t*t, K*R*R)
     dy, dx = _window_offsets(tile, radius, query.device)
     bad = (dy.abs() > radius) | (dx.abs() > radius)

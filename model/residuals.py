@@ -221,11 +221,12 @@ class ResidualEngine:
 
     def _finish(self, base: ReferenceBank, raw: torch.Tensor, keys: list[str], uniq: list[str],
                 key: str, shape: list[int]) -> ReferenceBank:
-        proj = base.project(raw) if raw.shape[0] else raw
+        proj = torch.cat([base.project(raw[i:i + 16]) for i in range(0, raw.shape[0], 16)]) if raw.shape[0] else raw
+        proj = proj.half()
         if len(base):
             if proj.shape[0] and proj.shape[2:] != base.features.shape[2:]:
-                proj = F.interpolate(proj, size=base.grid, mode="bilinear", align_corners=False)
-            feats = torch.cat([base.features.float(), proj]) if proj.shape[0] else base.features.float()
+                proj = F.interpolate(proj.float(), size=base.grid, mode="bilinear", align_corners=False).half()
+            feats = torch.cat([base.features, proj]) if proj.shape[0] else base.features
             keys = list(base.keys) + keys
         else:
             feats = proj
@@ -236,9 +237,10 @@ class ResidualEngine:
         if feats.shape[0] > self.cfg.max_refs:
             keep = kcenter(desc, self.cfg.max_refs)
             feats, desc, keys = feats[keep], desc[keep], [keys[i] for i in keep]
-        rms = float(feats.pow(2).sum(1).mean().sqrt())
+        sq = sum(float(feats[i:i + 16].float().pow(2).sum()) for i in range(0, feats.shape[0], 16))
+        rms = (sq / (feats.shape[0] * feats.shape[2] * feats.shape[3])) ** 0.5
         shape = base.meta.get("image_shape") or shape
-        bank = ReferenceBank(feats.half(), desc, keys, uniq, base.mean, base.components, rms, key,
+        bank = ReferenceBank(feats, desc, keys, uniq, base.mean, base.components, rms, key,
                              {"n_sources": len(uniq), "n_views": int(feats.shape[0]), "image_shape": shape})
         self._calibrate(bank)
         return bank
@@ -252,13 +254,10 @@ class ResidualEngine:
         step = max(1, len(present) // self.cfg.calib_n)
         scores = []
         for src in present[::step][: self.cfg.calib_n]:
-            own = [i for i, k in enumerate(bank.keys) if k == src]
-            rest = [i for i, k in enumerate(bank.keys) if k != src]
-            sub = ReferenceBank(bank.features[rest], bank.desc[rest], [bank.keys[i] for i in rest], [],
-                                feat_rms=bank.feat_rms)
-            q = bank.features[own[0]].to(self.extractor.device, torch.float32)
+            own = torch.tensor([k == src for k in bank.keys])
+            q = bank.features[int(own.nonzero()[0])].to(self.extractor.device, torch.float32)
             with torch.inference_mode():
-                matched, _ = self._match(q, sub)
+                matched, _ = self._match(q, bank, skip=own)
             amap = self.to_image((matched - q).norm(dim=0).cpu().numpy(), tuple(bank.meta["image_shape"]))
             scores.append(float(amap.max()))
         bank.meta["normal_scores"] = scores
@@ -279,12 +278,12 @@ class ResidualEngine:
                 grid = f.shape[2:]
             elif f.shape[2:] != grid:
                 f = F.interpolate(f, size=tuple(grid), mode="bilinear", align_corners=False)
-            feats.append(f)
+            feats.append(f.half())  # fp16 from here on: the bank is stored in fp16 anyway
             keys += [h] * len(views)
             if progress is not None:
                 progress(n + 1, len(sources))
         if not feats:
-            return torch.empty(0, ext.dim, 0, 0), [], []
+            return torch.empty(0, ext.dim, 0, 0, dtype=torch.float16), [], []
         return torch.cat(feats), keys, shape
 
     # ---- residuals ----------------------------------------------------------------------------------------
@@ -304,12 +303,14 @@ class ResidualEngine:
         amap = self.to_image(grid_map, img.shape[:2])
         return ResidualState(residual, q, grid_map, amap, float(amap.max()), tuple(img.shape[:2]), idx, img)
 
-    def _match(self, q: torch.Tensor, bank: ReferenceBank) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def _match(self, q: torch.Tensor, bank: ReferenceBank,
+               skip: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
         c, h, w = q.shape
         if len(bank) == 0:
             _, index = match(q, q[None], None, exclude=self.cfg.self_exclude)
             return q.reshape(c, -1)[:, index.flatten()].reshape(c, h, w), ()
-        top = retrieve(descriptors(q[None], self.cfg.retrieval_cell)[0].cpu(), bank.desc, self.cfg.k_refs)
+        top = retrieve(descriptors(q[None], self.cfg.retrieval_cell)[0].cpu(), bank.desc, self.cfg.k_refs,
+                       skip=skip)
         refs = bank.features[top].to(q.device, torch.float32)
         if self.cfg.match == "softpos":
             qs = with_position(q[None], self.cfg.pos_weight, bank.feat_rms)[0]

@@ -104,3 +104,11 @@ def test_bank_payload_round_trip_and_projection():
     raw = torch.randn(1, 6, 4, 5)
     assert torch.allclose(again.project(raw), raw[:, :3])
     assert bank.nbytes > feats.numel() * 2
+
+
+def test_retrieve_never_returns_skipped_views():
+    g = torch.Generator().manual_seed(6)
+    bank = torch.randn(6, 4, 3, 3, generator=g)
+    skip = torch.tensor([True, False, True, False, False, False])
+    top = retrieve(bank[0], bank, k=10, skip=skip)  # view 0 (the query itself) would rank first
+    assert sorted(top.tolist()) == [1, 3, 4, 5]
