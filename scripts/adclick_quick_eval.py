@@ -1,6 +1,6 @@
 """Quick check of a trained ADClick checkpoint against the zero-training click mode on the first N test images
-of each defect type (5 simulated clicks, no prompt, bank = every second train/good image, Lite0 levels 4,10
-as in training). The full comparison is `python -m model.bench clicks`; this is the fast sanity check.
+of each defect type (5 simulated clicks, no prompt, bank = every second train/good image, the engine config
+the weights were trained with: Lite0 levels 4,10 with level norm, k_refs 10, window 4, sigma 4).
 
   python scripts/adclick_quick_eval.py --weights data/adclick_cpu/adclick.pt \
       --dataset ../shared/datasets/mvtec3d_tire --n 2
@@ -8,6 +8,7 @@ as in training). The full comparison is `python -m model.bench clicks`; this is 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from model.data import list_images
 from model.features import BackboneConfig
 from model.modeling.adclick import ARCH, AdClickConfig, AdClickNet
 from model.predictor import AdClickPredictor
-from model.residuals import ResidualEngine, load_image
+from model.residuals import ResidualConfig, ResidualEngine, load_image
 
 
 def main() -> None:
@@ -30,10 +31,16 @@ def main() -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--n", type=int, default=2)
     p.add_argument("--cache-dir", default="data/adclick_cpu/banks")
+    p.add_argument("--backbone", default='{"levels": [4, 10], "level_norm": true}',
+                   help="BackboneConfig overrides (JSON): the engine the weights were trained with")
+    p.add_argument("--residual", default='{"k_refs": 10, "window_radius": 4, "smooth_sigma": 4.0}',
+                   help="ResidualConfig overrides (JSON)")
     args = p.parse_args()
     torch.set_num_threads(1)
     root = Path(args.dataset)
-    engine = ResidualEngine(BackboneConfig(device="cpu", levels=(4, 10)), cache_dir=args.cache_dir)
+    bb = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.backbone).items()}
+    engine = ResidualEngine(BackboneConfig(device="cpu", **bb), ResidualConfig(**json.loads(args.residual)),
+                            cache_dir=args.cache_dir)
     bank = engine.build_bank([load_image(q) for q in list_images(root / "train" / "good")[::2]])
     ckpt = load_checkpoint(args.weights, expected_arch=ARCH)
     net = AdClickNet(AdClickConfig.from_dict(ckpt["config"]))
