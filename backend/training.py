@@ -11,7 +11,7 @@ trained on the project's labels (backend/seg_labels.py: newest annotation per ta
 verdicts; images through the service's loader, residuals against the new bank) and published atomically as
 `adclick-seg-v<N>` (model/train_seg.py, model/versions.py); that version then serves batch predictions.
 Knobs (Settings fields when present, else the defaults below; per-project `extra_params` override them):
-seg_keep_versions (3), seg_fit_steps (300), seg_holdout (0.2), seg_max_ok_images (20)."""
+seg_keep_versions (3), seg_fit_steps (60), seg_holdout (0.2), seg_max_ok_images (20)."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def sync_references(
     }
 
 
-SEG_DEFAULTS = {"seg_keep_versions": 3, "seg_fit_steps": 300, "seg_holdout": 0.2, "seg_max_ok_images": 20}
+SEG_DEFAULTS = {"seg_keep_versions": 3, "seg_fit_steps": 60, "seg_holdout": 0.2, "seg_max_ok_images": 20}
 _TEXT: dict[str, Any] = {}
 _TEXT_LOCK = threading.Lock()
 

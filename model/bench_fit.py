@@ -165,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from model.bench import _overrides
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     fit = dataclasses.replace(FitConfig(), steps=args.steps, **_overrides(args.fit_opt))
@@ -176,13 +177,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pool, test = loaded.examples[: max(sizes)], loaded.examples[max(sizes):]
     test_unsup = loaded.unsupervised[max(sizes):]
     result: dict[str, Any] = {"unsupervised": evaluate(test_unsup, test)}
+    print("unsupervised: " + " ".join(f"{k} {result['unsupervised'][k]:.4f}" for k in KEYS[:-1]), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-fit-versions-") as tmp:
         for kind in args.kinds.split(","):
             result[kind] = {}
             for n in sizes:
                 train = pool[:n] if kind == "masks" else [as_boxes(e) for e in pool[:n]]
                 result[kind][str(n)] = run_one(train, test, loaded, fit, Path(tmp) / f"{kind}-{n}")
-                logger.info("%s %d: %s", kind, n, {k: round(v, 4) for k, v in result[kind][str(n)].items()})
+                row = result[kind][str(n)]
+                print(f"{kind} {n}: " + " ".join(f"{k} {row[k]:.4f}" for k in KEYS), flush=True)
     result["config"] = {"dataset": str(args.dataset), "sizes": sizes, "n_test": len(test), "seed": args.seed,
                         "fit": fit.to_dict(), "threads": torch.get_num_threads(), **loaded.stats}
     _table(result)

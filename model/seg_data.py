@@ -57,6 +57,7 @@ class SegExample:
 class BlockRule:
     pos_fraction: float = 0.25  # a block is a defect when at least this fraction of it is defect
     min_fraction: float = 0.02  # a small component still marks its best block when it covers this much
+    soft_band: bool = False  # partially covered blocks: their fraction as a soft target instead of ignored
 
 
 @dataclass
@@ -75,7 +76,8 @@ def block_labels(mask: np.ndarray, grid: tuple[int, int], rule: BlockRule) -> np
     """(h, w) float codes from one (H, W) mask: 1 defect, 0 normal, IGNORE for the partial-coverage band.
     Each connected defect component keeps at least its best-covered block as a defect."""
     frac = block_fraction(mask, grid)
-    out = np.where(frac >= rule.pos_fraction, 1.0, np.where(frac > 1e-6, IGNORE, 0.0)).astype(np.float32)
+    band = frac if rule.soft_band else IGNORE
+    out = np.where(frac >= rule.pos_fraction, 1.0, np.where(frac > 1e-6, band, 0.0)).astype(np.float32)
     comps, n = ndimage.label(frac > 1e-6)
     for i in range(1, n + 1):
         sel = comps == i

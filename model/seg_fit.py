@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.modeling.adclick_seg import AdClickSeg
-from model.seg_data import IGNORE, UNLABELLED, SegExample, Targets, build_targets
+from model.seg_data import IGNORE, UNLABELLED, BlockRule, SegExample, Targets, build_targets
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
 @dataclass(frozen=True)
 class FitConfig:
-    steps: int = 300
+    steps: int = 60  # few-label fits overfit quickly: 60 steps were best on the tire learning curve
     batch: int = 8
     crop: int = 24  # tokens per crop side
     lr: float = 2e-3
@@ -39,8 +39,10 @@ class FitConfig:
     unlabelled_weight: float = 0.5
     bag_weight: float = 0.3
     mixup_alpha: float = 0.75
-    mixup_prob: float = 0.3
-    shake: float = 0.1
+    mixup_prob: float = 0.6
+    shake: float = 0.25
+    pos_share: float = 0.5  # share of the labelled loss given to defect blocks (the rest: normal blocks)
+    soft_band: bool = False  # BlockRule.soft_band: partially covered blocks trained on their fraction
     seed: int = 0
     log_every: int = 25
 
@@ -137,8 +139,8 @@ def _weights(y: torch.Tensor, kind: torch.Tensor, cfg: FitConfig, ramp: float) -
         pos = lab & (y[:, m] >= 0.5)
         neg = lab & (y[:, m] < 0.5)
         unl = kind[:, m] == 2
-        w[:, m][pos] = 0.5 / max(int(pos.sum()), 1)
-        w[:, m][neg] = 0.5 / max(int(neg.sum()), 1)
+        w[:, m][pos] = cfg.pos_share / max(int(pos.sum()), 1)
+        w[:, m][neg] = (1 - cfg.pos_share) / max(int(neg.sum()), 1)
         w[:, m][unl] = cfg.unlabelled_weight * ramp / max(int(unl.sum()), 1)
     return w / y.shape[1]
 
@@ -195,7 +197,8 @@ def fit_seg(
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model.fit_normalisation([e.residual for e in examples])
-    prepared = [_prepare(e, build_targets(e, labels), cfg.crop) for e in examples]
+    rule = BlockRule(soft_band=cfg.soft_band)
+    prepared = [_prepare(e, build_targets(e, labels, rule), cfg.crop) for e in examples]
     focusable = [i for i, p in enumerate(prepared) if len(p.focus)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(

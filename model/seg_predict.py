@@ -24,17 +24,27 @@ class HasResidual(Protocol):
     residual: Any  # (C, h, w) signed residual tokens, torch tensor or numpy array
 
 
-def predict_grid(model: AdClickSeg, residual: torch.Tensor, prompts: torch.Tensor) -> np.ndarray:
-    """(C, h, w) residual -> (L, h, w) float32 defect probabilities, one map per prompt."""
+def predict_grid(model: AdClickSeg, residual: torch.Tensor, prompts: torch.Tensor, flips: int = 2) -> np.ndarray:
+    """(C, h, w) residual -> (L, h, w) float32 defect probabilities, one map per prompt, averaged over
+    `flips` test-time flips (1 = none, 2 = + horizontal, 4 = + vertical and both)."""
+    x = torch.as_tensor(residual).float()[None]
+    dims = [[], [-1], [-2], [-2, -1]][: max(1, min(flips, 4))]
     with torch.inference_mode():
-        logits = model(torch.as_tensor(residual).float()[None], prompts)[0]
-    return torch.sigmoid(logits).numpy().astype(np.float32)
+        probs = [torch.sigmoid(model(torch.flip(x, d) if d else x, prompts)) for d in dims]
+        probs = [torch.flip(p, d) if d else p for p, d in zip(probs, dims)]
+    return torch.stack(probs).mean(0)[0].numpy().astype(np.float32)
 
 
-def to_image(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) block map -> (H, W) map, bilinear; the token grid spans the whole image."""
+SMOOTH_SIGMA = 4.0  # px, Gaussian smoothing at image resolution (as the residual engine's anomaly map)
+
+
+def to_image(grid: np.ndarray, size: tuple[int, int], sigma: float = SMOOTH_SIGMA) -> np.ndarray:
+    """(h, w) block map -> (H, W) map: bilinear (the token grid spans the whole image), then smoothed."""
     H, W = size
-    return cv2.resize(grid.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+    out = cv2.resize(grid.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+    if sigma > 0:
+        out = cv2.GaussianBlur(out, (0, 0), sigma)
+    return out.astype(np.float32)
 
 
 def best_f1_threshold(scores: np.ndarray, labels: np.ndarray, default: float = 0.5) -> float:
@@ -166,7 +176,7 @@ class SegDetector:
             if lab not in keyed:  # no prompt for it: it shares the any-defect map
                 masks[lab] = any_mask.copy()
                 label_scores[lab] = float(probs[0].max())
-        return AnomalyResult(anomaly_map=any_map, score=float(probs[0].max()), masks=masks,
+        return AnomalyResult(anomaly_map=any_map, score=float(any_map.max()), masks=masks,
                              label_scores=label_scores)
 
 

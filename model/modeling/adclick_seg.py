@@ -40,6 +40,7 @@ class SegConfig:
     stride: int = 4  # window stride in tokens at inference (overlapping windows, averaged)
     train_stride: int = 8  # window stride while training (non-overlapping: 4x cheaper; crops shift them)
     mlp_ratio: float = 2.0
+    in_drop: float = 0.0  # training-time dropout of whole residual channels (regularises few-label fits)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +68,7 @@ class AdClickSeg(nn.Module):
         self.register_buffer("res_std", torch.ones(c))
         self.register_buffer("score_mean", torch.zeros(()))
         self.register_buffer("score_std", torch.ones(()))
+        self.in_drop = nn.Dropout1d(cfg.in_drop)
         self.embed = nn.Sequential(nn.Linear(2 * c + 1, d), nn.GELU(), nn.Linear(d, d))
         self.pos = nn.Conv2d(d, d, 3, padding=1, groups=d)
         # the interactive ADClick's window block (same names and shapes: its weights initialise these)
@@ -104,6 +106,7 @@ class AdClickSeg(nn.Module):
         """(B, C, h, w) residual -> (B, D, h, w) contextual token features."""
         b, c, h, w = residual.shape
         r = (residual.float() - self.res_mean.view(1, c, 1, 1)) / self.res_std.view(1, c, 1, 1)
+        r = self.in_drop(r.flatten(2)).view(b, c, h, w)
         s = self.unsupervised_score(residual)[:, None]
         x = torch.cat([r, r.pow(2) - 1.0, s], dim=1).permute(0, 2, 3, 1)  # (B, h, w, 2C+1)
         x = self.embed(x).permute(0, 3, 1, 2)  # (B, D, h, w)
