@@ -34,9 +34,10 @@ logger = logging.getLogger(__name__)
 class ClickModeConfig:
     grow_frac: float = 0.5  # threshold = bg + grow_frac * (peak - bg)
     bg_window: int = 64  # px: half size of the window around the seed whose `bg_pct` percentile is bg
-    bg_pct: float = 88.0
+    bg_pct: float = 80.0
     seed_radius: int = 12  # px: where the peak near a positive click is looked for
-    click_radius: int = 8  # px: disk kept around positive / removed around negative clicks
+    click_radius: int = 6  # px: disk kept around positive / removed around negative clicks
+    max_click_radius: int = 16  # px: a correcting click's disk may grow to its distance from the mask edge
     detect_margin: float = 1.0  # detect threshold = margin x max normal score of the bank's calibration
     detect_k: float = 10.0  # without calibration: median + detect_k x robust sigma (1.4826 MAD) of the map
     min_area: int = 16  # px: smallest region reported by detect
@@ -89,13 +90,28 @@ class ResidualClickPredictor:
         if self.cfg.refine and state.image is not None and mask.any():
             mask = self._refine(state.image, mask, pts, inside)
         for c, y, x in pts:
-            disk = _disk((H, W), x, y, self.cfg.click_radius)
+            disk = _disk((H, W), x, y, self._click_radius(mask, c.positive, y, x))
             mask = mask | disk if c.positive else mask & ~disk
         if inside is not None:
             mask &= inside
         prob = self._prob(amap, mask, bg)
         score = float(prob[mask].mean()) if mask.any() else 0.0
         return ClickResult(prob=prob, mask=mask, score=score)
+
+    def _click_radius(self, mask: np.ndarray, positive: bool, y: int, x: int) -> int:
+        """Disk radius of a correcting click: an annotator clicks the middle of the error, so a positive click
+        outside the mask (negative click inside it) at distance d from its edge marks an error about d deep;
+        the disk spans that distance (at least `click_radius`, at most `max_click_radius`)."""
+        r = self.cfg.click_radius
+        if self.cfg.max_click_radius <= r or mask[y, x] != (not positive):
+            return r
+        m = self.cfg.max_click_radius
+        y0, y1, x0, x1 = max(0, y - m), y + m + 1, max(0, x - m), x + m + 1
+        ys, xs = np.nonzero(mask[y0:y1, x0:x1] != mask[y, x])
+        if len(ys) == 0:
+            return r
+        d = float(np.sqrt(((ys + y0 - y) ** 2 + (xs + x0 - x) ** 2).min()))
+        return int(min(m, max(r, round(d))))
 
     def _grow(self, amap, bg, y, x, negs, inside) -> np.ndarray:
         """Region of one positive click: the component holding the click of {map >= thr}; thr is halfway between

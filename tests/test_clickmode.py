@@ -112,3 +112,15 @@ def test_end_to_end_on_synthetic_defect(normal_textures, defect_texture):
     assert found.masks[""][mask].mean() > 0.5 and found.masks[""].sum() < 0.15 * mask.size
     from tests.conftest import texture
     assert pred.detect(pred.set_image(texture(shift=(2, 1), seed=77))).masks == {}
+
+
+def test_correcting_click_disk_reaches_the_mask_edge(predictor):
+    amap = 1.0 + blob(40, 40, 5, 4.0)
+    first = predictor.predict(state_of(amap), [Click(40, 40)])
+    edge = max(x for x in range(W) if first.mask[40, x])
+    far = edge + 12  # a positive click 12 px right of the mask, where the map sees nothing
+    second = predictor.predict(state_of(amap), [Click(40, 40), Click(far, 40)])
+    assert second.mask[40, edge + 6]  # the gap between mask and click is filled ...
+    assert not second.mask[40, min(W - 1, far + 14)]  # ... but the disk stays bounded
+    lone = predictor.predict(state_of(amap), [Click(40, 40), Click(100, 70)])  # far from the mask
+    assert lone.mask[70, 100] and lone.mask[70, 100 + 6] and not lone.mask[70, 100 + 8]
