@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import cv2
 import numpy as np
@@ -30,15 +30,15 @@ class TaskLabels:
     image_ref: str
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # label -> (h, w) bool at the region's size
     boxes: list[tuple[str, Box]] = field(default_factory=list)  # (label, box in pixels of `size`)
-    verdict: Optional[bool] = None  # True anomalous, False OK
-    size: Optional[tuple[int, int]] = None  # (H, W) the regions were drawn on
+    verdict: bool | None = None  # True anomalous, False OK
+    size: tuple[int, int] | None = None  # (H, W) the regions were drawn on
 
     @property
     def has_defect_location(self) -> bool:
         return any(m.any() for m in self.masks.values()) or bool(self.boxes)
 
 
-def newest_annotation(task: dict) -> Optional[dict]:
+def newest_annotation(task: dict) -> dict | None:
     """The task's newest annotation that was not skipped/cancelled, or None."""
     kept = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
     if not kept:
@@ -57,7 +57,7 @@ def _label(region: dict, key: str, cfg: LabelConfig) -> str:
         return ANY
 
 
-def decode_brush(region: dict) -> Optional[np.ndarray]:
+def decode_brush(region: dict) -> np.ndarray | None:
     """(H, W) bool mask of a brushlabels region (RLE alpha channel), or None when it cannot be decoded."""
     try:
         h, w = int(region["original_height"]), int(region["original_width"])
@@ -68,7 +68,7 @@ def decode_brush(region: dict) -> Optional[np.ndarray]:
         return None
 
 
-def rectangle_box(region: dict) -> Optional[Box]:
+def rectangle_box(region: dict) -> Box | None:
     """Pixel box (x0, y0, x1, y1) of a rectanglelabels region (percent coordinates, rotation ignored)."""
     try:
         v, w, h = region["value"], float(region["original_width"]), float(region["original_height"])
@@ -82,7 +82,7 @@ def rectangle_box(region: dict) -> Optional[Box]:
     return (max(0.0, x0), max(0.0, y0), min(w, x1), min(h, y1))
 
 
-def task_labels(task: dict, cfg: LabelConfig) -> Optional[TaskLabels]:
+def task_labels(task: dict, cfg: LabelConfig) -> TaskLabels | None:
     """The ADClick-Seg labels of a task's newest annotation; None when it teaches nothing."""
     ann = newest_annotation(task)
     if ann is None:

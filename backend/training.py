@@ -21,9 +21,10 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -190,7 +191,7 @@ def seg_examples(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, ba
 
 
 def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank: Any, ctx: TrainingContext,
-              event: dict) -> Optional[dict]:
+              event: dict) -> dict | None:
     """Train and publish a new ADClick-Seg version; None when no annotation locates a defect yet."""
     from model.seg_fit import FitConfig
     from model.train_seg import SegTrainConfig, prompt_matrix, train_version

@@ -17,9 +17,10 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def as_boxes(ex: SegExample) -> SegExample:
     return dataclasses.replace(ex, masks={}, boxes=boxes)
 
 
-def _residual_cache(args, engine, bank) -> Optional[Path]:
+def _residual_cache(args, engine, bank) -> Path | None:
     if not args.cache_dir:
         return None
     tag = hashlib.sha1(f"{engine.config_hash()}|{bank.key}".encode()).hexdigest()[:12]
@@ -60,7 +61,7 @@ def _residual_cache(args, engine, bank) -> Optional[Path]:
     return path
 
 
-def _state(engine, bank, image: np.ndarray, cache: Optional[Path], stem: str) -> tuple[torch.Tensor, np.ndarray]:
+def _state(engine, bank, image: np.ndarray, cache: Path | None, stem: str) -> tuple[torch.Tensor, np.ndarray]:
     file = cache / f"{stem}.pt" if cache else None
     if file is not None and file.is_file():
         saved = torch.load(file, map_location="cpu", weights_only=True)
@@ -149,7 +150,7 @@ def _table(result: dict) -> None:
         print(f"{name:<14}" + "".join(f"{r.get(k, float('nan')):>13.4f}" for k in KEYS))
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from model.bench import _common
 
     p = argparse.ArgumentParser(prog="python -m model.bench fit", description=__doc__.split("\n\n")[0])
@@ -161,7 +162,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from model.bench import _overrides
 
     args = parse_args(argv)

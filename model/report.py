@@ -5,21 +5,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import precision_recall_curve
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Overlay:
-    image: Optional[np.ndarray]  # (H, W, 3) uint8, or None (then the map is drawn on grey)
+    image: np.ndarray | None  # (H, W, 3) uint8, or None (then the map is drawn on grey)
     prob: np.ndarray  # (H, W) float predicted defect probability
     label: np.ndarray  # (H, W) bool labelled defect
     pred: np.ndarray  # (H, W) bool thresholded prediction
@@ -36,8 +35,8 @@ def _pr(ax, maps: list[np.ndarray], masks: list[np.ndarray], name: str, step: in
 
 
 def write_report(path: str | Path, title: str, maps: list[np.ndarray], masks: list[np.ndarray],
-                 overlays: list[Overlay], baseline: Optional[list[np.ndarray]] = None,
-                 figures: Optional[dict[str, float]] = None) -> Path:
+                 overlays: list[Overlay], baseline: list[np.ndarray] | None = None,
+                 figures: dict[str, float] | None = None) -> Path:
     """Write the PNG to `path` (its folder must exist). `maps`/`masks`: the evaluated (H, W) maps and labels."""
     path = Path(path)
     n = 1 + min(len(overlays), 4)

@@ -13,7 +13,6 @@ the whole image one bag; an annotation with neither regions nor a verdict teache
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -33,9 +32,9 @@ class SegExample:
     image_size: tuple[int, int]  # (H, W) of the original image
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # label -> (H, W) bool
     boxes: list[tuple[str, Box]] = field(default_factory=list)  # (label, (x0, y0, x1, y1)) weak labels
-    verdict: Optional[bool] = None  # True anomalous, False OK, None not given
+    verdict: bool | None = None  # True anomalous, False OK, None not given
     key: str = ""
-    image: Optional[np.ndarray] = None  # (H, W, 3) uint8, kept only for report overlays
+    image: np.ndarray | None = None  # (H, W, 3) uint8, kept only for report overlays
 
     @property
     def has_masks(self) -> bool:
@@ -145,7 +144,7 @@ def _apply_boxes(ex: SegExample, labels: list[str], grid, target: np.ndarray, ba
 
 def boxes_from_mask(mask: np.ndarray, min_area: int = 1, pad: int = 2) -> list[Box]:
     """Axis-aligned boxes around the connected components of an (H, W) mask (benchmark weak labels)."""
-    comps, n = ndimage.label(mask)
+    comps, _ = ndimage.label(mask)
     boxes: list[Box] = []
     H, W = mask.shape
     for sl in ndimage.find_objects(comps):

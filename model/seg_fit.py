@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class _Prepared:
 
 
 def _prepare(ex: SegExample, t: Targets, crop: int) -> _Prepared:
-    c, h, w = ex.residual.shape
+    _, h, w = ex.residual.shape
     ph, pw = max(0, crop - h), max(0, crop - w)
     res = F.pad(ex.residual.float(), (0, pw, 0, ph))
     tgt = F.pad(t.target, (0, pw, 0, ph), value=IGNORE)
@@ -186,7 +186,7 @@ def fit_seg(
     labels: list[str],
     prompts: torch.Tensor,
     cfg: FitConfig = FitConfig(),
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> list[float]:
     """Train `model` in place on `examples` for maps [ANY, *labels] (`prompts` (1+len(labels), P)).
     Returns the loss per logged interval (mean over `cfg.log_every` steps)."""

@@ -3,7 +3,7 @@ and `SegDetector`, the batch pre-annotation detector of one trained project vers
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -145,7 +145,7 @@ class SegDetector:
         self._object = object_name
         self.meta: dict[str, Any] = dict(ckpt.get("meta", {}))
 
-    def _prompt(self, label: str) -> Optional[torch.Tensor]:
+    def _prompt(self, label: str) -> torch.Tensor | None:
         if label in self._prompts:
             return self._prompts[label]
         if self._text is not None:
@@ -154,8 +154,8 @@ class SegDetector:
                 return vec.float()
         return None
 
-    def detect(self, state: HasResidual, labels: Optional[list[str]] = None,
-               image_size: Optional[tuple[int, int]] = None) -> AnomalyResult:
+    def detect(self, state: HasResidual, labels: list[str] | None = None,
+               image_size: tuple[int, int] | None = None) -> AnomalyResult:
         labels = list(self.labels if labels is None else labels)
         size = image_size or _state_size(state)
         rows = [self._prompt(ANY)]

@@ -14,9 +14,10 @@ import argparse
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +38,10 @@ ADCLICK_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "adclick.pt"
 @dataclass(frozen=True)
 class SegTrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # SegConfig overrides (dim, depth, window, ...)
-    fit: FitConfig = FitConfig()
+    fit: FitConfig = field(default_factory=FitConfig)
     holdout: float = 0.2  # fraction of the evaluable labelled images kept out of training
     min_for_holdout: int = 4  # fewer evaluable images than this: no held-out part (train on all)
-    init_weights: Optional[str] = None  # ADClick checkpoint; None = weights/adclick.pt when present
+    init_weights: str | None = None  # ADClick checkpoint; None = weights/adclick.pt when present
     seed: int = 0
 
 
@@ -53,7 +54,7 @@ def prompt_matrix(encoder: Any, labels: Sequence[str], object_name: str = "") ->
     return torch.stack(rows).float()
 
 
-def init_from_adclick(model: AdClickSeg, path: Optional[str | Path]) -> int:
+def init_from_adclick(model: AdClickSeg, path: str | Path | None) -> int:
     """Copy the interactive ADClick's transformer blocks and position encoding where shapes match."""
     path = Path(path) if path else ADCLICK_WEIGHTS
     if not path.is_file():
@@ -74,7 +75,7 @@ def split_holdout(examples: list[SegExample], frac: float, minimum: int, seed: i
     normal = [i for i in evaluable if not examples[i].masks]
     held = set()
     for group in (defective, normal):  # stratified: defective and OK images in proportion
-        k = int(round(frac * len(group)))
+        k = round(frac * len(group))
         held.update(rng.permutation(group)[:k].tolist())
     train = [e for i, e in enumerate(examples) if i not in held]
     if not any(e.masks or e.boxes or e.verdict for e in train):
@@ -96,8 +97,8 @@ def _eval_part(model, examples, prompts, thresholds):
 
 
 def train_version(examples: list[SegExample], labels: list[str], prompts: torch.Tensor, store: VersionStore,
-                  cfg: SegTrainConfig = SegTrainConfig(), progress: Optional[Progress] = None,
-                  meta: Optional[dict[str, Any]] = None) -> tuple[VersionInfo, dict[str, Any]]:
+                  cfg: SegTrainConfig = SegTrainConfig(), progress: Progress | None = None,
+                  meta: dict[str, Any] | None = None) -> tuple[VersionInfo, dict[str, Any]]:
     """Train, evaluate and publish one version; returns (its VersionInfo, its figures)."""
     t0 = time.monotonic()
     usable = [e for e in examples if e.usable]
@@ -135,7 +136,7 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     from model.bench import _common  # the shared --dataset/--device/--backbone-opt/... flags
 
     p = argparse.ArgumentParser(prog="python -m model.train seg", description=__doc__.split("\n\n")[0])
@@ -148,7 +149,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from model.bench_fit import load_examples  # dataset -> residual examples, shared with the benchmark
 
     args = _parse(argv)

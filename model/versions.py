@@ -22,10 +22,11 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ def version_name(number: int, prefix: str = PREFIX) -> str:
     return f"{prefix}-v{number}"
 
 
-def project_store(model_dir: str | Path, project: str | int, keep: int = 3) -> "VersionStore":
+def project_store(model_dir: str | Path, project: str | int, keep: int = 3) -> VersionStore:
     """The store of one Label Studio project under MODEL_DIR (project ids like "12.1700000000" -> "12")."""
     pid = str(project).split(".")[0]
     if not re.fullmatch(r"[A-Za-z0-9_-]+", pid):
@@ -116,7 +117,7 @@ class VersionStore:
                 found.append((int(m.group(1)), child))
         return [self._info(n, p) for n, p in sorted(found)]
 
-    def latest(self) -> Optional[VersionInfo]:
+    def latest(self) -> VersionInfo | None:
         versions = self.list()
         return versions[-1] if versions else None
 
@@ -127,7 +128,7 @@ class VersionStore:
             raise VersionNotFound(f"no model version {name!r} in {self.root}")
         return self._info(int(m.group(1)), path)
 
-    def load(self, name: Optional[str] = None) -> tuple[dict[str, Any], VersionInfo]:
+    def load(self, name: str | None = None) -> tuple[dict[str, Any], VersionInfo]:
         """The checkpoint dict ({arch, config, state_dict, meta}) of `name` (default: latest)."""
         info = self.get(name) if name else self.latest()
         if info is None:
@@ -147,13 +148,12 @@ class VersionStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with _thread_lock(self.root):
-            with open(self.root / ".lock", "a+") as fh:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with _thread_lock(self.root), open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _next_number(self) -> int:
         issued = 0
@@ -176,7 +176,7 @@ class VersionStore:
         self,
         checkpoint: dict[str, Any],
         meta: dict[str, Any],
-        write_extra: Optional[Callable[[Path, str], None]] = None,
+        write_extra: Callable[[Path, str], None] | None = None,
     ) -> VersionInfo:
         """Publish a new version. `write_extra(tmp_dir, name)` may add files (a report) before publishing.
         Either the whole version appears or none of it does."""

@@ -21,7 +21,7 @@ METRICS = {"pixel_ap", "au_pro", "pixel_auroc", "image_auroc"}
 
 
 def _texture(rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:H, 0:W]
+    _, xx = np.mgrid[0:H, 0:W]
     base = 100 + 40 * np.sin(xx / 2.5)[..., None] * np.ones(3) + rng.normal(0, 5, (H, W, 3))
     return np.clip(base, 0, 255).astype(np.uint8)
 

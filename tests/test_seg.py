@@ -10,8 +10,16 @@ import torch.nn.functional as F
 
 from model.modeling.adclick import AdClickConfig, AdClickNet
 from model.modeling.adclick_seg import AdClickSeg, SegConfig
-from model.seg_data import (ANY, IGNORE, UNLABELLED, BlockRule, SegExample, block_labels, boxes_from_mask,
-                            build_targets)
+from model.seg_data import (
+    ANY,
+    IGNORE,
+    UNLABELLED,
+    BlockRule,
+    SegExample,
+    block_labels,
+    boxes_from_mask,
+    build_targets,
+)
 from model.seg_fit import FitConfig, fit_seg
 from model.seg_predict import SegDetector, evaluate, make_checkpoint
 from model.train_seg import SegTrainConfig, init_from_adclick, train_version
@@ -19,7 +27,7 @@ from model.versions import VersionStore
 from tests.seg_synth import C, make_set
 
 torch.set_num_threads(1)  # the CI machine is shared: one thread avoids oversubscription stalls
-SMALL = dict(dim=32, depth=1, heads=2, window=8, stride=4, train_stride=8)
+SMALL = {"dim": 32, "depth": 1, "heads": 2, "window": 8, "stride": 4, "train_stride": 8}
 PROMPTS = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
 
 

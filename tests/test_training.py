@@ -30,7 +30,7 @@ H, W = 96, 128
 
 def image_with_defect(seed: int, defect: bool) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:H, 0:W]
+    _, xx = np.mgrid[0:H, 0:W]
     base = 110 + 30 * np.sin(xx / 3.0)[..., None] + rng.normal(0, 4, (H, W, 3))
     mask = np.zeros((H, W), bool)
     if defect:
@@ -88,9 +88,10 @@ class FakeText:
 
 @pytest.fixture()
 def world(tmp_path, monkeypatch):
+    from label_studio_sdk.client import LabelStudio
+
     from model.features import BackboneConfig
     from model.residuals import ResidualEngine
-    from label_studio_sdk.client import LabelStudio
 
     monkeypatch.setattr(training, "text_encoder", lambda: FakeText())
     with RecordingServer() as server:
@@ -161,7 +162,7 @@ def test_fit_without_located_defects_keeps_the_reference_version(world) -> None:
 
 # ---- annotation parsing (pure) ------------------------------------------------------------------------------
 def test_newest_annotation_and_labels_from_regions() -> None:
-    img, mask = image_with_defect(1, True)
+    _, mask = image_with_defect(1, True)
     task = {"id": 3, "data": {"image": "x.png"}, "annotations": [
         ann([verdict("OK")], 1, "2026-03-01T00:00:00Z", cancelled=True),
         ann([brush_region(mask, "scratch", CFG, 1.0), rectangle(mask, "Dent")], 2, "2026-02-01T00:00:00Z"),
