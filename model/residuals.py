@@ -18,7 +18,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -214,7 +214,8 @@ class ResidualEngine:
             return cached
         feats, keys, shape = self._extract_sources(new, len(uniq) < self.cfg.augment_below, progress)
         if len(bank) == 0 and feats.shape[0] and bank.components is None and 0 < self.cfg.pca_dim < feats.shape[1]:
-            bank.mean, bank.components = fit_pca(feats, self.cfg.pca_dim)
+            mean, comps = fit_pca(feats, self.cfg.pca_dim)
+            bank = replace(bank, mean=mean, components=comps)  # never mutate the caller's bank
         out = self._finish(bank, feats, keys, uniq, key, shape)
         self._save(out)
         return out

@@ -158,3 +158,11 @@ def test_config_validation_and_version_hash():
     a = ResidualEngine(BB, ResidualConfig()).config_hash()
     assert a == ResidualEngine(BB, ResidualConfig()).config_hash() and len(a) == 8
     assert a != ResidualEngine(BB, ResidualConfig(k_refs=3)).config_hash()
+
+
+def test_extend_from_empty_bank_fits_projection_without_mutating_it(normal_textures):
+    eng = ResidualEngine(BB, ResidualConfig(pca_dim=16, augment_below=0))
+    empty = eng.build_bank([])
+    grown = eng.extend(empty, normal_textures[:3])
+    assert len(empty) == 0 and empty.components is None
+    assert len(grown) == 3 and grown.features.shape[1] == 16 and grown.components.shape[1] == 16
