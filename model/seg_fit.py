@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
 @dataclass(frozen=True)
 class FitConfig:
-    steps: int = 60  # few-label fits overfit quickly: 60 steps were best on the tire learning curve
+    steps: int = 60  # at most; few-label fits overfit quickly: 60 steps were best at 20 tire images
+    steps_per_image: int = 3  # steps = min(steps, max(20, this x labelled defect images)); 0 = always `steps`
     batch: int = 8
     crop: int = 24  # tokens per crop side
     lr: float = 2e-3
@@ -193,6 +194,9 @@ def fit_seg(
     examples = [e for e in examples if e.usable]
     if not examples:
         raise ValueError("no usable labelled example (masks, boxes or a verdict are needed)")
+    n_defect = sum(bool(e.masks or e.boxes or e.verdict) for e in examples)
+    if cfg.steps_per_image > 0:
+        cfg = replace(cfg, steps=min(cfg.steps, max(20, cfg.steps_per_image * n_defect)))
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -80,7 +80,7 @@ def test_training_from_masks_lowers_loss_and_beats_unsupervised() -> None:
     model.fit_normalisation([e.residual for e in train])
     model.eval()
     before = _ap(model, test)  # untrained = the unsupervised residual-norm ranking
-    history = fit_seg(model, train, ["scratch"], PROMPTS[:2], FitConfig(steps=150, crop=16, log_every=25))
+    history = fit_seg(model, train, ["scratch"], PROMPTS[:2], FitConfig(steps=150, steps_per_image=0, crop=16, log_every=25))
     after = _ap(model, test)
     assert history[-1] < 0.85 * history[0]
     assert after > before + 0.3, (before, after)
@@ -95,7 +95,7 @@ def test_training_from_boxes_only() -> None:
     model.fit_normalisation([e.residual for e in train])
     model.eval()
     before = _ap(model, test)
-    fit_seg(model, boxes, ["scratch"], PROMPTS[:2], FitConfig(steps=150, crop=16, log_every=25))
+    fit_seg(model, boxes, ["scratch"], PROMPTS[:2], FitConfig(steps=150, steps_per_image=0, crop=16, log_every=25))
     assert _ap(model, test) > before + 0.1
 
 
@@ -103,7 +103,7 @@ def test_prompt_selects_the_defect_type() -> None:
     labels = ["scratch", "dent"]  # opposite channel signatures
     train = make_set(0, 12, 2, labels=tuple(labels))
     model = _model()
-    fit_seg(model, train, labels, PROMPTS, FitConfig(steps=150, crop=16, log_every=50))
+    fit_seg(model, train, labels, PROMPTS, FitConfig(steps=150, steps_per_image=0, crop=16, log_every=50))
     ckpt = make_checkpoint(model, labels, PROMPTS, {ANY: 0.5, "scratch": 0.5, "dent": 0.5}, {})
     det = SegDetector(ckpt, "adclick-seg-v1")
     test = make_set(5, 6, 0, labels=tuple(labels))
@@ -159,7 +159,7 @@ def test_init_from_adclick_copies_matching_blocks(tmp_path) -> None:
 def test_train_version_publishes_checkpoint_metrics_and_report(tmp_path) -> None:
     examples = make_set(0, 8, 4)
     store = VersionStore(tmp_path, keep=2)
-    cfg = SegTrainConfig(model=SMALL, fit=FitConfig(steps=20, crop=16, log_every=10), init_weights=str(tmp_path / "none"))
+    cfg = SegTrainConfig(model=SMALL, fit=FitConfig(steps=20, steps_per_image=0, crop=16, log_every=10), init_weights=str(tmp_path / "none"))
     seen = []
     info, figures = train_version(examples, ["scratch"], PROMPTS[:2], store, cfg, progress=lambda f, m: seen.append(f))
     assert info.name == "adclick-seg-v1" and (info.path / "report.png").stat().st_size > 1000
