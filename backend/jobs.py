@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from backend.locks import ProjectLock
+from model.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +58,6 @@ def _blank(project: str) -> dict:
         "duration_s": None,
         "owner": None,
     }
-
-
-def _write_json_atomic(path: Path, obj: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".jobs-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class JobManager:
@@ -125,7 +112,7 @@ class JobManager:
                 try:
                     states = self._read()
                     yield states
-                    _write_json_atomic(self.state_path, {"projects": states})
+                    write_json_atomic(self.state_path, {"projects": states})
                 finally:
                     fcntl.flock(lock_fh, fcntl.LOCK_UN)
             self._cond.notify_all()

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model.atomic import atomic_write
 from model.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -18,19 +17,7 @@ _REQUIRED = ("arch", "config", "state_dict", "meta")
 
 def atomic_save(obj: Any, path: Path | str) -> Path:
     """torch.save to a temp file in the target folder, fsync, then os.replace: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def make_checkpoint(arch: str, config: dict, state_dict: dict, meta: dict | None = None) -> dict:

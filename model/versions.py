@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from model.atomic import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "adclick-seg"
@@ -79,19 +81,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class VersionStore:
@@ -203,7 +192,7 @@ class VersionStore:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _write_json_atomic(self.root / _COUNTER, {"issued": number})
+            write_json_atomic(self.root / _COUNTER, {"issued": number})
             self._prune()
             logger.info("published %s in %s", name, self.root)
             return self.get(name)
