@@ -19,7 +19,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from model.errors import InputError
+from model.errors import ConfigError, InputError
 from model.types import AnomalyResult, Box, Click, ClickResult
 
 logger = logging.getLogger(__name__)
@@ -147,4 +147,4 @@ class GrabCutPredictor:
         return (1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))).reshape(fg.shape).astype(np.float32)
 
     def detect(self, state: GrabCutState, labels: Optional[list[str]] = None) -> AnomalyResult:
-        raise NotImplementedError("GrabCut is a click-only baseline; it has no anomaly detection")
+        raise ConfigError("GrabCut is a click-only baseline; it has no anomaly detection (use it with clicks)")

@@ -14,6 +14,7 @@ to it by a plain resize. Images in one call must share a size (the engine calls 
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 import math
@@ -94,7 +95,7 @@ def _file_tag(path: str | None) -> str:
     return f"{p.name}:{st.st_size}:{int(st.st_mtime)}"
 
 
-class _Base:
+class _Base(abc.ABC):
     cfg: BackboneConfig
     _multiple: int
 
@@ -117,8 +118,9 @@ class _Base:
                 outs.append(self._forward(x).float().cpu())
         return torch.cat(outs)
 
+    @abc.abstractmethod
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, H, W) float in [0, 255]
-        raise NotImplementedError
+        """The backbone's patch features (B, C, h, w) at the extractor's stride."""
 
 
 class Lite0Extractor(_Base):

@@ -94,7 +94,7 @@ def test_grabcut_segments_a_coloured_blob_and_obeys_negative_clicks():
     neg = pred.predict(state, [Click(cx, cy, True), Click(cx + 2, cy, False)])
     assert not neg.mask[int(cy), int(cx) + 2]
     assert not pred.predict(state, []).mask.any()
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ConfigError, match="click-only"):
         pred.detect(state)
 
 
