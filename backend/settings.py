@@ -54,6 +54,10 @@ class Settings:
     bank_wait_s: float = 60.0  # a request waits this long for a project's first reference bank, then 503
     compute_concurrency: int = 2  # per-image computations (backbone passes) running at once per process
     redis_url: str = ""  # when set, fits run on RQ workers (backend/queue.py, backend/worker.py)
+    seg_keep_versions: int = 3  # ADClick-Seg versions kept per project
+    seg_fit_steps: int = 60  # most optimisation steps of one ADClick-Seg fit
+    seg_holdout: float = 0.2  # share of labelled images held out to evaluate each fit
+    seg_max_ok_images: int = 20  # most OK-verdict images used as all-normal training examples
 
     @property
     def auth_enabled(self) -> bool:
@@ -95,4 +99,8 @@ class Settings:
             bank_wait_s=_number(env, "BANK_WAIT_S", 60.0),
             compute_concurrency=int(_number(env, "COMPUTE_CONCURRENCY", 2, minimum=1)),
             warm_on_setup=_text(env, "WARM_ON_SETUP", "1").lower() not in ("0", "false", "no", "off"),
+            seg_keep_versions=int(_number(env, "SEG_KEEP_VERSIONS", 3, minimum=1)),
+            seg_fit_steps=int(_number(env, "SEG_FIT_STEPS", 60, minimum=1)),
+            seg_holdout=_number(env, "SEG_HOLDOUT", 0.2),
+            seg_max_ok_images=int(_number(env, "SEG_MAX_OK_IMAGES", 20)),
         )

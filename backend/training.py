@@ -10,8 +10,8 @@ Learning loop: when at least one annotation locates a defect (a brush mask or a 
 trained on the project's labels (backend/seg_labels.py: newest annotation per task, masks per label, boxes,
 verdicts; images through the service's loader, residuals against the new bank) and published atomically as
 `adclick-seg-v<N>` (model/train_seg.py, model/versions.py); that version then serves batch predictions.
-Knobs (Settings fields when present, else the defaults below; per-project `extra_params` override them):
-seg_keep_versions (3), seg_fit_steps (60), seg_holdout (0.2), seg_max_ok_images (20)."""
+Knobs (Settings, from the SEG_* environment variables in docs/SETTINGS.md; per-project `extra_params` override
+them): seg_keep_versions (3), seg_fit_steps (60), seg_holdout (0.2), seg_max_ok_images (20)."""
 
 from __future__ import annotations
 
