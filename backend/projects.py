@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
 
 from backend.errors import BadRequest
 from backend.locks import project_key
+from model.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +85,7 @@ class ProjectStore:
             current["label_config"] = label_config
         if extra_params is not None:
             current["extra_params"] = dict(extra_params)
-        path = self.dir(project) / "project.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(current, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(self.dir(project) / "project.json", current)
         with self._lock:
             self._memo[project] = dict(current)
         return current
@@ -113,12 +107,7 @@ class ProjectStore:
             return None
 
     def set_references_info(self, project: str, info: dict) -> None:
-        path = self.dir(project) / "references.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(info, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(self.dir(project) / "references.json", info)
 
     def reference_folders(self, project: str) -> list[Path]:
         folders = [self.env_normal_dir, str(self.extra_params(project).get("normal_dir") or "")]

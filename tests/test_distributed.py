@@ -101,6 +101,11 @@ def _torchrun(code: str, tmp_path: Path, device: str, backend: str, *extra: str)
     """2 ranks of `code` under torchrun on `device` (2 ranks share one GPU with gloo; NCCL needs 2 GPUs)."""
     script = tmp_path / "script.py"
     script.write_text(code)
+    _run_two_ranks(str(script), str(tmp_path), device, backend, *extra)
+
+
+def _run_two_ranks(*target: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 <target...>` on loopback, one thread per rank; fails with its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
@@ -109,14 +114,11 @@ def _torchrun(code: str, tmp_path: Path, device: str, backend: str, *extra: str)
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}",
-        str(script),
-        str(tmp_path),
-        device,
-        backend,
-        *extra,
+        *target,
     ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def _reference_state(seed: int = 0) -> dict:
@@ -276,26 +278,8 @@ def test_torchrun_train_cli_writes_one_model(tmp_path):
         "loop": {"steps": 4, "batch": 4, "lr": 3e-3, "warmup": 1, "max_rounds": 1, "log_every": 2},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "model.train",
-        "adclick",
-        "--config",
-        str(tmp_path / "config.json"),
-        "--prompts",
-        str(tmp_path / "prompts.pt"),
-        "--device",
-        "cpu",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_two_ranks("-m", "model.train", "adclick", "--config", str(tmp_path / "config.json"),
+                            "--prompts", str(tmp_path / "prompts.pt"), "--device", "cpu")
     weights = torch.load(tmp_path / "adclick.pt", weights_only=True)
     assert weights["meta"]["samples"] == len(samples) and weights["meta"]["final_loss"] > 0
     assert torch.load(tmp_path / "adclick.ckpt", weights_only=True)["meta"]["step"] == 4

@@ -6,18 +6,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backend import ls_format
 from backend.errors import BadRequest, LabelConfigError
-
-CONTRACT = """<View>
-  <Image name="image" value="$image" zoom="true" zoomControl="true"/>
-  <BrushLabels name="mask" toName="image"><Label value="Scratch"/><Label value="Dent"/></BrushLabels>
-  <KeyPointLabels name="click" toName="image" smart="true" smartOnly="true">
-    <Label value="Scratch"/><Label value="Dent"/></KeyPointLabels>
-  <RectangleLabels name="box" toName="image" smart="true" smartOnly="true">
-    <Label value="Scratch"/><Label value="Dent"/></RectangleLabels>
-  <TextArea name="prompt" toName="image" editable="true" maxSubmissions="1"/>
-  <Choices name="verdict" toName="image" choice="single">
-    <Choice value="OK"/><Choice value="Anomalous"/></Choices>
-</View>"""
+from tests.api_support import CONTRACT_CONFIG as CONTRACT  # the contract's label config
 
 MINIMAL = """<View><Image name="img" value="$photo"/>
   <BrushLabels name="b" toName="img"><Label value="Crack"/></BrushLabels></View>"""
