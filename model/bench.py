@@ -211,8 +211,9 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
         start = time.perf_counter()
         state = predictor.set_image(image)
         set_ms = (time.perf_counter() - start) * 1000.0
+        prompt = item.defect.replace("_", " ") if getattr(args, "prompt", "none") == "defect" else ""
         sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=range(1, 6),
-                       stop_iou=None if args.all_clicks else 0.90, min_clicks=5)
+                       stop_iou=None if args.all_clicks else 0.90, min_clicks=5, prompt=prompt)
         logger.info("clicks %s %s: IoU %s", getattr(predictor, "name", "?"), item.path.name,
                     " ".join(f"{v:.2f}" for v in sim.ious))
         prob5 = sim.probs[max(sim.probs)]  # after click 5 (or the last one when it stopped earlier)
@@ -241,6 +242,7 @@ def cmd_clicks(args) -> dict:
             _show(f"clicks {name}", results[name], CLICK_KEYS)
         stats["peak_rss_mb"] = peak_rss_mb()
         config = {"dataset": str(args.dataset), "predictors": names, "max_clicks": args.max_clicks,
+                  "prompt": args.prompt,
                   "thr": args.thr, "limit": args.limit, "refs": args.refs.split(",")[0],
                   "threads": torch.get_num_threads(), **_engine_config(engine), **stats}
         print_config(config, BANK_KEYS)
@@ -286,6 +288,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     _common(clicks, "window | softpos (matching of the residual engine)")
     clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors")
     clicks.add_argument("--max-clicks", type=int, default=20)
+    clicks.add_argument("--prompt", choices=("none", "defect"), default="none",
+                        help="text sent with every click: none, or the defect type (the test folder's name, as an "
+                             "annotator's label would give it); predictors without prompts ignore it")
     clicks.add_argument("--thr", type=float, default=0.49, help="prob threshold of the simulated mask")
     clicks.add_argument("--all-clicks", action="store_true",
                         help="always make max-clicks (default: stop at IoU 0.9 after 5 clicks)")

@@ -109,12 +109,13 @@ def simulate(
     keep_probs: Optional[Iterable[int]] = None,
     stop_iou: Optional[float] = None,
     min_clicks: int = 5,
+    prompt: str = "",
 ) -> SimResult:
     """Click on `state` like an annotator until `max_clicks` (or `stop_iou` after `min_clicks`).
 
     The prediction after each click is `prob > thr` (thr None: the predictor's own mask); the previous
     mask is passed back to the predictor. keep_probs: click numbers whose soft maps are returned
-    (None: all).
+    (None: all). prompt: the defect-type text sent with every click ("" = none).
     """
     gt = np.asarray(gt, dtype=bool)
     keep = None if keep_probs is None else set(keep_probs)
@@ -127,7 +128,7 @@ def simulate(
             break
         out.clicks.append(click)
         start = time.perf_counter()
-        result = predictor.predict(state, list(out.clicks), previous_mask=previous)
+        result = predictor.predict(state, list(out.clicks), prompt=prompt, previous_mask=previous)
         out.predict_ms.append((time.perf_counter() - start) * 1000.0)
         pred = result.mask.astype(bool) if thr is None else result.prob > thr
         previous = pred

@@ -42,8 +42,7 @@ class AdClickState:
 
     @property
     def nbytes(self) -> int:
-        n = self.emb.tokens.numel() * 4 + (self.emb.stem.numel() * 4 if self.emb.stem is not None else 0)
-        return int(n + getattr(self.residual, "nbytes", 0))
+        return int(self.emb.nbytes + getattr(self.residual, "nbytes", 0))
 
 
 class AdClickPredictor:

@@ -147,13 +147,10 @@ def train_step(net: AdClickNet, opt, batch: Batch, rounds: int, cfg: LoopConfig,
                sync: Optional[Callable[[], None]] = None) -> float:
     """One optimiser step; `sync` runs between backward and the step (torchrun: average the gradients)."""
     net.train()
-    emb_ng = None
     prompt = prompt_tensor(net, batch)
-    if rounds:
-        with torch.no_grad():
-            emb_ng = net.encode_image(batch.residual, batch.grid, batch.features, batch.image)
-    prev = run_rounds(net, batch, emb_ng, prompt.detach(), rounds, device) if rounds else None
     emb = net.encode_image(batch.residual, batch.grid, batch.features, batch.image)
+    # the click rounds reuse the embedding without gradient (the encoder runs once per step)
+    prev = run_rounds(net, batch, emb.detach(), prompt.detach(), rounds, device) if rounds else None
     maps = batch_click_maps(batch, prev, tuple(batch.residual.shape[-2:]), device)
     logits = net.decode(emb, maps, prompt)
     loss = seg_loss(logits, batch.target, cfg.focal_gamma, cfg.dice_weight)

@@ -105,6 +105,20 @@ def test_prompt_changes_output():
     assert torch.equal(_decode(off, e2, clicks, p1[None]), _decode(off, e2, clicks, p2[None]))
 
 
+def test_click_similarity_marks_tokens_like_the_clicked_one():
+    key = torch.zeros(1, 3, 8, 8)
+    key[0, 0] = 1.0  # background looks like e0
+    key[0, :, 1:3, 1:3] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # defect A
+    key[0, :, 5:7, 5:7] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # defect B, same look
+    clicks = torch.from_numpy(click_maps([Click(3, 3, True)], None, (16, 16), (16, 16)))[None]
+    sim = AdClickNet.click_similarity((key,), clicks)
+    assert sim.shape == (1, 2, 8, 8)
+    assert sim[0, 0, 5:7, 5:7].min() > 0.99 and sim[0, 0, 0, 7] < 0.01  # B like A, background not
+    assert sim[0, 1].abs().max() == 0  # no negative click
+    neg = torch.from_numpy(click_maps([Click(3, 3, True), Click(12, 12, False)], None, (16, 16), (16, 16)))[None]
+    assert AdClickNet.click_similarity((key,), neg)[0, 1, 1:3, 1:3].min() > 0.99
+
+
 def test_feature_branch_starts_as_noop():
     torch.manual_seed(0)
     net = AdClickNet(AdClickConfig(res_channels=4, feat_channels=5, text_dim=8, **tiny_cfg())).eval()

@@ -7,7 +7,11 @@ Split in two so that a click costs only the light part (SAM-style):
   conv
   stem over the half-size RGB image gives stride-4 detail features for the head.
 - `decode(emb, clicks, prompt) -> logits` (every click): click maps (positive disks, negative disks, previous
-  mask; (3, 2h, 2w)) embedded by a strided conv and ADDED to the tokens; tokens pooled to stride 2*s and run
+  mask; (3, 2h, 2w)) embedded by a strided conv and ADDED to the tokens, together with click-similarity maps:
+  the cosine similarity of every token's key vector (the L2-normalised residual, and the L2-normalised image
+  features when present) to the keys under the positive clicks (max over clicks) and under the negative
+  clicks, so the network sees at once which tokens look like what the annotator pointed at (a prototype cue
+  that does not depend on the product); tokens pooled to stride 2*s and run
   through windowed (alternately shifted) transformer blocks, each FiLM-modulated by the prompt vector (the
   prompt scales and shifts every block's input, so it measurably changes the output; the official fusion
   is a no-op); a SegFormer-style all-MLP head fuses the stride-s tokens, the block outputs and the stride-4
@@ -23,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCH = "adclick-v1"
+ARCH = "adclick-v2"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,16 @@ class AdClickConfig:
 class ImageEmbedding:
     tokens: torch.Tensor  # (B, d, h, w) click-free token map
     stem: Optional[torch.Tensor]  # (B, stem_channels, H/4, W/4) or None
+    keys: tuple[torch.Tensor, ...] = ()  # each (B, C_k, h, w), L2-normalised over C_k (click similarity)
+
+    def detach(self) -> "ImageEmbedding":
+        return ImageEmbedding(self.tokens.detach(), None if self.stem is None else self.stem.detach(),
+                              tuple(k.detach() for k in self.keys))
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.tokens, *self.keys] + ([self.stem] if self.stem is not None else [])
+        return int(sum(t.numel() * t.element_size() for t in parts))
 
 
 class WindowBlock(nn.Module):
@@ -108,6 +122,8 @@ class AdClickNet(nn.Module):
         self.click_embed = nn.Sequential(
             nn.Conv2d(3, d, 4, stride=2, padding=1), nn.GELU(), nn.Conv2d(d, d, 3, padding=1)
         )
+        self.n_keys = 1 + int(cfg.feat_channels > 0)
+        self.sim_embed = nn.Sequential(nn.Conv2d(2 * self.n_keys, d, 3, padding=1), nn.GELU(), nn.Conv2d(d, d, 1))
         self.down = nn.Conv2d(d, bd, 2, stride=2)
         self.pos = nn.Conv2d(bd, bd, 3, padding=1, groups=bd)  # conditional positional encoding
         self.blocks = nn.ModuleList(
@@ -119,9 +135,8 @@ class AdClickNet(nn.Module):
         self.no_prompt = nn.Parameter(torch.zeros(cfg.text_dim))
         if cfg.stem_channels > 0:
             sc = cfg.stem_channels
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, sc, 3, padding=1), nn.GELU(),
-                nn.Conv2d(sc, sc, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(sc, sc, 3, padding=1),
+            self.stem = nn.Sequential(  # half-size image -> stride 4 (strided first: it is the costly layer)
+                nn.Conv2d(3, sc, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(sc, sc, 3, padding=1),
             )
         hd = cfg.head_dim
         self.head_tokens = nn.Conv2d(d, hd, 1)
@@ -147,12 +162,35 @@ class AdClickNet(nn.Module):
         r = torch.sign(r) * torch.log1p(r.abs())  # compress outliers; the engine's scale varies by product
         g = torch.log1p(grid.clamp(min=0) / self.grid_scale)
         tokens = self.res_embed(torch.cat([r, norm, g], 1))
-        if self.cfg.feat_channels > 0 and features is not None:
-            tokens = tokens + self.feat_zero(self.feat_embed(features))
+        keys = [F.normalize(r, dim=1)]
+        if self.cfg.feat_channels > 0:
+            if features is not None:
+                tokens = tokens + self.feat_zero(self.feat_embed(features))
+                keys.append(F.normalize(features.float(), dim=1))
+            else:
+                keys.append(torch.zeros_like(keys[0][:, :1]))
         stem = None
         if self.cfg.stem_channels > 0 and image is not None:
             stem = self.stem((image - 0.45) / 0.25)
-        return ImageEmbedding(tokens=tokens, stem=stem)
+        return ImageEmbedding(tokens=tokens, stem=stem, keys=tuple(keys))
+
+    @staticmethod
+    def click_similarity(keys: tuple[torch.Tensor, ...], clicks: torch.Tensor) -> torch.Tensor:
+        """(B, 2 * len(keys), h, w): per key space, the max cosine similarity of each token to the tokens under
+        the positive click disks, then under the negative ones (0 where there is no click of that sign)."""
+        b, _, h, w = keys[0].shape
+        under = F.adaptive_max_pool2d(clicks[:, :2], (h, w)) > 0  # (B, 2, h, w) tokens under a click disk
+        out = keys[0].new_zeros(b, 2 * len(keys), h, w)
+        for i in range(b):
+            for sign in range(2):
+                idx = under[i, sign].flatten().nonzero()[:, 0]
+                if idx.numel() == 0:
+                    continue
+                for k, key in enumerate(keys):
+                    flat = key[i].flatten(1)  # (C, h*w)
+                    sim = flat[:, idx].t() @ flat  # (n, h*w)
+                    out[i, 2 * k + sign] = sim.amax(0).view(h, w)
+        return out
 
     # ---- per click -------------------------------------------------------------------------------------
     def decode(
@@ -163,6 +201,8 @@ class AdClickNet(nn.Module):
         out_size: Optional[tuple[int, int]] = None,  # stride-4 map size; default that of the stem
     ) -> torch.Tensor:  # (B, 1, H/4, W/4) logits
         x = emb.tokens + self.click_embed(clicks)
+        if emb.keys:
+            x = x + self.sim_embed(self.click_similarity(emb.keys, clicks))
         b = x.shape[0]
         if prompt is None or not self.cfg.use_prompt:
             prompt = self.no_prompt.expand(b, -1)
