@@ -288,6 +288,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     _common(clicks, "window | softpos (matching of the residual engine)")
     clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors")
     clicks.add_argument("--max-clicks", type=int, default=20)
+    clicks.add_argument("--weights-dir", default=None,
+                        help="folder with manifest.json + learned ADClick weights (default: the shipped weights/)")
     clicks.add_argument("--prompt", choices=("none", "defect"), default="none",
                         help="text sent with every click: none, or the defect type (the test folder's name, as an "
                              "annotator's label would give it); predictors without prompts ignore it")

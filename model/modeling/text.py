@@ -63,7 +63,8 @@ class MiniLMEncoder:
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         with torch.inference_mode():
-            emb = self._model.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+            emb = self._model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
+                                      show_progress_bar=False)
         return emb.float().cpu().clone()
 
 
