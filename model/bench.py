@@ -323,4 +323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main: plugins (model.predictor) register into `model.bench.PREDICTORS`,
+    # which under `python -m` is a different module object from this __main__
+    from model.bench import main as _main
+
+    sys.exit(_main())

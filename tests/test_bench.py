@@ -165,6 +165,21 @@ def test_unknown_predictor_is_a_config_error():
         bench.get_builder("no-such-predictor")
 
 
+def test_python_m_bench_finds_the_learned_predictors(dataset, tmp_path):
+    """Under `python -m model.bench` the plugin predictors register into the imported module's registry; the
+    CLI must look there (it once answered "unknown predictor 'adclick'")."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "model.bench", "clicks", "--dataset", str(dataset), "--predictor", "adclick",
+         "--no-grabcut", "--weights-dir", str(tmp_path), "--threads", "1", "--cache-dir", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "unknown predictor" not in proc.stderr
+    assert "no weights manifest" in proc.stderr  # the learned predictor was found and explains what is missing
+
+
 def test_fit_subcommand_dispatches_to_bench_fit(monkeypatch):
     seen = {}
     fake = types.ModuleType("model.bench_fit")
