@@ -97,7 +97,9 @@ def save_samples(samples: list[Sample], path: Path) -> None:
 
 
 def load_samples(path: Path) -> list[Sample]:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """Memory-mapped: the tensors are read from the page cache on demand, so several runs (the main model and
+    an ablation) share one copy of a multi-GB training set instead of each holding its own."""
+    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     n = len(payload["residual"])
     return [Sample(**{f: payload[f][i] for f in Sample.__dataclass_fields__}) for i in range(n)]
 
