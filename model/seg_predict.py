@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import precision_recall_curve
 
 from model import metrics
-from model.modeling.adclick_seg import ARCH, AdClickSeg, SegConfig
+from model.modeling.adclick_seg import ARCH, AdClickSeg, SegConfig, SegEnsemble, build_seg
 from model.seg_data import ANY, SegExample
 from model.types import AnomalyResult
 
@@ -24,7 +24,8 @@ class HasResidual(Protocol):
     residual: Any  # (C, h, w) signed residual tokens, torch tensor or numpy array
 
 
-def predict_grid(model: AdClickSeg, residual: torch.Tensor, prompts: torch.Tensor, flips: int = 2) -> np.ndarray:
+def predict_grid(model: AdClickSeg | SegEnsemble, residual: torch.Tensor, prompts: torch.Tensor,
+                 flips: int = 2) -> np.ndarray:
     """(C, h, w) residual -> (L, h, w) float32 defect probabilities, one map per prompt, averaged over
     `flips` test-time flips (1 = none, 2 = + horizontal, 4 = + vertical and both)."""
     x = torch.as_tensor(residual).float()[None]
@@ -56,7 +57,7 @@ def best_f1_threshold(scores: np.ndarray, labels: np.ndarray, default: float = 0
     return float(thr[int(np.argmax(f1))])
 
 
-def choose_thresholds(model: AdClickSeg, examples: list[SegExample], labels: list[str],
+def choose_thresholds(model: AdClickSeg | SegEnsemble, examples: list[SegExample], labels: list[str],
                       prompts: torch.Tensor, scale: int = 4) -> dict[str, float]:
     """Per-map F1-optimal pixel thresholds on the mask-labelled (and OK) examples, at 1/`scale` resolution.
     A label without any mask gets the any-defect threshold."""
@@ -97,7 +98,8 @@ def evaluate_maps(maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, 
     return out
 
 
-def evaluate(model: AdClickSeg, examples: list[SegExample], prompts: torch.Tensor) -> dict[str, float]:
+def evaluate(model: AdClickSeg | SegEnsemble, examples: list[SegExample],
+             prompts: torch.Tensor) -> dict[str, float]:
     """Metrics of the any-defect map on held-out examples with masks (or an OK verdict)."""
     maps, masks = [], []
     for ex in examples:
@@ -108,11 +110,11 @@ def evaluate(model: AdClickSeg, examples: list[SegExample], prompts: torch.Tenso
     return evaluate_maps(maps, masks)
 
 
-def make_checkpoint(model: AdClickSeg, labels: list[str], prompts: torch.Tensor,
+def make_checkpoint(model: AdClickSeg | SegEnsemble, labels: list[str], prompts: torch.Tensor,
                     thresholds: dict[str, float], meta: dict[str, Any]) -> dict[str, Any]:
     return {
-        "arch": ARCH,
-        "config": model.cfg.to_dict(),
+        "arch": ARCH,  # members: what the module holds (a lone AdClickSeg is one, whatever its cfg says)
+        "config": {**model.cfg.to_dict(), "members": len(getattr(model, "members", [model]))},
         "state_dict": model.state_dict(),
         "prompts": prompts.detach().clone(),
         "labels": list(labels),
@@ -134,7 +136,7 @@ class SegDetector:
     def __init__(self, ckpt: dict[str, Any], version: str, text_encoder: Any = None, object_name: str = ""):
         if ckpt.get("arch") != ARCH:
             raise ValueError(f"checkpoint arch {ckpt.get('arch')!r} is not {ARCH!r}")
-        self.model = AdClickSeg(SegConfig(**ckpt["config"]))
+        self.model = build_seg(SegConfig(**ckpt["config"]))
         self.model.load_state_dict(ckpt["state_dict"], strict=True)
         self.model.eval()
         self.version = version

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.modeling.adclick_seg import AdClickSeg, SegConfig, load_matching
+from model.modeling.adclick_seg import AdClickSeg, SegConfig, SegEnsemble, build_seg, load_matching
 from model.report import Overlay, write_report
 from model.seg_data import ANY, SegExample
 from model.seg_fit import FitConfig, Progress, fit_seg
@@ -104,10 +104,20 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
     usable = [e for e in examples if e.usable]
     train, held = split_holdout(usable, cfg.holdout, cfg.min_for_holdout, cfg.seed)
     c = int(usable[0].residual.shape[0]) if usable else 0
-    model = AdClickSeg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), **cfg.model))
-    n_init = init_from_adclick(model, cfg.init_weights)
-    report = (lambda f, m: progress(0.05 + 0.8 * f, m)) if progress else None
-    history = fit_seg(model, train, labels, prompts, cfg.fit, report)
+    model = build_seg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), **cfg.model))
+    members = list(model.members) if isinstance(model, SegEnsemble) else [model]
+    n_init, history = 0, []
+    for i, member in enumerate(members):  # each member: the same data, its own seed
+        n_init = init_from_adclick(member, cfg.init_weights)
+        report = None
+        if progress:
+            def report(f: float, m: str, i: int = i) -> None:
+                progress(0.05 + 0.8 * (i + f) / len(members), f"member {i + 1}/{len(members)}: {m}")
+        fit = dataclasses.replace(cfg.fit, seed=cfg.fit.seed + i)
+        hist = fit_seg(member, train, labels, prompts, fit, report)
+        history = hist if not history else [a + b for a, b in zip(history, hist)]
+    history = [h / len(members) for h in history]
+    model.eval()
     thresholds = choose_thresholds(model, train, labels, prompts)
     maps, masks, overlays = _eval_part(model, held or train, prompts, thresholds)
     metrics = {k: float(v) for k, v in evaluate_maps(maps, masks).items()}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.modeling.adclick import AdClickConfig, AdClickNet
-from model.modeling.adclick_seg import AdClickSeg, SegConfig
+from model.modeling.adclick_seg import AdClickSeg, SegConfig, SegEnsemble, build_seg
 from model.seg_data import (
     ANY,
     IGNORE,
@@ -169,3 +169,26 @@ def test_train_version_publishes_checkpoint_metrics_and_report(tmp_path) -> None
     ckpt, _ = store.load()
     det = SegDetector(ckpt, info.name)
     assert set(det.thresholds) == {ANY, "scratch"}
+
+
+def test_ensemble_members_train_with_their_own_seeds_and_average(tmp_path) -> None:
+    examples = make_set(0, 6, 2)
+    store = VersionStore(tmp_path, keep=1)
+    fit = FitConfig(steps=10, steps_per_image=0, crop=16, log_every=5)
+    cfg = SegTrainConfig(model={**SMALL, "members": 2}, fit=fit, holdout=0.0,
+                         init_weights=str(tmp_path / "none"))
+    seen = []
+    info, figures = train_version(examples, ["scratch"], PROMPTS[:2], store, cfg,
+                                  progress=lambda f, m: seen.append(f))
+    assert seen == sorted(seen) and len(seen) >= 4  # progress runs through both members once
+    det = SegDetector(store.load()[0], info.name)
+    assert isinstance(det.model, SegEnsemble) and len(det.model.members) == 2
+    a, b = det.model.members
+    assert not torch.equal(a.embed[0].weight, b.embed[0].weight)  # separately initialised and trained
+    x = examples[0].residual.float()[None]
+    with torch.no_grad():
+        mean = (a(x, PROMPTS[:2]) + b(x, PROMPTS[:2])) / 2
+        assert torch.allclose(det.model(x, PROMPTS[:2]), mean, atol=1e-6)
+    assert figures["metrics"]["pixel_ap"] > 0
+    single = build_seg(SegConfig(in_channels=C, prompt_dim=16, **{**SMALL, "members": 1}))
+    assert type(single) is AdClickSeg  # one member keeps the plain single-model checkpoint layout

@@ -10,6 +10,9 @@ blocks applied in overlapping windows of `window x window` tokens (stride `strid
 prompt-conditioned head: FiLM of the token features by each prompt, then a per-prompt dot product with a
 projection of that prompt, plus a learned affine of the unsupervised score (so an untrained model ranks
 blocks like the unsupervised map and training only has to learn the correction).
+
+A trained version is an ensemble of `members` such models fitted with different seeds (SegEnsemble, mean
+logit): a 20-image fit varies by several pixel-AP points from seed to seed and the mean removes most of it.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class SegConfig:
     train_stride: int = 8  # window stride while training (non-overlapping: 4x cheaper; crops shift them)
     mlp_ratio: float = 2.0
     in_drop: float = 0.0  # training-time dropout of whole residual channels (regularises few-label fits)
+    members: int = 4  # separately trained copies (fit seed + i), logits averaged (SegEnsemble); 1 = one model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,8 +147,22 @@ class AdClickSeg(nn.Module):
         return self.head(self.encode(residual), prompts, self.unsupervised_score(residual))
 
 
-def build_seg(cfg: SegConfig) -> AdClickSeg:
-    return AdClickSeg(cfg)
+class SegEnsemble(nn.Module):
+    """`cfg.members` AdClickSeg models trained separately (different seeds); forward = their mean logit.
+    Few-label fits vary a lot from seed to seed; averaging a few short fits removes most of that variance."""
+
+    def __init__(self, cfg: SegConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(AdClickSeg(cfg) for _ in range(max(1, cfg.members)))
+
+    def forward(self, residual: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(residual, prompts) for m in self.members]).mean(0)
+
+
+def build_seg(cfg: SegConfig) -> AdClickSeg | SegEnsemble:
+    """One AdClickSeg (members == 1: the checkpoint layout of a single model) or a SegEnsemble."""
+    return AdClickSeg(cfg) if cfg.members <= 1 else SegEnsemble(cfg)
 
 
 def load_matching(model: nn.Module, state: Mapping[str, torch.Tensor], prefixes: Mapping[str, str]) -> int:
