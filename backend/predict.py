@@ -65,7 +65,11 @@ def predict_interactive(
 
 
 def _residual_state(state: Any) -> Any:
-    return state if hasattr(state, "residual") else getattr(state, "residual_state", None)
+    """The engine's ResidualState inside a predictor's per-image state (the learned predictors wrap it)."""
+    inner = getattr(state, "residual", None)
+    if inner is not None and hasattr(inner, "residual"):  # AdClickState(residual=ResidualState(residual=...))
+        return inner
+    return state if inner is not None else getattr(state, "residual_state", None)
 
 
 def _detect(service: ModelService, project: str, state: Any, cfg: LabelConfig) -> tuple[AnomalyResult, str]:

@@ -49,6 +49,8 @@ class Settings:
     train_after_annotations: int = 5
     train_debounce_s: float = 60.0
     predictor: str = "auto"  # auto | learned | residual
+    learned_weight: float = 0.5  # learned ADClick map's share when averaged with the click mode (1 = alone)
+    use_prompt: bool = False  # send the label name / TextArea text to the learned network as its prompt
     max_reference_images: int = 200
     warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
     bank_wait_s: float = 60.0  # a request waits this long for a project's first reference bank, then 503
@@ -75,6 +77,9 @@ class Settings:
         predictor = _text(env, "ADCLICK_PREDICTOR", "auto").lower() or "auto"
         if predictor not in ("auto", "learned", "residual"):
             raise ConfigError(f"ADCLICK_PREDICTOR must be auto, learned or residual, got {predictor!r}")
+        learned_weight = _number(env, "ADCLICK_LEARNED_WEIGHT", 0.5)
+        if learned_weight > 1:
+            raise ConfigError(f"ADCLICK_LEARNED_WEIGHT must be between 0 and 1, got {learned_weight}")
         return cls(
             label_studio_url=url.rstrip("/"),
             label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY")
@@ -94,6 +99,8 @@ class Settings:
             train_after_annotations=int(_number(env, "TRAIN_AFTER_ANNOTATIONS", 5, minimum=1)),
             train_debounce_s=_number(env, "TRAIN_DEBOUNCE_S", 60.0),
             predictor=predictor,
+            learned_weight=learned_weight,
+            use_prompt=_text(env, "ADCLICK_USE_PROMPT", "0").lower() in ("1", "true", "yes", "on"),
             max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
             redis_url=_text(env, "REDIS_URL"),
             bank_wait_s=_number(env, "BANK_WAIT_S", 60.0),

@@ -121,6 +121,33 @@ class AdClickPredictor:
                              label_scores=scores)
 
 
+class BlendPredictor:
+    """The learned network's map averaged with the zero-training click mode's, on one residual state (the
+    AdClickState carries the engine's ResidualState, so the click mode costs no extra backbone pass)."""
+
+    name = "adclick-blend"
+
+    def __init__(self, learned: AdClickPredictor, click_mode, weight: float = 0.5,
+                 threshold: float = THRESHOLD) -> None:
+        self.learned, self.click_mode, self.weight, self.threshold = learned, click_mode, weight, threshold
+        self.version = learned.version
+
+    def set_image(self, image: np.ndarray) -> AdClickState:
+        return self.learned.set_image(image)
+
+    def predict(self, state: AdClickState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
+                previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+        a = self.learned.predict(state, clicks, box, prompt, previous_mask)
+        b = self.click_mode.predict(state.residual, clicks, box, prompt, previous_mask)
+        prob = (self.weight * a.prob + (1 - self.weight) * b.prob).astype(np.float32)
+        mask = prob > self.threshold
+        return ClickResult(prob=prob, mask=mask, score=float(prob[mask].mean()) if mask.any() else 0.0)
+
+    def detect(self, state: AdClickState, labels: Optional[list[str]] = None) -> AnomalyResult:
+        """Without clicks: the click mode's unsupervised residual map (the network is trained for clicks)."""
+        return self.click_mode.detect(state.residual, labels)
+
+
 # ---- choosing the interactive predictor -------------------------------------------------------------
 @dataclass
 class InteractiveChoice:
@@ -182,16 +209,24 @@ def _text_encoder(kind: str):
 
 
 def load_interactive_predictor(engine, settings=None, weights_dir: Optional[Path] = None, text_encoder=None,
-                               name: str = "adclick", use_prompt: bool = True) -> Optional[InteractiveChoice]:
+                               name: str = "adclick", use_prompt: Optional[bool] = None,
+                               learned_weight: Optional[float] = None) -> Optional[InteractiveChoice]:
     """The learned predictor's choice when compatible weights are bundled, else None (caller falls back to
-    the zero-training ResidualClickPredictor). Cheap: no weights are loaded until `build` is called."""
+    the zero-training ResidualClickPredictor). Cheap: no weights are loaded until `build` is called.
+    `learned_weight` (default: settings.learned_weight, else 1) < 1 averages the network's map with the click
+    mode's (`BlendPredictor`); `use_prompt` (default: settings.use_prompt, else True) feeds label prompts."""
+    if use_prompt is None:
+        use_prompt = bool(getattr(settings, "use_prompt", True))
+    if learned_weight is None:
+        learned_weight = float(getattr(settings, "learned_weight", 1.0))
     wdir = weights_dir or getattr(settings, "weights_dir", None)
     entry, reason = check_weights(engine, wdir, name)
     if entry is None:
         logger.warning("learned ADClick unavailable, zero-training click mode instead: %s", reason)
         return None
     path = str(Path(wdir or default_weights_dir()) / entry["file"])
-    version = f"adclick-{entry['sha256'][:8]}" + ("" if use_prompt else "-noprompt")
+    version = (f"adclick-{entry['sha256'][:8]}" + ("" if use_prompt else "-noprompt")
+               + ("" if learned_weight >= 1 else f"-blend{learned_weight:g}"))
     obj = getattr(settings, "object_name", "") or ""
 
     def build(eng, bank) -> AdClickPredictor:
@@ -202,9 +237,15 @@ def load_interactive_predictor(engine, settings=None, weights_dir: Optional[Path
         if text is not None and text.dim != net.cfg.text_dim:
             raise CheckpointError(f"text encoder {text.name} gives {text.dim}-d prompts, weights expect "
                                   f"{net.cfg.text_dim}")
-        return AdClickPredictor(eng, bank, net, text, version, obj, use_prompt)
+        learned = AdClickPredictor(eng, bank, net, text, version, obj, use_prompt)
+        if learned_weight >= 1:
+            return learned
+        from model.clickmode import ResidualClickPredictor
 
-    return InteractiveChoice("adclick", version, build, reason)
+        return BlendPredictor(learned, ResidualClickPredictor(eng, bank), learned_weight)
+
+    blend = "" if learned_weight >= 1 else f", averaged {learned_weight:g}:{1 - learned_weight:g} with the click mode"
+    return InteractiveChoice("adclick", version, build, reason + blend)
 
 
 def _register_bench() -> None:
@@ -213,16 +254,19 @@ def _register_bench() -> None:
     except ImportError:  # pragma: no cover - the benchmark is optional here
         return
 
-    def builder(name: str, use_prompt: bool = True):
+    def builder(name: str, use_prompt: bool = True, learned_weight: float = 1.0):
         def make(engine, bank, args):
             choice = load_interactive_predictor(engine, weights_dir=getattr(args, "weights_dir", None),
-                                                name=name, use_prompt=use_prompt)
+                                                name=name, use_prompt=use_prompt, learned_weight=learned_weight)
             if choice is None:
                 raise CheckpointError(check_weights(engine, getattr(args, "weights_dir", None), name)[1])
             return choice.build(engine, bank)
         return make
 
     register_predictor("adclick")(builder("adclick"))
+    register_predictor("adclick-blend")(builder("adclick", use_prompt=False, learned_weight=0.5))
+    register_predictor("adclick-blend-prompt")(builder("adclick", learned_weight=0.5))
+    register_predictor("adclick-blend-nores")(builder("adclick_nores", use_prompt=False, learned_weight=0.5))
     register_predictor("adclick-noprompt")(builder("adclick", use_prompt=False))
     register_predictor("adclick-nores")(builder("adclick_nores"))
 

@@ -1,5 +1,6 @@
-"""The service with its real default model (residual engine on the bundled EfficientNet-Lite0 weights, zero-
-training click mode) on small synthetic textures: wiring, caching and a mask on the painted defect."""
+"""The service with its real models (residual engine on the bundled EfficientNet-Lite0 weights; the zero-training
+click mode, and the default `auto` choice, which serves the bundled learned ADClick averaged with the click mode)
+on small synthetic textures: wiring, caching and a mask on the painted defect."""
 
 from dataclasses import replace
 
@@ -13,8 +14,8 @@ from tests.api_support import RecordingServer, Route, decode_mask, encode, inter
 from tests.conftest import texture
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["residual", "auto"])
+def setup(tmp_path_factory, request):
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -24,7 +25,8 @@ def setup(tmp_path_factory):
     for i in range(3):
         (normals / f"n{i}.png").write_bytes(encode(texture(h=192, w=256, seed=10 + i)))
     settings = replace(
-        Settings(), model_dir=root / "m", normal_dir=str(normals), warm_on_setup=False, device="cpu"
+        Settings(), model_dir=root / "m", normal_dir=str(normals), warm_on_setup=False, device="cpu",
+        predictor=request.param,
     )
     service = ModelService(settings)
     with RecordingServer() as server:
@@ -47,7 +49,10 @@ def test_real_model_click_masks_the_painted_defect(setup):
     resp = client.post("/predict", json=body)
     assert resp.status_code == 200, resp.get_json()
     pred = resp.get_json()["results"][0]
-    assert pred["model_version"].startswith("residual-click-")
+    from model.predictor import check_weights
+
+    learned = service.settings.predictor == "auto" and check_weights(service.engine)[0] is not None
+    assert pred["model_version"].startswith("adclick-" if learned else "residual-click-")
     mask = decode_mask(pred["result"][0])
     assert mask.shape == (192, 256) and mask[95, 167] and not mask[30, 30]
     assert iou(mask, truth) > 0.4

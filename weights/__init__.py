@@ -84,6 +84,7 @@ def write_entry(wdir: Path, name: str, entry: dict) -> dict:
     entry = dict(entry, sha256=sha256_file(wdir / entry["file"]))
     manifest[name] = entry
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=wdir)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the manifest is read by the service's (non-root) user
     with os.fdopen(fd, "w") as fh:
         json.dump(manifest, fh, indent=2, sort_keys=True)
         fh.write("\n")
