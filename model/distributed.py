@@ -75,7 +75,10 @@ def init(device: torch.device, env: Optional[Mapping[str, str]] = None, backend:
 
 
 def cleanup(ctx: DistContext) -> None:
+    """Leave the group together: a rank that tears gloo down while a peer still works (rank 0 saving the last
+    checkpoint) can abort with "terminate called without an active exception"."""
     if ctx.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
