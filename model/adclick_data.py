@@ -54,6 +54,33 @@ def half_mask(mask: np.ndarray) -> np.ndarray:
     return small >= 0.5
 
 
+def synth_one(source: np.ndarray, rng: np.random.Generator, textures: Sequence[np.ndarray] = (),
+              kinds: Sequence[str] = KINDS) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """One synthetic defect image over `source` (flipped half the time): (image, half-size masks, kinds)."""
+    base = source[:, ::-1].copy() if rng.random() < 0.5 else source
+    syn = synthesize(base, rng, textures, kinds=kinds)
+    return syn.image, [half_mask(m) for m in syn.masks], list(syn.kinds)
+
+
+def to_sample(image: np.ndarray, masks: Sequence[np.ndarray], kinds: Sequence[str], residual_fn: ResidualFn,
+              product: str = "") -> Optional[Sample]:
+    """The training sample of one synthetic image (its residuals computed here); None when every defect
+    vanished at half size."""
+    keep = [j for j, m in enumerate(masks) if m.any()]
+    if not keep:
+        return None
+    residual, grid, feats = residual_fn(image)
+    return Sample(
+        residual=residual.detach().to("cpu", torch.float16),
+        grid=grid.detach().to("cpu", torch.float16),
+        features=None if feats is None else feats.detach().to("cpu", torch.float16),
+        image=torch.from_numpy(half(image)).permute(2, 0, 1).contiguous(),
+        masks=torch.from_numpy(np.stack([masks[j] for j in keep])),
+        kinds=[kinds[j] for j in keep],
+        product=product,
+    )
+
+
 def build_samples(
     sources: Sequence[np.ndarray],
     residual_fn: ResidualFn,
@@ -66,24 +93,10 @@ def build_samples(
     """`n` synthetic samples over `sources` (cycled in random order) with their residuals."""
     out: list[Sample] = []
     for i in range(n):
-        base = sources[int(rng.integers(len(sources)))]
-        if rng.random() < 0.5:
-            base = base[:, ::-1].copy()
-        syn = synthesize(base, rng, textures, kinds=kinds)
-        masks = [half_mask(m) for m in syn.masks]
-        keep = [j for j, m in enumerate(masks) if m.any()]
-        if not keep:
-            continue
-        residual, grid, feats = residual_fn(syn.image)
-        out.append(Sample(
-            residual=residual.detach().to("cpu", torch.float16),
-            grid=grid.detach().to("cpu", torch.float16),
-            features=None if feats is None else feats.detach().to("cpu", torch.float16),
-            image=torch.from_numpy(half(syn.image)).permute(2, 0, 1).contiguous(),
-            masks=torch.from_numpy(np.stack([masks[j] for j in keep])),
-            kinds=[syn.kinds[j] for j in keep],
-            product=product,
-        ))
+        image, masks, ks = synth_one(sources[int(rng.integers(len(sources)))], rng, textures, kinds)
+        sample = to_sample(image, masks, ks, residual_fn, product)
+        if sample is not None:
+            out.append(sample)
         if (i + 1) % 50 == 0:
             logger.info("built %d/%d synthetic samples (%s)", i + 1, n, product or "-")
     return out

@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 import torch
 
-from model.adclick_data import Sample, half, half_mask
+from model.adclick_data import Sample, synth_one, to_sample
 from model.residuals import ResidualEngine, load_image
-from model.synth import KIND_WORDS, synthesize
+from model.synth import KIND_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +94,7 @@ def _init_worker(sources: Sequence[np.ndarray], textures: Sequence[np.ndarray]) 
 
 def _synth_job(args: tuple[int, int]) -> tuple:
     index, seed = args
-    rng = np.random.default_rng(seed)
-    source = _WORKER["sources"][index]
-    base = source[:, ::-1].copy() if rng.random() < 0.5 else source
-    syn = synthesize(base, rng, _WORKER["textures"])
-    return syn.image, [half_mask(m) for m in syn.masks], syn.kinds
+    return synth_one(_WORKER["sources"][index], np.random.default_rng(seed), _WORKER["textures"])
 
 
 def product_samples(engine: ResidualEngine, product: Product, n: int, seed: int, device: torch.device,
@@ -118,14 +114,9 @@ def product_samples(engine: ResidualEngine, product: Product, n: int, seed: int,
     try:
         results = pool.imap(_synth_job, jobs, chunksize=4) if pool else map(_synth_job, jobs)
         for i, (image, masks, kinds) in enumerate(results):
-            keep = [j for j, m in enumerate(masks) if m.any()]
-            if not keep:
-                continue
-            res, grid, feats = fn(image)
-            out.append(Sample(res.half(), grid.half(), feats.half(),
-                              torch.from_numpy(half(image)).permute(2, 0, 1).contiguous(),
-                              torch.from_numpy(np.stack([masks[j] for j in keep])), [kinds[j] for j in keep],
-                              product.name))
+            sample = to_sample(image, masks, kinds, fn, product.name)
+            if sample is not None:
+                out.append(sample)
             if (i + 1) % 200 == 0:
                 logger.info("%s: %d/%d samples", product.name, i + 1, n)
     finally:
