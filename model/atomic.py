@@ -1,5 +1,5 @@
-"""Atomic file writes: write a temp file in the target folder, fsync, then os.replace, so readers (other threads,
-workers or replicas) see either the old file or the new one, never a partial one. No torch import here."""
+"""Atomic file writes: write a temp file in the target folder, fsync, then os.replace, so readers (other
+threads, workers or replicas) see either the old file or the new one, never a partial one. No torch import."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[Any]], None], binary: boo
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's files are private; publish them readable like any other file
         with os.fdopen(fd, "wb" if binary else "w") as fh:
             write(fh)
             fh.flush()

@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
+from model.atomic import atomic_write
 from model.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -83,12 +82,8 @@ def write_entry(wdir: Path, name: str, entry: dict) -> dict:
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     entry = dict(entry, sha256=sha256_file(wdir / entry["file"]))
     manifest[name] = entry
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=wdir)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the manifest is read by the service's (non-root) user
-    with os.fdopen(fd, "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
     return entry
 
 
@@ -106,10 +101,9 @@ def fetch(name: str, dest: Path, url: Optional[str] = None, timeout: float = 60.
     if target.is_file() and sha256_file(target) == sha:
         logger.info("%s already present and verified", target)
         return target
-    h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=dest)
-    try:
-        with os.fdopen(fd, "wb") as fh, requests.get(url or table_url, stream=True, timeout=timeout) as resp:
+    def download(fh) -> None:  # streamed into atomic_write's temp file; published only when verified
+        h = hashlib.sha256()
+        with requests.get(url or table_url, stream=True, timeout=timeout) as resp:
             resp.raise_for_status()
             for chunk in resp.iter_content(1 << 20):
                 fh.write(chunk)
@@ -117,10 +111,10 @@ def fetch(name: str, dest: Path, url: Optional[str] = None, timeout: float = 60.
         if h.hexdigest() != sha:
             raise WeightsError(f"download of {name} has sha256 {h.hexdigest()[:12]}..., "
                                f"expected {sha[:12]}...")
-        os.replace(tmp, target)
+
+    try:
+        atomic_write(target, download)
     except requests.RequestException as exc:
         raise WeightsError(f"cannot download {name}: {exc}") from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     logger.info("fetched %s -> %s", name, target)
     return target
