@@ -42,6 +42,7 @@ def _model_info(svc: ModelService) -> dict:
         "loaded": True,
         "kind": svc.choice.kind,
         "version": svc.choice.version,
+        "reason": getattr(svc.choice, "reason", ""),
         "load_seconds": svc.load_seconds,
     }
 

@@ -35,27 +35,53 @@ class PredictorChoice:
     kind: str
     version: str
     build: Callable[[Any, Any], Predictor]
+    reason: str = ""  # why this predictor (shown in /health)
 
 
 def choose_predictor(settings: Settings, engine: Any) -> PredictorChoice:
+    """The served interactive predictor; unless ADCLICK_REFINE=off its maps get the full-resolution boundary
+    refinement of model/refine.py (guided filter by default, or GrabCut)."""
+    choice = _choose_base(settings, engine)
+    method = getattr(settings, "refine", "off")
+    if method == "off":
+        return choice
+    from model.refine import RefineConfig, RefinedPredictor
+
+    cfg, base_build = RefineConfig(method=method), choice.build
+
+    def build(eng: Any, bank: Any) -> Predictor:
+        return RefinedPredictor(base_build(eng, bank), cfg)
+
+    suffix = "" if method == "guided" else f"-{method}"
+    note = f"{method} boundary refinement on"
+    reason = getattr(choice, "reason", "")
+    return PredictorChoice(choice.kind, f"{choice.version}-refine{suffix}", build,
+                           f"{reason}; {note}" if reason else note)
+
+
+def _choose_base(settings: Settings, engine: Any) -> PredictorChoice:
+    reason = "zero-training click mode: ADCLICK_PREDICTOR=residual"
     if settings.predictor in ("auto", "learned"):
         try:
-            from model.predictor import load_interactive_predictor
+            from model.predictor import check_weights, load_interactive_predictor
         except ImportError:
             if settings.predictor == "learned":
                 raise NotReady("ADCLICK_PREDICTOR=learned but model.predictor is not available") from None
+            reason = "zero-training click mode: the learned predictor (model.predictor) is not available"
         else:
             choice = load_interactive_predictor(engine=engine, settings=settings)
             if choice is not None:
                 return choice
             if settings.predictor == "learned":
                 raise NotReady("ADCLICK_PREDICTOR=learned but no learned ADClick weights are bundled")
+            reason = f"zero-training click mode: {check_weights(engine, getattr(settings, 'weights_dir', None))[1]}"
     from model.clickmode import ResidualClickPredictor
 
     return PredictorChoice(
         "residual-click",
         f"residual-click-{engine.config_hash()}",
         lambda eng, bank: ResidualClickPredictor(eng, bank),
+        reason,
     )
 
 

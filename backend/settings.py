@@ -51,6 +51,7 @@ class Settings:
     predictor: str = "auto"  # auto | learned | residual
     learned_weight: float = 0.5  # learned ADClick map's share when averaged with the click mode (1 = alone)
     use_prompt: bool = False  # send the label name / TextArea text to the learned network as its prompt
+    refine: str = "guided"  # full-resolution boundary refinement of each click's map: guided | grabcut | off
     max_reference_images: int = 200
     warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
     bank_wait_s: float = 60.0  # a request waits this long for a project's first reference bank, then 503
@@ -80,6 +81,11 @@ class Settings:
         learned_weight = _number(env, "ADCLICK_LEARNED_WEIGHT", 0.5)
         if learned_weight > 1:
             raise ConfigError(f"ADCLICK_LEARNED_WEIGHT must be between 0 and 1, got {learned_weight}")
+        refine = _text(env, "ADCLICK_REFINE", "guided").lower() or "guided"
+        refine = {"1": "guided", "true": "guided", "yes": "guided", "on": "guided", "0": "off", "false": "off",
+                  "no": "off", "none": "off"}.get(refine, refine)
+        if refine not in ("guided", "grabcut", "off"):
+            raise ConfigError(f"ADCLICK_REFINE must be guided, grabcut or off, got {refine!r}")
         return cls(
             label_studio_url=url.rstrip("/"),
             label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY")
@@ -101,6 +107,7 @@ class Settings:
             predictor=predictor,
             learned_weight=learned_weight,
             use_prompt=_text(env, "ADCLICK_USE_PROMPT", "0").lower() in ("1", "true", "yes", "on"),
+            refine=refine,
             max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
             redis_url=_text(env, "REDIS_URL"),
             bank_wait_s=_number(env, "BANK_WAIT_S", 60.0),

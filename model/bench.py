@@ -1,7 +1,7 @@
 """Benchmark CLI over any MVTec-AD-style folder.
 
   python -m model.bench anomaly --dataset DIR [--json FILE] [--refs all,1,5,10] [--match window,softpos]
-  python -m model.bench clicks  --dataset DIR --predictor residual[,adclick] [--json FILE] [--max-clicks 20]
+  python -m model.bench clicks  --dataset DIR --predictor residual[,adclick-blend+refine] [--json FILE]
   python -m model.bench fit ...   (dispatched to model.bench_fit:main)
 
 anomaly: unsupervised maps of the residual engine against a bank of the dataset's defect-free images;
@@ -63,6 +63,18 @@ def _build_grabcut(engine, bank, args) -> Predictor:
 
 
 def get_builder(name: str) -> PredictorBuilder:
+    """The builder of a registered predictor; NAME+refine wraps NAME in model.refine.RefinedPredictor (GrabCut
+    boundary refinement of every click's map, as the service serves by default)."""
+    base, plus, suffix = name.partition("+")
+    if plus:
+        if suffix != "refine":
+            raise ConfigError(f"unknown predictor suffix +{suffix} in {name!r}; known: +refine")
+        inner = get_builder(base)
+
+        def refined(engine, bank, args) -> Predictor:
+            from model.refine import RefinedPredictor
+            return RefinedPredictor(inner(engine, bank, args))
+        return refined
     for module in PLUGIN_MODULES:
         if name in PREDICTORS:
             break
@@ -286,7 +298,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     _common(anomaly, "window | softpos (comma list: one run each)")
     clicks = sub.add_parser("clicks", help="interactive segmentation: NoC@85/90, mIoU@k, AP@5, latency")
     _common(clicks, "window | softpos (matching of the residual engine)")
-    clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors")
+    clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors; NAME+refine adds the GrabCut boundary refinement")
     clicks.add_argument("--max-clicks", type=int, default=20)
     clicks.add_argument("--weights-dir", default=None,
                         help="folder with manifest.json + learned ADClick weights (default: the shipped weights/)")

@@ -7,7 +7,7 @@ Negative clicks carve: a negative click inside a grown region raises that region
 at the negative click (if that leaves the positive click's peak, the region is split between the clicks by
 nearest-click assignment); a `click_radius` disk around every negative click is removed, one around every
 positive click is kept. A box restricts everything to its inside (and with no positive click, the peak of the
-map inside the box seeds the region). prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5.
+map inside the box seeds the region). prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5. (Boundary refinement at full resolution is model/refine.py, applied by the service.)
 
 detect(): regions of the map above an adaptive threshold, kept when larger than `min_area` px; possibly none.
 The threshold is `detect_margin` x the highest leave-one-out score of defect-free references (bank calibration,
@@ -41,9 +41,6 @@ class ClickModeConfig:
     detect_margin: float = 1.0  # detect threshold = margin x max normal score of the bank's calibration
     detect_k: float = 10.0  # without calibration: median + detect_k x robust sigma (1.4826 MAD) of the map
     min_area: int = 16  # px: smallest region reported by detect
-    refine: bool = False  # snap the grown region to image edges with GrabCut (needs state.image)
-    refine_margin: int = 16  # px: the uncertain band around the grown region that GrabCut may claim or drop
-    refine_iters: int = 3
 
 
 def _disk(shape: tuple[int, int], x: int, y: int, r: int) -> np.ndarray:
@@ -87,8 +84,6 @@ class ResidualClickPredictor:
         mask = np.zeros((H, W), bool)
         for y, x in seeds:
             mask |= self._grow(amap, bg, y, x, negs, inside)
-        if self.cfg.refine and state.image is not None and mask.any():
-            mask = self._refine(state.image, mask, pts, inside)
         for c, y, x in pts:
             disk = _disk((H, W), x, y, self._click_radius(mask, c.positive, y, x))
             mask = mask | disk if c.positive else mask & ~disk
@@ -143,37 +138,6 @@ class ResidualClickPredictor:
             else:
                 region = self._split(region, (y, x), blocking)
         return region
-
-    def _refine(self, image: np.ndarray, mask: np.ndarray, pts, inside) -> np.ndarray:
-        """GrabCut on a crop around the region: the region is probable foreground, a `refine_margin` band
-        around it probable background, the rest background; click disks are hard seeds."""
-        H, W = mask.shape
-        m = self.cfg.refine_margin
-        ys, xs = np.nonzero(mask)
-        y0, y1 = max(0, ys.min() - 2 * m), min(H, ys.max() + 2 * m + 1)
-        x0, x1 = max(0, xs.min() - 2 * m), min(W, xs.max() + 2 * m + 1)
-        region = mask[y0:y1, x0:x1].astype(np.uint8)
-        band = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * m + 1, 2 * m + 1)))
-        seeds = np.full(region.shape, cv2.GC_BGD, np.uint8)
-        seeds[band > 0] = cv2.GC_PR_BGD
-        seeds[region > 0] = cv2.GC_PR_FGD
-        for c, y, x in pts:
-            cv2.circle(seeds, (x - x0, y - y0), 2, int(cv2.GC_FGD if c.positive else cv2.GC_BGD), -1)
-        if inside is not None:
-            seeds[~inside[y0:y1, x0:x1]] = cv2.GC_BGD
-        if (seeds == cv2.GC_BGD).sum() < 8:
-            return mask
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        try:
-            cv2.grabCut(np.ascontiguousarray(image[y0:y1, x0:x1]), seeds, None, bgd, fgd, self.cfg.refine_iters,
-                        cv2.GC_INIT_WITH_MASK)
-        except cv2.error as exc:  # degenerate colour statistics: keep the residual region
-            logger.debug("grabCut refinement skipped: %s", exc)
-            return mask
-        fg = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
-        out = np.zeros_like(mask)
-        out[y0:y1, x0:x1] = fg
-        return out
 
     @staticmethod
     def _split(region: np.ndarray, pos: tuple[int, int], negs: list[tuple[int, int]]) -> np.ndarray:

@@ -158,7 +158,8 @@ class TinyPredictor:
 def tiny_chooser(delay_s: float = 0.0) -> Callable:
     def choose(settings, engine) -> PredictorChoice:
         return PredictorChoice(
-            "tiny", f"tiny-{engine.config_hash()}", lambda eng, bank: TinyPredictor(eng, bank, delay_s)
+            "tiny", f"tiny-{engine.config_hash()}", lambda eng, bank: TinyPredictor(eng, bank, delay_s),
+            "tiny test predictor",
         )
 
     return choose

@@ -59,6 +59,7 @@ def test_health_is_fast_open_and_reports_the_model(api):
         "loaded": True,
         "kind": "tiny",
         "version": "tiny-tiny0001",
+        "reason": "tiny test predictor",
         "load_seconds": service.load_seconds,
     }
 

@@ -53,9 +53,14 @@ def test_real_model_click_masks_the_painted_defect(setup):
 
     learned = service.settings.predictor == "auto" and check_weights(service.engine)[0] is not None
     assert pred["model_version"].startswith("adclick-" if learned else "residual-click-")
+    assert pred["model_version"].endswith("-refine")  # ADCLICK_REFINE defaults to the guided filter
+    health = client.get("/health").get_json()["model"]
+    assert health["kind"] == ("adclick" if learned else "residual-click")
+    assert "guided boundary refinement on" in health["reason"]
+    assert ("zero-training" in health["reason"]) != learned
     mask = decode_mask(pred["result"][0])
     assert mask.shape == (192, 256) and mask[95, 167] and not mask[30, 30]
-    assert iou(mask, truth) > 0.4
+    assert iou(mask, truth) > 0.5
     assert service.model_for("1").n_references == 3
     again = client.post("/predict", json=body)
     assert again.status_code == 200 and service.cache.snapshot()["hits"] >= 1

@@ -8,6 +8,12 @@ def test_defaults_without_environment():
     s = Settings.from_env({})
     assert s.device == "auto" and str(s.model_dir) == "data/models"
     assert (s.seg_keep_versions, s.seg_fit_steps, s.seg_holdout, s.seg_max_ok_images) == (3, 60, 0.2, 20)
+    assert (s.predictor, s.learned_weight, s.use_prompt, s.refine) == ("auto", 0.5, False, "guided")
+
+
+@pytest.mark.parametrize("value, method", [("0", "off"), ("off", "off"), ("1", "guided"), ("GrabCut", "grabcut")])
+def test_refinement_setting(value, method):
+    assert Settings.from_env({"ADCLICK_REFINE": value}).refine == method
 
 
 def test_training_knobs_come_from_the_environment():
@@ -21,6 +27,7 @@ def test_training_knobs_come_from_the_environment():
     ({"SEG_FIT_STEPS": "many"}, "SEG_FIT_STEPS"),
     ({"SEG_KEEP_VERSIONS": "0"}, "SEG_KEEP_VERSIONS"),
     ({"DEVICE": "tpu"}, "DEVICE"),
+    ({"ADCLICK_REFINE": "crf"}, "ADCLICK_REFINE"),
     ({"LABEL_STUDIO_URL": "ls:8080"}, "LABEL_STUDIO_URL"),
 ])
 def test_bad_values_are_refused_naming_the_variable(env, name):
