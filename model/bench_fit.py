@@ -119,11 +119,11 @@ def evaluate(maps: Sequence[np.ndarray], examples: Sequence[SegExample]) -> dict
 
 
 def run_one(train: list[SegExample], test: list[SegExample], loaded: LoadedSet, fit: FitConfig,
-            store_dir: Path) -> dict[str, float]:
+            store_dir: Path, init: str | None = None) -> dict[str, float]:
     from model.train_seg import SegTrainConfig, prompt_matrix, train_version
 
     prompts = prompt_matrix(loaded.encoder, loaded.labels)
-    cfg = SegTrainConfig(fit=fit, holdout=0.0)
+    cfg = SegTrainConfig(fit=fit, holdout=0.0, init_weights=init)
     t0 = time.perf_counter()
     info, figures = train_version(train, loaded.labels, prompts, VersionStore(store_dir, keep=1), cfg)
     fit_s = time.perf_counter() - t0
@@ -159,6 +159,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kinds", default="masks,boxes", help="label kinds to train with")
     p.add_argument("--steps", type=int, default=FitConfig.steps)
     p.add_argument("--fit-opt", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
+    p.add_argument("--init", default=None,
+                   help="ADClick checkpoint each fit's blocks start from (default: weights/adclick.pt; "
+                        "'none' = from scratch)")
     return p.parse_args(argv)
 
 
@@ -184,11 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             result[kind] = {}
             for n in sizes:
                 train = pool[:n] if kind == "masks" else [as_boxes(e) for e in pool[:n]]
-                result[kind][str(n)] = run_one(train, test, loaded, fit, Path(tmp) / f"{kind}-{n}")
+                result[kind][str(n)] = run_one(train, test, loaded, fit, Path(tmp) / f"{kind}-{n}",
+                                               args.init)
                 row = result[kind][str(n)]
                 print(f"{kind} {n}: " + " ".join(f"{k} {row[k]:.4f}" for k in KEYS), flush=True)
     result["config"] = {"dataset": str(args.dataset), "sizes": sizes, "n_test": len(test), "seed": args.seed,
-                        "fit": fit.to_dict(), "threads": torch.get_num_threads(), **loaded.stats}
+                        "fit": fit.to_dict(), "init": args.init or "default", "threads": torch.get_num_threads(),
+                        **loaded.stats}
     _table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=float))

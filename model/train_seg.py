@@ -41,7 +41,7 @@ class SegTrainConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     holdout: float = 0.2  # fraction of the evaluable labelled images kept out of training
     min_for_holdout: int = 4  # fewer evaluable images than this: no held-out part (train on all)
-    init_weights: str | None = None  # ADClick checkpoint; None = weights/adclick.pt when present
+    init_weights: str | None = None  # ADClick checkpoint, or "none"; None = weights/adclick.pt when present
     seed: int = 0
 
 
@@ -55,12 +55,19 @@ def prompt_matrix(encoder: Any, labels: Sequence[str], object_name: str = "") ->
 
 
 def init_from_adclick(model: AdClickSeg, path: str | Path | None) -> int:
-    """Copy the interactive ADClick's transformer blocks and position encoding where shapes match."""
+    """Copy the interactive ADClick's transformer blocks and position encoding where shapes match; returns how
+    many tensors were copied (0: from scratch). path None: weights/adclick.pt; "none": from scratch."""
+    if str(path).lower() == "none":
+        return 0
     path = Path(path) if path else ADCLICK_WEIGHTS
     if not path.is_file():
         logger.info("no ADClick weights at %s: ADClick-Seg starts from scratch", path)
         return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file must not stop the fit: train from scratch and say why
+        logger.warning("cannot read %s (%s): ADClick-Seg starts from scratch", path, exc)
+        return 0
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
     return load_matching(model, state, {"blocks.": "blocks.", "pos.": "pos."})
 

@@ -154,6 +154,9 @@ def test_init_from_adclick_copies_matching_blocks(tmp_path) -> None:
     assert torch.equal(seg.blocks[0].qkv.weight, net.blocks[0].qkv.weight)
     assert torch.equal(seg.pos.weight, net.pos.weight)
     assert init_from_adclick(seg, tmp_path / "missing.pt") == 0
+    assert init_from_adclick(seg, "none") == 0
+    (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")  # a damaged file: from scratch, no crash
+    assert init_from_adclick(_model(), tmp_path / "damaged.pt") == 0
 
 
 def test_train_version_publishes_checkpoint_metrics_and_report(tmp_path) -> None:
