@@ -123,13 +123,14 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
-def to_example(labels: TaskLabels, residual: Any, image: np.ndarray) -> SegExample:
-    """A SegExample at the downloaded image's size (regions drawn at another size are rescaled)."""
+def to_example(labels: TaskLabels, residual: Any, image: np.ndarray, features: Any = None) -> SegExample:
+    """A SegExample at the downloaded image's size (regions drawn at another size are rescaled); `features`:
+    the image's feature tokens (ADClick-Seg's optional second input)."""
     size = (int(image.shape[0]), int(image.shape[1]))
     masks = {k: _resize_mask(m, size) for k, m in labels.masks.items()}
     boxes = labels.boxes
     if labels.size and labels.size != size:
         sy, sx = size[0] / labels.size[0], size[1] / labels.size[1]
         boxes = [(k, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)) for k, b in boxes]
-    return SegExample(residual=residual, image_size=size, masks=masks, boxes=list(boxes),
+    return SegExample(residual=residual, features=features, image_size=size, masks=masks, boxes=list(boxes),
                       verdict=labels.verdict, key=f"task-{labels.task_id}", image=image[::4, ::4].copy())

@@ -184,7 +184,8 @@ def seg_examples(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, ba
             failed += 1
             logger.warning("project %s: image of task %s skipped: %s", project, tl.task_id, exc.message)
             continue
-        examples.append(to_example(tl, ctx.engine.compute(image, bank).residual, image))
+        state = ctx.engine.compute(image, bank)
+        examples.append(to_example(tl, state.residual, image, getattr(state, "features", None)))
         ctx.progress(0.7 + 0.1 * (i + 1) / len(chosen), f"residuals of labelled images {i + 1}/{len(chosen)}")
     figures.update(seg_examples=len(examples), seg_download_failures=failed)
     return examples, figures

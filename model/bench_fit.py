@@ -61,15 +61,18 @@ def _residual_cache(args, engine, bank) -> Path | None:
     return path
 
 
-def _state(engine, bank, image: np.ndarray, cache: Path | None, stem: str) -> tuple[torch.Tensor, np.ndarray]:
+def _state(engine, bank, image: np.ndarray, cache: Path | None, stem: str):
+    """(residual, features, anomaly map) of one image, from the cache folder when it holds them."""
     file = cache / f"{stem}.pt" if cache else None
     if file is not None and file.is_file():
         saved = torch.load(file, map_location="cpu", weights_only=True)
-        return saved["residual"], saved["amap"].numpy()
+        if "features" in saved:  # caches written before features were kept are recomputed
+            return saved["residual"], saved["features"], saved["amap"].numpy()
     state = engine.compute(image, bank)
+    out = state.residual.half(), state.features.half(), state.anomaly_map
     if file is not None:
-        torch.save({"residual": state.residual.half(), "amap": torch.from_numpy(state.anomaly_map)}, file)
-    return state.residual.half(), state.anomaly_map
+        torch.save({"residual": out[0], "features": out[1], "amap": torch.from_numpy(out[2])}, file)
+    return out
 
 
 def load_examples(args) -> tuple[list[SegExample], list[str], Any]:
@@ -94,9 +97,9 @@ def load_set(args) -> LoadedSet:
     examples, unsup, t0 = [], [], time.perf_counter()
     for n, item in enumerate(items):
         image = load_rgb(item.path)
-        residual, amap = _state(engine, bank, image, cache, f"{item.defect}-{item.path.stem}")
+        residual, features, amap = _state(engine, bank, image, cache, f"{item.defect}-{item.path.stem}")
         mask = load_mask(item, image.shape[:2])
-        examples.append(SegExample(residual=residual, image_size=image.shape[:2],
+        examples.append(SegExample(residual=residual, features=features, image_size=image.shape[:2],
                                    masks={item.defect: mask} if item.is_anomalous else {},
                                    verdict=None if item.is_anomalous else False,
                                    key=f"{item.defect}/{item.path.name}", image=image[::4, ::4].copy()))
@@ -119,18 +122,18 @@ def evaluate(maps: Sequence[np.ndarray], examples: Sequence[SegExample]) -> dict
 
 
 def run_one(train: list[SegExample], test: list[SegExample], loaded: LoadedSet, fit: FitConfig,
-            store_dir: Path, init: str | None = None) -> dict[str, float]:
+            store_dir: Path, init: str | None = None, use_features: bool = True) -> dict[str, float]:
     from model.train_seg import SegTrainConfig, prompt_matrix, train_version
 
     prompts = prompt_matrix(loaded.encoder, loaded.labels)
-    cfg = SegTrainConfig(fit=fit, holdout=0.0, init_weights=init)
+    cfg = SegTrainConfig(fit=fit, holdout=0.0, init_weights=init, use_features=use_features)
     t0 = time.perf_counter()
     info, figures = train_version(train, loaded.labels, prompts, VersionStore(store_dir, keep=1), cfg)
     fit_s = time.perf_counter() - t0
     ckpt, _ = VersionStore(store_dir).load(info.name)
     detector = SegDetector(ckpt, info.name)
     t0 = time.perf_counter()
-    maps = [detector.detect(_Residual(e.residual), image_size=e.image_size).anomaly_map for e in test]
+    maps = [detector.detect(_Residual(e.residual, e.features), image_size=e.image_size).anomaly_map for e in test]
     out = evaluate(maps, test)
     out.update(fit_s=fit_s, detect_ms_per_image=1000 * (time.perf_counter() - t0) / len(test),
                n_train=len(train), train_loss_first=figures["loss_first"], train_loss_last=figures["loss_last"])
@@ -140,6 +143,7 @@ def run_one(train: list[SegExample], test: list[SegExample], loaded: LoadedSet, 
 @dataclass
 class _Residual:
     residual: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 def _table(result: dict) -> None:
@@ -159,6 +163,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kinds", default="masks,boxes", help="label kinds to train with")
     p.add_argument("--steps", type=int, default=FitConfig.steps)
     p.add_argument("--fit-opt", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
+    p.add_argument("--no-features", action="store_true",
+                   help="residual tokens only (ablation; default: residuals + the images' feature tokens)")
     p.add_argument("--init", default=None,
                    help="ADClick checkpoint each fit's blocks start from (default: weights/adclick.pt; "
                         "'none' = from scratch)")
@@ -188,11 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in sizes:
                 train = pool[:n] if kind == "masks" else [as_boxes(e) for e in pool[:n]]
                 result[kind][str(n)] = run_one(train, test, loaded, fit, Path(tmp) / f"{kind}-{n}",
-                                               args.init)
+                                               args.init, not args.no_features)
                 row = result[kind][str(n)]
                 print(f"{kind} {n}: " + " ".join(f"{k} {row[k]:.4f}" for k in KEYS), flush=True)
     result["config"] = {"dataset": str(args.dataset), "sizes": sizes, "n_test": len(test), "seed": args.seed,
-                        "fit": fit.to_dict(), "init": args.init or "default", "threads": torch.get_num_threads(),
+                        "fit": fit.to_dict(), "init": args.init or "default", "features": not args.no_features,
+                        "threads": torch.get_num_threads(),
                         **loaded.stats}
     _table(result)
     if args.json:

@@ -13,6 +13,7 @@ the whole image one bag; an annotation with neither regions nor a verdict teache
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -26,6 +27,14 @@ IGNORE = -1.0
 UNLABELLED = -2.0
 
 
+def seg_tokens(residual: Any, features: Any = None) -> torch.Tensor:
+    """(C [+ F], h, w) float32 ADClick-Seg input from a residual and optional feature tokens."""
+    residual = torch.as_tensor(residual).float()
+    if features is None:
+        return residual
+    return torch.cat([residual, torch.as_tensor(features).float()], dim=0)
+
+
 @dataclass
 class SegExample:
     residual: torch.Tensor  # (C, h, w) signed residual tokens of the image
@@ -35,6 +44,12 @@ class SegExample:
     verdict: bool | None = None  # True anomalous, False OK, None not given
     key: str = ""
     image: np.ndarray | None = None  # (H, W, 3) uint8, kept only for report overlays
+    features: torch.Tensor | None = None  # (F, h, w) the query image's own feature tokens (optional input)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The model input: residual channels, then the feature channels when there are any."""
+        return seg_tokens(self.residual, self.features)
 
     @property
     def has_masks(self) -> bool:

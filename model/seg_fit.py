@@ -63,7 +63,7 @@ class _Prepared:
 def _prepare(ex: SegExample, t: Targets, crop: int) -> _Prepared:
     _, h, w = ex.residual.shape
     ph, pw = max(0, crop - h), max(0, crop - w)
-    res = F.pad(ex.residual.float(), (0, pw, 0, ph))
+    res = F.pad(ex.tokens, (0, pw, 0, ph))
     tgt = F.pad(t.target, (0, pw, 0, ph), value=IGNORE)
     bags = F.pad(t.bags, (0, pw, 0, ph))
     any_map = t.target[0]
@@ -201,7 +201,7 @@ def fit_seg(
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model.fit_normalisation([e.residual for e in examples])
+    model.fit_normalisation([e.tokens for e in examples])
     rule = BlockRule(soft_band=cfg.soft_band)
     prepared = [_prepare(e, build_targets(e, labels, rule), cfg.crop) for e in examples]
     focusable = [i for i, p in enumerate(prepared) if len(p.focus)]

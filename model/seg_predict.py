@@ -12,7 +12,7 @@ from sklearn.metrics import precision_recall_curve
 
 from model import metrics
 from model.modeling.adclick_seg import ARCH, AdClickSeg, SegConfig, SegEnsemble, build_seg
-from model.seg_data import ANY, SegExample
+from model.seg_data import ANY, SegExample, seg_tokens
 from model.types import AnomalyResult
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def choose_thresholds(model: AdClickSeg | SegEnsemble, examples: list[SegExample
             continue
         H, W = ex.image_size
         size = (max(1, H // scale), max(1, W // scale))
-        probs = predict_grid(model, ex.residual, prompts)
+        probs = predict_grid(model, ex.tokens, prompts)
         for i, key in enumerate(keys):
             gt = ex.union_mask() if key == ANY else ex.masks.get(key, np.zeros(ex.image_size, bool))
             scores[key].append(to_image(probs[i], size).ravel())
@@ -105,7 +105,7 @@ def evaluate(model: AdClickSeg | SegEnsemble, examples: list[SegExample],
     for ex in examples:
         if not ex.masks and ex.verdict is not False:
             continue
-        maps.append(to_image(predict_grid(model, ex.residual, prompts[:1])[0], ex.image_size))
+        maps.append(to_image(predict_grid(model, ex.tokens, prompts[:1])[0], ex.image_size))
         masks.append(ex.union_mask())
     return evaluate_maps(maps, masks)
 
@@ -126,7 +126,8 @@ def make_checkpoint(model: AdClickSeg | SegEnsemble, labels: list[str], prompts:
 class SegDetector:
     """Batch detector of one trained ADClick-Seg version: `detect(state, labels) -> AnomalyResult`.
 
-    `state` is a residual-engine state (anything with `.residual` (C, h, w)); `image_size` is read from
+    `state` is a residual-engine state (anything with `.residual` (C, h, w), and `.features` (F, h, w) for a
+    model trained with features); `image_size` is read from
     `state.image_size` / `state.anomaly_map.shape` when present. Labels the model was not trained on are
     embedded with `text_encoder` (a `model.modeling.text.CachedTextEncoder`) when one is given, otherwise
     they share the any-defect map."""
@@ -156,6 +157,14 @@ class SegDetector:
                 return vec.float()
         return None
 
+    def _tokens(self, state: HasResidual) -> torch.Tensor:
+        if self.model.cfg.feat_channels <= 0:
+            return seg_tokens(state.residual)
+        features = getattr(state, "features", None)
+        if features is None:
+            raise ValueError(f"{self.version} needs the image's feature tokens (state.features), the state has none")
+        return seg_tokens(state.residual, features)
+
     def detect(self, state: HasResidual, labels: list[str] | None = None,
                image_size: tuple[int, int] | None = None) -> AnomalyResult:
         labels = list(self.labels if labels is None else labels)
@@ -163,7 +172,7 @@ class SegDetector:
         rows = [self._prompt(ANY)]
         keyed = [lab for lab in labels if self._prompt(lab) is not None]
         rows += [self._prompt(lab) for lab in keyed]
-        probs = predict_grid(self.model, torch.as_tensor(state.residual), torch.stack(rows))
+        probs = predict_grid(self.model, self._tokens(state), torch.stack(rows))
         any_map = to_image(probs[0], size)
         any_mask = any_map >= self.thresholds.get(ANY, 0.5)
         masks: dict[str, np.ndarray] = {ANY: any_mask}

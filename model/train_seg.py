@@ -42,6 +42,7 @@ class SegTrainConfig:
     holdout: float = 0.2  # fraction of the evaluable labelled images kept out of training
     min_for_holdout: int = 4  # fewer evaluable images than this: no held-out part (train on all)
     init_weights: str | None = None  # ADClick checkpoint, or "none"; None = weights/adclick.pt when present
+    use_features: bool = True  # feed the images' feature tokens too, when every example carries them
     seed: int = 0
 
 
@@ -95,7 +96,7 @@ def _eval_part(model, examples, prompts, thresholds):
     for ex in examples:
         if not ex.masks and ex.verdict is not False:
             continue
-        prob = to_image(predict_grid(model, ex.residual, prompts[:1])[0], ex.image_size)
+        prob = to_image(predict_grid(model, ex.tokens, prompts[:1])[0], ex.image_size)
         maps.append(prob)
         masks.append(ex.union_mask())
         if ex.masks and len(overlays) < 4:
@@ -109,9 +110,13 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
     """Train, evaluate and publish one version; returns (its VersionInfo, its figures)."""
     t0 = time.monotonic()
     usable = [e for e in examples if e.usable]
-    train, held = split_holdout(usable, cfg.holdout, cfg.min_for_holdout, cfg.seed)
     c = int(usable[0].residual.shape[0]) if usable else 0
-    model = build_seg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), **cfg.model))
+    with_feats = bool(usable) and all(e.features is not None for e in usable) and cfg.use_features
+    f = int(usable[0].features.shape[0]) if with_feats else 0
+    if not with_feats:
+        usable = [dataclasses.replace(e, features=None) for e in usable]
+    train, held = split_holdout(usable, cfg.holdout, cfg.min_for_holdout, cfg.seed)
+    model = build_seg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), feat_channels=f, **cfg.model))
     members = list(model.members) if isinstance(model, SegEnsemble) else [model]
     n_init, history = 0, []
     for i, member in enumerate(members):  # each member: the same data, its own seed

@@ -195,3 +195,53 @@ def test_ensemble_members_train_with_their_own_seeds_and_average(tmp_path) -> No
     assert figures["metrics"]["pixel_ap"] > 0
     single = build_seg(SegConfig(in_channels=C, prompt_dim=16, **{**SMALL, "members": 1}))
     assert type(single) is AdClickSeg  # one member keeps the plain single-model checkpoint layout
+
+
+def _with_feature_signature(examples: list[SegExample], seed: int) -> list[SegExample]:
+    """The same images plus 4 feature channels; defect blocks (from the masks) look different there. Their
+    residuals get nuisance-level noise only, so a defect is told from a nuisance blob by its features."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for ex in examples:
+        h, w = ex.residual.shape[-2:]
+        feats = rng.normal(0, 1, (4, h, w)).astype(np.float32)
+        if ex.masks:
+            blocks = F.adaptive_avg_pool2d(torch.from_numpy(ex.union_mask()[None].astype(np.float32)), (h, w))[0]
+            feats[:2] += 3.0 * (blocks.numpy() > 0.5)
+        out.append(dataclasses.replace(ex, features=torch.from_numpy(feats)))
+    return out
+
+
+def test_feature_tokens_are_a_second_input_that_the_fit_uses() -> None:
+    train = _with_feature_signature(make_set(3, 10, 4), 0)
+    test = _with_feature_signature(make_set(4, 10, 4), 1)
+    fit = FitConfig(steps=150, steps_per_image=0, crop=16, log_every=50)
+    with_f = AdClickSeg(SegConfig(in_channels=C, prompt_dim=16, feat_channels=4, **SMALL))
+    fit_seg(with_f, train, ["scratch"], PROMPTS[:2], fit)
+    without = _model()
+    plain = [dataclasses.replace(e, features=None) for e in train]
+    fit_seg(without, plain, ["scratch"], PROMPTS[:2], fit)
+    ap_with = _ap(with_f, test)
+    ap_without = _ap(without, [dataclasses.replace(e, features=None) for e in test])
+    assert ap_with > ap_without + 0.1, (ap_with, ap_without)
+    with pytest.raises(ValueError, match="4 feature channels"):
+        with_f(test[0].residual.float()[None], PROMPTS[:2])
+
+
+def test_versions_record_whether_they_use_features(tmp_path) -> None:
+    examples = _with_feature_signature(make_set(0, 6, 2), 0)
+    fit = FitConfig(steps=10, steps_per_image=0, crop=16, log_every=5)
+    for use in (True, False):
+        store = VersionStore(tmp_path / str(use), keep=1)
+        cfg = SegTrainConfig(model={**SMALL, "members": 1}, fit=fit, holdout=0.0, init_weights="none",
+                             use_features=use)
+        info, _ = train_version(examples, ["scratch"], PROMPTS[:2], store, cfg)
+        ckpt = store.load()[0]
+        assert ckpt["config"]["feat_channels"] == (4 if use else 0)
+        det = SegDetector(ckpt, info.name)  # loads strictly
+        assert det.detect(examples[0], image_size=examples[0].image_size).anomaly_map.shape == (192, 256)
+        if use:
+            with pytest.raises(ValueError, match="feature tokens"):  # a state without features: a clear error
+                det.detect(dataclasses.replace(examples[0], features=None), image_size=examples[0].image_size)
+        else:  # a residual-only checkpoint has no feature buffers (older versions keep loading strictly)
+            assert not any(k.endswith(("feat_mean", "feat_std")) for k in ckpt["state_dict"])

@@ -1,11 +1,13 @@
 """ADClick-Seg: a SemiREST-style sliding-window transformer that classifies residual blocks.
 
-Input: signed residual tokens `(B, C, h, w)` from the residual engine (each token is one block of the image)
-and `(L, P)` defect-type prompt vectors (row 0 = "any defect", then one row per defect label).
+Input: tokens `(B, C + F, h, w)`: the signed residual from the residual engine (C channels; each token is one
+block of the image), followed, when `feat_channels` F > 0, by the query image's own features (what the block looks
+like, not only how it differs from its matched reference), and `(L, P)` defect-type prompt vectors (row 0 = "any
+defect", then one row per defect label).
 Output: `(B, L, h, w)` block logits, one map per prompt.
 
 Pipeline: per-channel normalisation (statistics kept as buffers) -> token embedding of the residual, its
-square and the unsupervised score (the residual norm) -> depth-wise conv position encoding -> transformer
+square, the unsupervised score (the residual norm) and the normalised features -> depth-wise conv position encoding -> transformer
 blocks applied in overlapping windows of `window x window` tokens (stride `stride`), overlaps averaged ->
 prompt-conditioned head: FiLM of the token features by each prompt, then a per-prompt dot product with a
 projection of that prompt, plus a learned affine of the unsupervised score (so an untrained model ranks
@@ -46,6 +48,7 @@ class SegConfig:
     mlp_ratio: float = 2.0
     in_drop: float = 0.0  # training-time dropout of whole residual channels (regularises few-label fits)
     members: int = 4  # separately trained copies (fit seed + i), logits averaged (SegEnsemble); 1 = one model
+    feat_channels: int = 0  # F: query-feature channels after the C residual channels of the input (0 = none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,8 +76,12 @@ class AdClickSeg(nn.Module):
         self.register_buffer("res_std", torch.ones(c))
         self.register_buffer("score_mean", torch.zeros(()))
         self.register_buffer("score_std", torch.ones(()))
+        f = cfg.feat_channels
+        if f > 0:  # registered only when used: checkpoints of residual-only models keep loading strictly
+            self.register_buffer("feat_mean", torch.zeros(f))
+            self.register_buffer("feat_std", torch.ones(f))
         self.in_drop = nn.Dropout1d(cfg.in_drop)
-        self.embed = nn.Sequential(nn.Linear(2 * c + 1, d), nn.GELU(), nn.Linear(d, d))
+        self.embed = nn.Sequential(nn.Linear(2 * c + 1 + f, d), nn.GELU(), nn.Linear(d, d))
         self.pos = nn.Conv2d(d, d, 3, padding=1, groups=d)
         # the interactive ADClick's window block (same names and shapes: its weights initialise these)
         self.blocks = nn.ModuleList(
@@ -89,12 +96,17 @@ class AdClickSeg(nn.Module):
 
     # ---- statistics -----------------------------------------------------------------------------
     @torch.no_grad()
-    def fit_normalisation(self, residuals: list[torch.Tensor]) -> None:
-        """Set the per-channel residual statistics and the score statistics from (C, h, w) tensors."""
-        flat = torch.cat([r.flatten(1) for r in residuals], dim=1).float()  # (C, N)
-        self.res_mean.copy_(flat.mean(1))
-        self.res_std.copy_(flat.std(1).clamp_min(1e-6))
-        score = torch.cat([self._raw_score(r[None]).flatten() for r in residuals])
+    def fit_normalisation(self, tokens: list[torch.Tensor]) -> None:
+        """Set the per-channel residual (and feature) statistics and the score statistics from (C + F, h, w)
+        token tensors."""
+        c = self.cfg.in_channels
+        flat = torch.cat([t.flatten(1) for t in tokens], dim=1).float()  # (C + F, N)
+        self.res_mean.copy_(flat[:c].mean(1))
+        self.res_std.copy_(flat[:c].std(1).clamp_min(1e-6))
+        if self.cfg.feat_channels > 0:
+            self.feat_mean.copy_(flat[c:].mean(1))
+            self.feat_std.copy_(flat[c:].std(1).clamp_min(1e-6))
+        score = torch.cat([self._raw_score(t[None, :c]).flatten() for t in tokens])
         self.score_mean.copy_(score.mean())
         self.score_std.copy_(score.std().clamp_min(1e-6))
 
@@ -103,17 +115,23 @@ class AdClickSeg(nn.Module):
         """Unsupervised block score: log of the residual norm, (B, h, w)."""
         return torch.log1p(residual.float().pow(2).sum(1).sqrt())
 
-    def unsupervised_score(self, residual: torch.Tensor) -> torch.Tensor:
-        return (self._raw_score(residual) - self.score_mean) / self.score_std
+    def unsupervised_score(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (self._raw_score(tokens[:, : self.cfg.in_channels]) - self.score_mean) / self.score_std
 
     # ---- forward --------------------------------------------------------------------------------
-    def encode(self, residual: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) residual -> (B, D, h, w) contextual token features."""
-        b, c, h, w = residual.shape
-        r = (residual.float() - self.res_mean.view(1, c, 1, 1)) / self.res_std.view(1, c, 1, 1)
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, C + F, h, w) tokens -> (B, D, h, w) contextual token features."""
+        c, f = self.cfg.in_channels, self.cfg.feat_channels
+        if tokens.shape[1] != c + f:
+            raise ValueError(f"ADClick-Seg expects {c} residual + {f} feature channels, got {tokens.shape[1]}")
+        b, _, h, w = tokens.shape
+        r = (tokens[:, :c].float() - self.res_mean.view(1, c, 1, 1)) / self.res_std.view(1, c, 1, 1)
         r = self.in_drop(r.flatten(2)).view(b, c, h, w)
-        s = self.unsupervised_score(residual)[:, None]
-        x = torch.cat([r, r.pow(2) - 1.0, s], dim=1).permute(0, 2, 3, 1)  # (B, h, w, 2C+1)
+        s = self.unsupervised_score(tokens)[:, None]
+        parts = [r, r.pow(2) - 1.0, s]
+        if f > 0:
+            parts.append((tokens[:, c:].float() - self.feat_mean.view(1, f, 1, 1)) / self.feat_std.view(1, f, 1, 1))
+        x = torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # (B, h, w, 2C + 1 + F)
         x = self.embed(x).permute(0, 3, 1, 2)  # (B, D, h, w)
         x = x + self.pos(x)
         return self._windows(x)
@@ -143,8 +161,8 @@ class AdClickSeg(nn.Module):
         logits = (f * q[None, :, :, None, None]).sum(2) / math.sqrt(self.cfg.dim)
         return logits + self.score_gain * score[:, None] + self.bias
 
-    def forward(self, residual: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encode(residual), prompts, self.unsupervised_score(residual))
+    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(tokens), prompts, self.unsupervised_score(tokens))
 
 
 class SegEnsemble(nn.Module):
