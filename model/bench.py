@@ -72,8 +72,9 @@ def get_builder(name: str) -> PredictorBuilder:
         inner = get_builder(base)
 
         def refined(engine, bank, args) -> Predictor:
-            from model.refine import RefinedPredictor
-            return RefinedPredictor(inner(engine, bank, args))
+            from model.refine import RefineConfig, RefinedPredictor
+            cfg = dataclasses.replace(RefineConfig(), **_overrides(getattr(args, "refine_opt", [])))
+            return RefinedPredictor(inner(engine, bank, args), cfg)
         return refined
     for module in PLUGIN_MODULES:
         if name in PREDICTORS:
@@ -212,6 +213,21 @@ def _click_summary(rows: list[dict], max_clicks: int) -> dict:
     }
 
 
+def split_items(items: list[TestItem], split: str) -> list[TestItem]:
+    """all, or the even / odd-indexed images of each defect type (in file order): a dev half for design
+    choices and a held-out half to check them on."""
+    if split == "all":
+        return list(items)
+    seen: dict[str, int] = {}
+    out = []
+    for item in items:
+        k = seen.get(item.defect, 0)
+        seen[item.defect] = k + 1
+        if (k % 2 == 0) == (split == "even"):
+            out.append(item)
+    return out
+
+
 def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[dict]:
     rows = []
     for item in items:
@@ -236,7 +252,7 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
 
 def cmd_clicks(args) -> dict:
     data = load_mvtec(args.dataset, include_validation=not args.no_validation)
-    items = [t for t in limit_per_defect(data.test, args.limit) if t.is_anomalous]
+    items = split_items([t for t in limit_per_defect(data.test, args.limit) if t.is_anomalous], args.split)
     names = [n for n in args.predictor.split(",") if n]
     if not args.no_grabcut and "grabcut" not in names:
         names.append("grabcut")
@@ -255,7 +271,8 @@ def cmd_clicks(args) -> dict:
         stats["peak_rss_mb"] = peak_rss_mb()
         config = {"dataset": str(args.dataset), "predictors": names, "max_clicks": args.max_clicks,
                   "prompt": args.prompt,
-                  "thr": args.thr, "limit": args.limit, "refs": args.refs.split(",")[0],
+                  "thr": args.thr, "limit": args.limit, "split": args.split, "refine_opt": args.refine_opt,
+                  "refs": args.refs.split(",")[0],
                   "threads": torch.get_num_threads(), **_engine_config(engine), **stats}
         print_config(config, BANK_KEYS)
     finally:
@@ -300,6 +317,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     _common(clicks, "window | softpos (matching of the residual engine)")
     clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors; NAME+refine adds the GrabCut boundary refinement")
     clicks.add_argument("--max-clicks", type=int, default=20)
+    clicks.add_argument("--split", choices=("all", "even", "odd"), default="all",
+                        help="all test images, or the even / odd-indexed half of each defect type")
+    clicks.add_argument("--refine-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="model.refine.RefineConfig override for NAME+refine predictors, e.g. radius=8")
     clicks.add_argument("--weights-dir", default=None,
                         help="folder with manifest.json + learned ADClick weights (default: the shipped weights/)")
     clicks.add_argument("--prompt", choices=("none", "defect"), default="none",

@@ -160,6 +160,32 @@ def test_clicks_cli_with_a_registered_predictor_and_grabcut(dataset, tmp_path, m
     assert report["config"]["bank_build_s"] > 0
 
 
+def test_refine_suffix_and_dev_split(dataset, tmp_path, monkeypatch):
+    """NAME+refine wraps a predictor in the boundary refinement (RefineConfig from --refine-opt); --split even /
+    odd gives complementary halves of every defect type."""
+    from model.refine import RefinedPredictor
+
+    made = []
+
+    def square(engine, bank, args):
+        made.append(CentreSquare())
+        return made[-1]
+
+    monkeypatch.setitem(bench.PREDICTORS, "square", square)
+    built = bench.get_builder("square+refine")(None, None, types.SimpleNamespace(refine_opt=["radius=2"]))
+    assert isinstance(built, RefinedPredictor) and built.base is made[-1] and built.cfg.radius == 2
+    with pytest.raises(ConfigError, match="suffix"):
+        bench.get_builder("square+crf")
+    items = [t for t in load_mvtec(dataset).test if t.is_anomalous]
+    even, odd = bench.split_items(items, "even"), bench.split_items(items, "odd")
+    assert sorted(map(str, (t.path for t in even + odd))) == sorted(map(str, (t.path for t in items)))
+    assert not {t.path for t in even} & {t.path for t in odd}
+    assert {t.defect for t in even} == {t.defect for t in odd} == {t.defect for t in items}
+    report = run_cli(["clicks", "--dataset", str(dataset), "--predictor", "square+refine", "--max-clicks", "6",
+                      "--split", "odd", "--no-grabcut"], tmp_path, "clicks")
+    assert report["overall"]["n_images"] == len(odd) and report["config"]["split"] == "odd"
+
+
 def test_unknown_predictor_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown predictor"):
         bench.get_builder("no-such-predictor")
