@@ -7,7 +7,7 @@ defect", then one row per defect label).
 Output: `(B, L, h, w)` block logits, one map per prompt.
 
 Pipeline: per-channel normalisation (statistics kept as buffers) -> token embedding of the residual, its
-square, the unsupervised score (the residual norm) and the normalised features -> depth-wise conv position encoding -> transformer
+square, the unsupervised score (the residual norm), and the normalised features and their squares -> depth-wise conv position encoding -> transformer
 blocks applied in overlapping windows of `window x window` tokens (stride `stride`), overlaps averaged ->
 prompt-conditioned head: FiLM of the token features by each prompt, then a per-prompt dot product with a
 projection of that prompt, plus a learned affine of the unsupervised score (so an untrained model ranks
@@ -81,7 +81,7 @@ class AdClickSeg(nn.Module):
             self.register_buffer("feat_mean", torch.zeros(f))
             self.register_buffer("feat_std", torch.ones(f))
         self.in_drop = nn.Dropout1d(cfg.in_drop)
-        self.embed = nn.Sequential(nn.Linear(2 * c + 1 + f, d), nn.GELU(), nn.Linear(d, d))
+        self.embed = nn.Sequential(nn.Linear(2 * (c + f) + 1, d), nn.GELU(), nn.Linear(d, d))
         self.pos = nn.Conv2d(d, d, 3, padding=1, groups=d)
         # the interactive ADClick's window block (same names and shapes: its weights initialise these)
         self.blocks = nn.ModuleList(
@@ -129,9 +129,10 @@ class AdClickSeg(nn.Module):
         r = self.in_drop(r.flatten(2)).view(b, c, h, w)
         s = self.unsupervised_score(tokens)[:, None]
         parts = [r, r.pow(2) - 1.0, s]
-        if f > 0:
-            parts.append((tokens[:, c:].float() - self.feat_mean.view(1, f, 1, 1)) / self.feat_std.view(1, f, 1, 1))
-        x = torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # (B, h, w, 2C + 1 + F)
+        if f > 0:  # normalised features and their squares, like the residual
+            g = (tokens[:, c:].float() - self.feat_mean.view(1, f, 1, 1)) / self.feat_std.view(1, f, 1, 1)
+            parts += [g, g.pow(2) - 1.0]
+        x = torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # (B, h, w, 2 (C + F) + 1)
         x = self.embed(x).permute(0, 3, 1, 2)  # (B, D, h, w)
         x = x + self.pos(x)
         return self._windows(x)
