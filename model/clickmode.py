@@ -25,7 +25,7 @@ import numpy as np
 from model.errors import InputError
 from model.references import ReferenceBank
 from model.residuals import ResidualEngine, ResidualState
-from model.types import AnomalyResult, Box, Click, ClickResult
+from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ResidualClickPredictor:
         amap = state.anomaly_map
         H, W = amap.shape
         pts = [(c, *self._pixel(c, H, W)) for c in clicks]
-        inside = self._box_mask(box, H, W)
+        inside = None if box is None else box_mask(box, (H, W))
         bg = float(np.median(amap))
         seeds = [(y, x) for c, y, x in pts if c.positive]
         if not seeds and inside is not None:
@@ -161,17 +161,6 @@ class ResidualClickPredictor:
         if not (np.isfinite(c.x) and np.isfinite(c.y)) or not (0 <= c.x < W + 0.5 and 0 <= c.y < H + 0.5):
             raise InputError(f"click ({c.x}, {c.y}) outside the {W}x{H} image")
         return min(H - 1, round(c.y)), min(W - 1, round(c.x))
-
-    @staticmethod
-    def _box_mask(box: Box | None, H: int, W: int) -> np.ndarray | None:
-        if box is None:
-            return None
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (x0 <= x1 and y0 <= y1):
-            raise InputError(f"box {box} is not (x0, y0, x1, y1) with x0 <= x1, y0 <= y1")
-        m = np.zeros((H, W), bool)
-        m[max(0, int(y0)):max(0, int(np.ceil(y1)) + 1), max(0, int(x0)):max(0, int(np.ceil(x1)) + 1)] = True
-        return m
 
     # ---- batch ---------------------------------------------------------------------------------------------
     def detect(self, state: ResidualState, labels: list[str] | None = None) -> AnomalyResult:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from model.adclick_data import click_maps, half
 from model.errors import CheckpointError, InputError
 from model.modeling.adclick import ImageEmbedding
-from model.types import AnomalyResult, Box, Click, ClickResult
+from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,7 @@ class AdClickPredictor:
             raise InputError(f"previous mask {previous_mask.shape} does not match the image {(H, W)}")
         prob = self._prob(state, clicks, prompt, previous_mask)
         if box is not None:
-            inside = np.zeros((H, W), bool)
-            x0, y0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
-            inside[y0:int(np.ceil(box[3])) + 1, x0:int(np.ceil(box[2])) + 1] = True
-            prob = np.where(inside, prob, 0.0).astype(np.float32)
+            prob = np.where(box_mask(box, (H, W)), prob, 0.0).astype(np.float32)
         mask = prob > self.threshold
         score = float(prob[mask].mean()) if mask.any() else float(prob.max())
         return ClickResult(prob=prob.astype(np.float32), mask=mask, score=score)

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
-from model.types import AnomalyResult, Box, Click, ClickResult
+from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,6 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.method not in ("guided", "grabcut"):
             raise ValueError(f"refinement method must be guided or grabcut, got {self.method!r}")
-
-
-def _box_inside(box: Box, shape: tuple[int, int]) -> np.ndarray:
-    inside = np.zeros(shape, bool)
-    inside[max(0, int(box[1])):max(0, int(np.ceil(box[3])) + 1),
-           max(0, int(box[0])):max(0, int(np.ceil(box[2])) + 1)] = True
-    return inside
 
 
 def _crop(region: np.ndarray, margin: int) -> tuple[int, int, int, int]:
@@ -100,7 +93,7 @@ def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], bo
     if (y1 - y0) * (x1 - x0) > cfg.max_pixels:
         return prob.astype(np.float32, copy=True)
     crop = np.clip(prob[y0:y1, x0:x1], 0.0, 1.0).astype(np.float32)
-    inside = None if box is None else _box_inside(box, (H, W))[y0:y1, x0:x1]
+    inside = None if box is None else box_mask(box, (H, W))[y0:y1, x0:x1]
     if cfg.method == "guided":
         grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY).astype(np.float32)
         new = np.clip(guided_filter(grey / 255.0, crop, cfg.radius, cfg.eps), 0.0, 1.0)

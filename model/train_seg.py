@@ -112,11 +112,11 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
     usable = [e for e in examples if e.usable]
     c = int(usable[0].residual.shape[0]) if usable else 0
     with_feats = bool(usable) and all(e.features is not None for e in usable) and cfg.use_features
-    f = int(usable[0].features.shape[0]) if with_feats else 0
+    n_feat = int(usable[0].features.shape[0]) if with_feats else 0
     if not with_feats:
         usable = [dataclasses.replace(e, features=None) for e in usable]
     train, held = split_holdout(usable, cfg.holdout, cfg.min_for_holdout, cfg.seed)
-    model = build_seg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), feat_channels=f, **cfg.model))
+    model = build_seg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), feat_channels=n_feat, **cfg.model))
     members = list(model.members) if isinstance(model, SegEnsemble) else [model]
     n_init, history = 0, []
     for i, member in enumerate(members):  # each member: the same data, its own seed

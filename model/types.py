@@ -7,7 +7,20 @@ from typing import Optional, Protocol
 
 import numpy as np
 
+from model.errors import InputError
+
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels, x0 <= x1, y0 <= y1
+
+
+def box_mask(box: Box, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool, True on the box's pixels (edges included, clipped to the image); InputError when the box
+    is not (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x0 <= x1 and y0 <= y1):
+        raise InputError(f"box {box} is not (x0, y0, x1, y1) with x0 <= x1, y0 <= y1")
+    m = np.zeros(shape, bool)
+    m[max(0, int(y0)):max(0, int(np.ceil(y1)) + 1), max(0, int(x0)):max(0, int(np.ceil(x1)) + 1)] = True
+    return m
 
 
 @dataclass(frozen=True)
