@@ -17,6 +17,14 @@ def _text(env: Mapping[str, str], name: str, default: str = "") -> str:
     return env.get(name, default).strip()
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """The default unless the variable spells the opposite (on: 1/true/yes/on, off: 0/false/no/off)."""
+    return (not default) if _text(env, name).lower() in (_OFF if default else _ON) else default
+
+
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -82,8 +90,7 @@ class Settings:
         if learned_weight > 1:
             raise ConfigError(f"ADCLICK_LEARNED_WEIGHT must be between 0 and 1, got {learned_weight}")
         refine = _text(env, "ADCLICK_REFINE", "guided").lower() or "guided"
-        refine = {"1": "guided", "true": "guided", "yes": "guided", "on": "guided", "0": "off", "false": "off",
-                  "no": "off", "none": "off"}.get(refine, refine)
+        refine = "guided" if refine in _ON else "off" if refine in _OFF + ("none",) else refine
         if refine not in ("guided", "grabcut", "off"):
             raise ConfigError(f"ADCLICK_REFINE must be guided, grabcut or off, got {refine!r}")
         return cls(
@@ -106,13 +113,13 @@ class Settings:
             train_debounce_s=_number(env, "TRAIN_DEBOUNCE_S", 60.0),
             predictor=predictor,
             learned_weight=learned_weight,
-            use_prompt=_text(env, "ADCLICK_USE_PROMPT", "0").lower() in ("1", "true", "yes", "on"),
+            use_prompt=_flag(env, "ADCLICK_USE_PROMPT", False),
             refine=refine,
             max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
             redis_url=_text(env, "REDIS_URL"),
             bank_wait_s=_number(env, "BANK_WAIT_S", 60.0),
             compute_concurrency=int(_number(env, "COMPUTE_CONCURRENCY", 2, minimum=1)),
-            warm_on_setup=_text(env, "WARM_ON_SETUP", "1").lower() not in ("0", "false", "no", "off"),
+            warm_on_setup=_flag(env, "WARM_ON_SETUP", True),
             seg_keep_versions=int(_number(env, "SEG_KEEP_VERSIONS", 3, minimum=1)),
             seg_fit_steps=int(_number(env, "SEG_FIT_STEPS", 60, minimum=1)),
             seg_holdout=_number(env, "SEG_HOLDOUT", 0.2),
