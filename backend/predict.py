@@ -59,7 +59,8 @@ def predict_interactive(
         raise BadRequest("context must be an object with a result list")
     model, cached = service.image_state(project, ref, task_id)
     request = ls_format.parse_context(context, cfg, cached.width, cached.height)
-    out = model.predictor.predict(cached.state, request.clicks, request.box, request.prompt)
+    # the clicks replayed one by one with the previous mask, as the network is trained (cached per prefix)
+    out = cached.history.predict(model.predictor, cached.state, request.clicks, request.box, request.prompt)
     region = ls_format.brush_region(np.asarray(out.mask, dtype=bool), request.label, cfg, out.score)
     return ls_format.prediction([region], out.score, service.project_version(project))
 

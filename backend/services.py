@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,6 +22,7 @@ from backend.jobs import JobManager
 from backend.locks import ProjectLock
 from backend.projects import ProjectStore, list_images
 from backend.settings import Settings
+from model.clicks import ClickHistory
 from model.types import Predictor
 
 logger = logging.getLogger(__name__)
@@ -101,10 +102,11 @@ class CachedImage:
     height: int
     width: int
     state: Any
+    history: ClickHistory = field(default_factory=ClickHistory, compare=False, repr=False)  # click prefixes
 
     @property
     def nbytes(self) -> int:
-        return int(getattr(self.state, "nbytes", 0)) + 64
+        return int(getattr(self.state, "nbytes", 0)) + self.history.max_nbytes + 64
 
 
 @dataclass

@@ -12,9 +12,11 @@ is `prob > thr` with thr = 0.49, at most 20 clicks.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -139,3 +141,75 @@ def simulate(
             break
     logger.debug("simulated %d clicks, final IoU %.3f", len(out.ious), out.ious[-1] if out.ious else 1.0)
     return out
+
+
+class ClickHistory:
+    """An image's interactive session as the service sees it: each request carries all the clicks so far.
+
+    The network is trained, and the benchmark simulates, with the previous click's mask as an input; Label
+    Studio does not send it. `predict` therefore replays the clicks one at a time, feeding each prediction's
+    mask to the next, and remembers the mask of every click prefix it computed (bit-packed, the newest
+    `max_entries`), so the usual request - the previous clicks plus one - costs one predictor call, and a
+    request after an undo (a shorter prefix) costs none beyond its own. Thread-safe; the result for a click
+    list does not depend on what was cached (a replay from an empty history gives the same masks).
+    """
+
+    def __init__(self, max_entries: int = 32) -> None:
+        self.max_entries = int(max_entries)
+        self._masks: "OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(clicks: Sequence[Click], box: Optional[tuple], prompt: str) -> tuple:
+        return (tuple((float(c.x), float(c.y), bool(c.positive)) for c in clicks),
+                None if box is None else tuple(float(v) for v in box), prompt)
+
+    def _get(self, key: tuple) -> Optional[np.ndarray]:
+        with self._lock:
+            hit = self._masks.get(key)
+            if hit is None:
+                return None
+            self._masks.move_to_end(key)
+        shape, packed = hit
+        return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+
+    def _put(self, key: tuple, mask: np.ndarray) -> None:
+        with self._lock:
+            self._masks[key] = (mask.shape, np.packbits(mask.astype(bool), axis=None))
+            self._masks.move_to_end(key)
+            while len(self._masks) > self.max_entries:
+                self._masks.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    @property
+    def max_nbytes(self) -> int:
+        """Upper bound of the memory it holds for a 600x800 image (the service's cache budget counts it)."""
+        return self.max_entries * (600 * 800 // 8 + 200)
+
+    def predict(self, predictor: Predictor, state: ImageState, clicks: Sequence[Click],
+                box: Optional[tuple] = None, prompt: str = "") -> Any:
+        clicks = list(clicks)
+        if len(clicks) <= 1:
+            result = predictor.predict(state, clicks, box, prompt=prompt)
+            if clicks:
+                self._put(self._key(clicks, box, prompt), np.asarray(result.mask, bool))
+            return result
+        start, previous = len(clicks) - 1, None
+        while start > 0:  # the longest remembered prefix shorter than the request
+            previous = self._get(self._key(clicks[:start], box, prompt))
+            if previous is not None:
+                break
+            start -= 1
+        if previous is None:  # nothing remembered: the first click alone, then replay
+            start = 1
+            previous = np.asarray(predictor.predict(state, clicks[:1], box, prompt=prompt).mask, bool)
+            self._put(self._key(clicks[:1], box, prompt), previous)
+        if len(clicks) - start > 1:
+            logger.debug("replaying clicks %d..%d to rebuild the previous masks", start + 1, len(clicks))
+        for k in range(start + 1, len(clicks) + 1):
+            result = predictor.predict(state, clicks[:k], box, prompt=prompt, previous_mask=previous)
+            previous = np.asarray(result.mask, bool)
+            self._put(self._key(clicks[:k], box, prompt), previous)
+        return result

@@ -53,6 +53,8 @@ class RefineConfig:
     iterations: int = 3  # grabcut
     margin: int = 24  # px of context around the region
     max_pixels: int = 250_000  # larger crops are left as they are (the grid is fine enough for big regions)
+    respect_clicks: bool = True  # a click whose pixel ends up with the other label gets a disk of its own
+    click_radius: float = 8.0  # px, the largest such disk
 
     def __post_init__(self) -> None:
         if self.method not in ("guided", "grabcut"):
@@ -141,6 +143,46 @@ def _grabcut(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, clicks: Sequ
     return fg
 
 
+def respect_clicks(prob: np.ndarray, clicks: Sequence[Click], max_radius: float = 8.0,
+                   threshold: float = THRESHOLD) -> np.ndarray:
+    """The map with every click's pixel on the click's side of `threshold` (a copy when anything changes).
+
+    Why: a map built on a 12 px grid and smoothed can leave a click's own pixel with the wrong label, and an
+    annotator (or the click simulator) then clicks the same spot again and again with no effect. For each such
+    click, a disk around it is moved to the click's side (prob -> 0.5 + prob / 2 for a positive click,
+    prob * threshold for a negative one, so the order inside each side is kept). Its radius is the distance
+    from the click to the nearest pixel that already has the click's label (the disk fills the gap up to the
+    mask and no further), at most half the distance to the nearest click of the other label (disks of
+    opposite clicks never overlap) and at most `max_radius`, at least 1 px. Clicks are taken in order, so a
+    later click's disk wins over an earlier one's.
+    """
+    out = prob
+    H, W = prob.shape
+    reach = int(np.ceil(max_radius)) + 1
+    for c in clicks:
+        y, x = int(round(c.y)), int(round(c.x))
+        if not (0 <= y < H and 0 <= x < W) or (out[y, x] > threshold) == c.positive:
+            continue
+        radius = float(max_radius)
+        opposite = [np.hypot(o.x - c.x, o.y - c.y) for o in clicks if o.positive != c.positive]
+        if opposite:
+            radius = min(radius, 0.5 * min(opposite))
+        y0, y1, x0, x1 = max(0, y - reach), min(H, y + reach + 1), max(0, x - reach), min(W, x + reach + 1)
+        crop = out[y0:y1, x0:x1]
+        same = (crop > threshold) if c.positive else (crop <= threshold)
+        if same.any():
+            gap = cv2.distanceTransform((~same).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+            radius = min(radius, float(gap[y - y0, x - x0]))
+        radius = max(radius, 1.0)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        disk = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= radius * radius
+        if out is prob:
+            out = prob.copy()
+            crop = out[y0:y1, x0:x1]
+        crop[disk] = (0.5 + 0.5 * crop[disk]) if c.positive else threshold * crop[disk]
+    return out
+
+
 def state_image(state: Any) -> Optional[np.ndarray]:
     """The RGB image a predictor state carries (ResidualState.image, or AdClickState.residual.image)."""
     image = getattr(state, "image", None)
@@ -168,6 +210,10 @@ class RefinedPredictor:
         if image is None:  # a state without its image (e.g. an older cache entry): unrefined
             return result
         prob = refine_prob(image, result.prob, clicks, box, self.cfg)
+        if self.cfg.respect_clicks:
+            prob = respect_clicks(prob, clicks, self.cfg.click_radius)
+            if box is not None:
+                prob = np.where(box_mask(box, prob.shape), prob, 0.0).astype(np.float32)
         mask = prob > THRESHOLD
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
         return ClickResult(prob=prob, mask=mask, score=score)

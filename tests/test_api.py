@@ -298,3 +298,27 @@ def test_health_counts_the_environment_reference_folder(settings, tmp_path):
     (normals / "notes.txt").write_text("not an image")
     app, _, _ = make_app(replace(settings, normal_dir=str(tmp_path / "env-normals")))
     assert app.test_client().get("/health").get_json()["reference_images"] == {"normal_dir": 2, "projects": {}}
+
+
+def test_interactive_requests_feed_the_previous_click_mask_like_the_simulator(api, server, monkeypatch):
+    """Label Studio sends all clicks each time and never the previous mask: the service replays them one by
+    one (remembering each prefix), so the predictor sees the same previous masks as in the benchmark."""
+    from tests.api_support import TinyPredictor
+
+    seen = []
+    original = TinyPredictor.predict
+
+    def recording(self, state, clicks, box=None, prompt="", previous_mask=None):
+        seen.append((len(clicks), None if previous_mask is None else int(previous_mask.sum())))
+        return original(self, state, clicks, box, prompt, previous_mask)
+
+    monkeypatch.setattr(TinyPredictor, "predict", recording)
+    client, _, _ = api
+    url, _ = serve_defect(server, center=(80, 40), radius=12)
+    first = [keypoint(80 / 128 * 100, 40 / 96 * 100)]
+    one = client.post("/predict", json=interactive_body(url, first))
+    two = client.post("/predict", json=interactive_body(url, first + [keypoint(20, 70, positive=False)]))
+    assert one.status_code == two.status_code == 200
+    mask_one = decode_mask(one.get_json()["results"][0]["result"][0])
+    # one predictor call per request; the second got the first answer's mask as its previous mask
+    assert seen == [(1, None), (2, int(mask_one.sum()))] and mask_one.sum() > 100

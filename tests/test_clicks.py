@@ -97,3 +97,46 @@ def test_simulate_stops_at_target_after_min_clicks():
     assert len(res.ious) == 6 and res.ious[-1] >= 0.65
     res = simulate(SquarePredictor(), np.zeros((60, 60)), gt, max_clicks=20, stop_iou=0.5, min_clicks=5)
     assert len(res.ious) == 5  # reached at click 4, but at least min_clicks are made
+
+
+class _Recorder:
+    """Predictor whose mask is the union of 5 px squares at its positive clicks plus the previous mask, and
+    which records the previous mask it was given on each call."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, object]] = []
+
+    def predict(self, state, clicks, box=None, prompt="", previous_mask=None):
+        self.calls.append((len(clicks), None if previous_mask is None else previous_mask.copy()))
+        mask = np.zeros((40, 50), bool) if previous_mask is None else previous_mask.copy()
+        for c in clicks:
+            mask[int(c.y) - 2:int(c.y) + 3, int(c.x) - 2:int(c.x) + 3] = c.positive
+        return ClickResult(mask.astype(np.float32), mask, 1.0)
+
+
+def test_click_history_replays_previous_masks_and_costs_one_call_per_new_click():
+    from model.clicks import ClickHistory
+
+    clicks = [Click(10, 10, True), Click(30, 20, True), Click(11, 10, False), Click(40, 30, True)]
+    fresh, rec = ClickHistory(), _Recorder()
+    # nothing remembered: the four clicks are replayed one at a time, each with the mask before it
+    out = fresh.predict(rec, None, clicks)
+    assert [n for n, _ in rec.calls] == [1, 2, 3, 4] and rec.calls[0][1] is None
+    assert rec.calls[2][1][20, 30] and not rec.calls[1][1][20, 30]  # call 3 saw click 2's square
+    # the usual session: one request per click, each costs exactly one call, and the masks are the same
+    inc, rec2 = ClickHistory(), _Recorder()
+    for k in range(1, 5):
+        last = inc.predict(rec2, None, clicks[:k])
+    assert [n for n, _ in rec2.calls] == [1, 2, 3, 4] and np.array_equal(last.mask, out.mask)
+    # an undo (the last click removed) and a different third click: one call, from the remembered prefix
+    rec2.calls.clear()
+    inc.predict(rec2, None, clicks[:2] + [Click(45, 35, True)])
+    assert [n for n, _ in rec2.calls] == [3] and rec2.calls[0][1][20, 30]
+    # a different prompt or box is another session
+    rec2.calls.clear()
+    inc.predict(rec2, None, clicks[:2], prompt="scratch")
+    assert [n for n, _ in rec2.calls] == [1, 2]
+    # bounded memory: only the newest max_entries prefixes stay
+    small = ClickHistory(max_entries=2)
+    small.predict(_Recorder(), None, clicks)
+    assert len(small) == 2

@@ -120,3 +120,45 @@ def test_refined_predictor_wraps_any_predictor(scene):
     assert pred.detect(state).anomaly_map is prob  # detection (no clicks) is not refined
     bare = pred.predict(type("S", (), {})(), [Click(110, 82, True)])  # a state without its image
     assert np.array_equal(bare.prob, prob)
+
+
+def test_a_click_always_gets_its_own_label_and_the_disk_stops_at_the_mask():
+    from model.refine import respect_clicks
+
+    prob = np.zeros((60, 80), np.float32)
+    prob[20:40, 20:40] = 0.9  # the mask: a 20 px square
+    # right already (positive inside, negative far outside): the very same array back, nothing moved
+    assert respect_clicks(prob, [Click(30, 30, True), Click(70, 50, False)]) is prob
+    # a positive click 5 px right of the mask: its pixel joins the mask; the disk reaches the mask, not beyond
+    out = respect_clicks(prob, [Click(30, 30, True), Click(45, 30, True)])
+    added = (out > 0.49) & ~(prob > 0.49)
+    assert out[30, 45] > 0.49 and added.any()
+    assert np.hypot(*(np.nonzero(added)[i] - (30, 45)[i] for i in range(2))).max() <= 6.0
+    assert (out[prob > 0.49] > 0.49).all()  # the mask stays the mask
+    # a negative click 7 px from the nearest unmasked pixel cuts a hole of radius at most 7 px around itself
+    hole = respect_clicks(prob, [Click(30, 26, False)])
+    removed = (prob > 0.49) & ~(hole > 0.49)
+    assert hole[26, 30] <= 0.49 and 20 < removed.sum() <= np.pi * 7.5 ** 2
+    # a positive click 2 px from a negative one: the disks of opposite clicks never overlap (radius <= 1 px)
+    near = respect_clicks(prob, [Click(50, 50, True), Click(52, 50, False)])
+    assert near[50, 50] > 0.49 and not (near[50, 52] > 0.49) and ((near > 0.49) & ~(prob > 0.49)).sum() <= 5
+    # the soft ranking inside each side is kept: moved pixels go to 0.5 + p / 2 or p * 0.49
+    assert np.isclose(out[30, 45], 0.5) and np.isclose(hole[26, 30], 0.9 * 0.49)
+
+
+def test_the_refined_predictor_respects_clicks_unless_told_not_to():
+    prob = np.zeros((60, 80), np.float32)
+    prob[20:40, 20:40] = 0.9
+
+    class _Fixed:
+        def predict(self, state, clicks, box=None, prompt="", previous_mask=None):
+            return ClickResult(prob=prob.copy(), mask=prob > 0.49, score=0.9)
+
+    class _State:
+        image = np.full((60, 80, 3), 90, np.uint8)
+
+    clicks = [Click(30, 30, True), Click(30, 30 - 4, False)]
+    on = RefinedPredictor(_Fixed()).predict(_State(), clicks)
+    off = RefinedPredictor(_Fixed(), replace(RefineConfig(), respect_clicks=False)).predict(_State(), clicks)
+    assert not on.mask[26, 30] and off.mask[26, 30]
+    assert on.mask[30, 30] and on.mask.sum() < off.mask.sum()
