@@ -63,8 +63,8 @@ def _build_grabcut(engine, bank, args) -> Predictor:
 
 
 def get_builder(name: str) -> PredictorBuilder:
-    """The builder of a registered predictor; NAME+refine wraps NAME in model.refine.RefinedPredictor (GrabCut
-    boundary refinement of every click's map, as the service serves by default)."""
+    """The builder of a registered predictor; NAME+refine wraps NAME in model.refine.RefinedPredictor (the
+    full-resolution refinement of every click's map, as the service serves by default)."""
     base, plus, suffix = name.partition("+")
     if plus:
         if suffix != "refine":
@@ -315,7 +315,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     _common(anomaly, "window | softpos (comma list: one run each)")
     clicks = sub.add_parser("clicks", help="interactive segmentation: NoC@85/90, mIoU@k, AP@5, latency")
     _common(clicks, "window | softpos (matching of the residual engine)")
-    clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors; NAME+refine adds the GrabCut boundary refinement")
+    clicks.add_argument("--predictor", default="residual", help="comma list of registered predictors; NAME+refine adds the full-resolution refinement of model/refine.py (guided filter and click disks; --refine-opt to change it)")
     clicks.add_argument("--max-clicks", type=int, default=20)
     clicks.add_argument("--split", choices=("all", "even", "odd"), default="all",
                         help="all test images, or the even / odd-indexed half of each defect type")
