@@ -106,7 +106,7 @@ class CachedImage:
 
     @property
     def nbytes(self) -> int:
-        return int(getattr(self.state, "nbytes", 0)) + self.history.max_nbytes + 64
+        return int(getattr(self.state, "nbytes", 0)) + self.history.max_nbytes((self.height, self.width)) + 64
 
 
 @dataclass

@@ -154,7 +154,7 @@ class ClickHistory:
     list does not depend on what was cached (a replay from an empty history gives the same masks).
     """
 
-    def __init__(self, max_entries: int = 32) -> None:
+    def __init__(self, max_entries: int = 16) -> None:
         self.max_entries = int(max_entries)
         self._masks: "OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]]" = OrderedDict()
         self._lock = threading.Lock()
@@ -183,10 +183,9 @@ class ClickHistory:
     def __len__(self) -> int:
         return len(self._masks)
 
-    @property
-    def max_nbytes(self) -> int:
-        """Upper bound of the memory it holds for a 600x800 image (the service's cache budget counts it)."""
-        return self.max_entries * (600 * 800 // 8 + 200)
+    def max_nbytes(self, shape: tuple[int, int]) -> int:
+        """Upper bound of the memory it can hold for an image of `shape` (the service's cache budget counts it)."""
+        return self.max_entries * (int(shape[0]) * int(shape[1]) // 8 + 200)
 
     def predict(self, predictor: Predictor, state: ImageState, clicks: Sequence[Click],
                 box: Optional[tuple] = None, prompt: str = "") -> Any:
