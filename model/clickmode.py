@@ -25,6 +25,7 @@ import numpy as np
 from model.errors import InputError
 from model.references import ReferenceBank
 from model.residuals import ResidualEngine, ResidualState
+from model.clicks import distance_to_other_label
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)
@@ -101,12 +102,8 @@ class ResidualClickPredictor:
         if self.cfg.max_click_radius <= r or mask[y, x] != (not positive):
             return r
         m = self.cfg.max_click_radius
-        y0, y1, x0, x1 = max(0, y - m), y + m + 1, max(0, x - m), x + m + 1
-        ys, xs = np.nonzero(mask[y0:y1, x0:x1] != mask[y, x])
-        if len(ys) == 0:
-            return r
-        d = float(np.sqrt(((ys + y0 - y) ** 2 + (xs + x0 - x) ** 2).min()))
-        return int(min(m, max(r, round(d))))
+        d = distance_to_other_label(mask, y, x, m)
+        return r if d is None else int(min(m, max(r, round(d))))
 
     def _grow(self, amap, bg, y, x, negs, inside) -> np.ndarray:
         """Region of one positive click: the component holding the click of {map >= thr}; thr is halfway between

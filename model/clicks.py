@@ -58,6 +58,20 @@ def next_click(
     return Click(x=float(col), y=float(row), positive=bool(positive))
 
 
+def distance_to_other_label(mask: np.ndarray, y: int, x: int, reach: int) -> Optional[float]:
+    """Euclidean px (float32 precision) from (y, x) to the nearest pixel of the (H, W) bool `mask` whose label
+    differs from mask[y, x], looked for within `reach` px; None when there is none that close. How far a click
+    lies inside a region or outside it: the click mode and the refinement size their click disks with it."""
+    H, W = mask.shape
+    y0, y1, x0, x1 = max(0, y - reach), min(H, y + reach + 1), max(0, x - reach), min(W, x + reach + 1)
+    crop = mask[y0:y1, x0:x1]
+    other = crop != mask[y, x]
+    if not other.any():
+        return None
+    dist = cv2.distanceTransform((~other).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return float(dist[y - y0, x - x0])
+
+
 def _scaled_centre(click: Click, shape: tuple[int, int], src_shape: Optional[tuple[int, int]]):
     if src_shape is None:
         return click.x, click.y
@@ -190,21 +204,14 @@ class ClickHistory:
     def predict(self, predictor: Predictor, state: ImageState, clicks: Sequence[Click],
                 box: Optional[tuple] = None, prompt: str = "") -> Any:
         clicks = list(clicks)
-        if len(clicks) <= 1:
-            result = predictor.predict(state, clicks, box, prompt=prompt)
-            if clicks:
-                self._put(self._key(clicks, box, prompt), np.asarray(result.mask, bool))
-            return result
+        if not clicks:  # a box alone: nothing to replay
+            return predictor.predict(state, clicks, box, prompt=prompt)
         start, previous = len(clicks) - 1, None
-        while start > 0:  # the longest remembered prefix shorter than the request
+        while start > 0:  # the longest remembered prefix shorter than the request (none: from the first click)
             previous = self._get(self._key(clicks[:start], box, prompt))
             if previous is not None:
                 break
             start -= 1
-        if previous is None:  # nothing remembered: the first click alone, then replay
-            start = 1
-            previous = np.asarray(predictor.predict(state, clicks[:1], box, prompt=prompt).mask, bool)
-            self._put(self._key(clicks[:1], box, prompt), previous)
         if len(clicks) - start > 1:
             logger.debug("replaying clicks %d..%d to rebuild the previous masks", start + 1, len(clicks))
         for k in range(start + 1, len(clicks) + 1):

@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from model.clicks import distance_to_other_label
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)
@@ -156,30 +157,27 @@ def respect_clicks(prob: np.ndarray, clicks: Sequence[Click], max_radius: float 
     opposite clicks never overlap) and at most `max_radius`, at least 1 px. Clicks are taken in order, so a
     later click's disk wins over an earlier one's.
     """
-    out = prob
+    out, labels = prob, prob > threshold
     H, W = prob.shape
     reach = int(np.ceil(max_radius)) + 1
     for c in clicks:
         y, x = int(round(c.y)), int(round(c.x))
-        if not (0 <= y < H and 0 <= x < W) or (out[y, x] > threshold) == c.positive:
+        if not (0 <= y < H and 0 <= x < W) or labels[y, x] == c.positive:
             continue
         radius = float(max_radius)
         opposite = [np.hypot(o.x - c.x, o.y - c.y) for o in clicks if o.positive != c.positive]
         if opposite:
             radius = min(radius, 0.5 * min(opposite))
+        gap = distance_to_other_label(labels, y, x, reach)  # to the nearest pixel that has the click's label
+        radius = max(radius if gap is None else min(radius, gap), 1.0)
         y0, y1, x0, x1 = max(0, y - reach), min(H, y + reach + 1), max(0, x - reach), min(W, x + reach + 1)
-        crop = out[y0:y1, x0:x1]
-        same = (crop > threshold) if c.positive else (crop <= threshold)
-        if same.any():
-            gap = cv2.distanceTransform((~same).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-            radius = min(radius, float(gap[y - y0, x - x0]))
-        radius = max(radius, 1.0)
         yy, xx = np.ogrid[y0:y1, x0:x1]
         disk = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= radius * radius
         if out is prob:
             out = prob.copy()
-            crop = out[y0:y1, x0:x1]
+        crop = out[y0:y1, x0:x1]
         crop[disk] = (0.5 + 0.5 * crop[disk]) if c.positive else threshold * crop[disk]
+        labels[y0:y1, x0:x1][disk] = c.positive
     return out
 
 
