@@ -39,8 +39,8 @@ def _model_error_status(exc: Exception) -> Optional[int]:
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(BackendError)
     def backend_error(exc: BackendError):
-        if exc.status >= 500:
-            logger.error("%s: %s", type(exc).__name__, exc.message)
+        if exc.status == 500:  # the server's own fault; 502/503 (image source, bank not ready) are logged below
+            logger.error("%s on %s %s: %s", type(exc).__name__, request.method, request.path, exc.message)
         return jsonify(error=exc.message), exc.status
 
     @app.errorhandler(HTTPException)
@@ -88,7 +88,21 @@ def _register_auth_and_stats(
     def after(response):
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         stats.record(f"{request.method} {rule}", response.status_code, time.perf_counter() - g.get("t0", 0.0))
+        if response.status_code >= 400:
+            _log_refusal(response)
         return response
+
+
+def _log_refusal(response) -> None:
+    """Every 4xx/5xx answer at WARNING with the route, the status and the reason the client read (Label Studio
+    tells its user to look at the backend's console). Never the request body or a header."""
+    reason = ""
+    if response.is_json:
+        body = response.get_json(silent=True)
+        if isinstance(body, dict):
+            reason = str(body.get("error", ""))
+    logger.warning("%s %s -> %d: %s", request.method, request.path, response.status_code,
+                   reason[:500] or response.status)
 
 
 def create_app(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 from flask import Blueprint, current_app, jsonify, request
 
@@ -76,13 +77,38 @@ def setup():
     if cfg is None:
         raise LabelConfigError("setup carries no label config (schema)")
     ls_format.check_smart_labels(cfg)
-    extra = body.get("extra_params")
-    if extra is not None and not isinstance(extra, dict):
-        raise BadRequest("extra_params must be an object")
-    svc.projects.update(project, label_config=schema, extra_params=extra or None)
+    extra = parse_extra_params(body.get("extra_params"))
+    svc.projects.update(project, label_config=schema, extra_params=extra)
     if svc.settings.warm_on_setup:
         svc.warm(project)
     return jsonify(model_version=svc.project_version(project), capabilities=cfg.capabilities)
+
+
+def parse_extra_params(raw: Any) -> Optional[dict]:
+    """The model's *Extra params* as Label Studio sends them: an object through the API, a JSON *string* from
+    the Connect Model form (``""`` when the box was left empty), or null. None means "keep what is stored";
+    an empty box or ``{}`` keeps the stored params too (the form cannot show them, see README troubleshooting)."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        text = raw.strip()
+        if not text or text == "[object Object]":  # LS's Edit form shows an API-stored object like this
+            return None
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise BadRequest(
+                f"extra_params is not valid JSON ({exc.msg} at character {exc.pos}); "
+                'type a JSON object such as {"normal_dir": "/data/good"} or leave the box empty'
+            ) from None
+        except RecursionError:
+            raise BadRequest("extra_params is nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise BadRequest(
+            f"extra_params must be a JSON object such as {{\"normal_dir\": \"/data/good\"}}, "
+            f"got {type(raw).__name__}"
+        )
+    return raw or None
 
 
 def _context(body: dict) -> Any:

@@ -2,6 +2,7 @@
 setup/extra_params/versions, interactive and batch predictions checked by the SDK, caching, webhooks."""
 
 import base64
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -322,3 +323,45 @@ def test_interactive_requests_feed_the_previous_click_mask_like_the_simulator(ap
     mask_one = decode_mask(one.get_json()["results"][0]["result"][0])
     # one predictor call per request; the second got the first answer's mask as its previous mask
     assert seen == [(1, None), (2, int(mask_one.sum()))] and mask_one.sum() > 100
+
+
+@pytest.mark.parametrize("sent, stored", [
+    ('{"normal_dir": "/typed", "object": "tire"}', {"normal_dir": "/typed", "object": "tire"}),  # the UI form
+    ({"normal_dir": "/api"}, {"normal_dir": "/api"}),  # the API
+    ("", {"object": "kept"}),  # the form with the box left empty keeps what is stored
+    ("  ", {"object": "kept"}),
+    (None, {"object": "kept"}),
+    ("[object Object]", {"object": "kept"}),  # Edit on an API-stored object shows and sends this
+])
+def test_setup_accepts_extra_params_as_label_studio_sends_them(api, sent, stored):
+    client, service, _ = api
+    assert client.post("/setup", json={"project": "31", "schema": CONTRACT_CONFIG,
+                                       "extra_params": {"object": "kept"}}).status_code == 200
+    resp = client.post("/setup", json={"project": "31", "schema": CONTRACT_CONFIG, "extra_params": sent})
+    assert resp.status_code == 200, resp.get_json()
+    assert service.projects.extra_params("31") == stored
+
+
+@pytest.mark.parametrize("sent, words", [
+    ("{normal_dir: /x}", "not valid JSON"),
+    ('["a", "b"]', "must be a JSON object"),
+    ('"text"', "must be a JSON object"),
+    (5, "must be a JSON object"),
+    ("[" * 5000 + "]" * 5000, "extra_params"),
+])
+def test_setup_refuses_extra_params_that_are_not_an_object(api, sent, words):
+    client, _, _ = api
+    resp = client.post("/setup", json={"project": "32", "schema": CONTRACT_CONFIG, "extra_params": sent})
+    assert resp.status_code == 400
+    assert words in resp.get_json()["error"]
+
+
+def test_refused_requests_are_logged_with_route_status_and_reason(api, caplog):
+    client, _, _ = api
+    with caplog.at_level(logging.WARNING, logger="backend.app"):
+        resp = client.post("/setup", json={"project": "33", "schema": CONTRACT_CONFIG,
+                                           "extra_params": "{bad", "access_token": "SECRET-TOKEN"})
+    assert resp.status_code == 400
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("POST /setup -> 400" in line and "not valid JSON" in line for line in lines), lines
+    assert not any("SECRET-TOKEN" in line for line in lines)
