@@ -140,22 +140,36 @@ def check_smart_labels(cfg: LabelConfig) -> None:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class InteractiveRequest:
+    """One smart request, validated before any image work: clicks and box in percent of the image (Label
+    Studio's unit), converted to pixels by `clicks_px` / `box_px` once the image size is known."""
+
     label: str  # a BrushLabels value
-    clicks: list[Click]
-    box: Optional[Box]
+    clicks_pct: tuple[tuple[float, float, bool], ...]  # (x %, y %, positive)
+    box_pct: Optional[tuple[float, float, float, float]]  # (x0 %, y0 %, x1 %, y1 %)
     prompt: str
+
+    def clicks_px(self, width: int, height: int) -> list[Click]:
+        return [Click(_to_px(x, width), _to_px(y, height), positive) for x, y, positive in self.clicks_pct]
+
+    def box_px(self, width: int, height: int) -> Optional[Box]:
+        if self.box_pct is None:
+            return None
+        x0, y0, x1, y1 = self.box_pct
+        return (_to_px(x0, width), _to_px(y0, height), _to_px(x1, width), _to_px(y1, height))
 
 
 def _percent(value: dict, key: str, default: Optional[float] = None) -> float:
     raw = value.get(key, default)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise BadRequest(f"context region value {key!r} must be a number, got {type(raw).__name__}")
     try:
         number = float(raw)
-    except (TypeError, ValueError):
-        raise BadRequest(f"context region value {key!r} must be a number, got {raw!r}") from None
+    except (ValueError, OverflowError):
+        raise BadRequest(f"context region value {key!r} must be a number, got {str(raw)[:40]!r}") from None
     if not math.isfinite(number):
-        raise BadRequest(f"context region value {key!r} must be finite, got {raw!r}")
+        raise BadRequest(f"context region value {key!r} must be finite, got {str(raw)[:40]!r}")
     return number
 
 
@@ -171,31 +185,46 @@ def _to_px(pct: float, size: int) -> float:
 def _region_label(region: dict, kind: str) -> str:
     labels = (region.get("value") or {}).get(kind) or []
     if not isinstance(labels, list) or not labels or not isinstance(labels[0], str):
-        raise BadRequest(f"a {kind} region of the context carries no label")
+        raise BadRequest(
+            f"a {kind} region of the context carries no label: select a label of the smart tool before "
+            "clicking (Label Studio drops the selection after each smart region)"
+        )
     return labels[0]
 
 
-def parse_context(context: Any, cfg: LabelConfig, width: int, height: int) -> InteractiveRequest:
-    """Every keypoint (positive unless is_positive is false), at most one rectangle (the last one wins),
-    and the TextArea text; the label of the smart regions mapped onto BrushLabels."""
-    if not isinstance(context, dict) or not isinstance(context.get("result"), list):
+def region_texts(value: dict) -> list[str]:
+    text = value.get("text", [])
+    return [t.strip() for t in (text if isinstance(text, list) else [text]) if isinstance(t, str) and t.strip()]
+
+
+def parse_context(context: Any, cfg: LabelConfig, extra_prompt: str = "") -> Optional[InteractiveRequest]:
+    """Every keypoint (positive unless is_positive is false), at most one rectangle (the last one wins), and
+    the TextArea text of the context (Label Studio 1.23.2's editor sends none; `extra_prompt`, the project's
+    prompt from extra_params, stands in). None when the context holds no smart region at all: the editor
+    sends such a context after a submit, and it is answered with an empty prediction, not an error."""
+    if not isinstance(context, dict):
+        raise BadRequest("context must be an object with a result list")
+    regions = context.get("result", [])
+    if regions is None:
+        regions = []
+    if not isinstance(regions, list):
         raise BadRequest("context.result must be a list of regions")
-    clicks: list[Click] = []
-    box: Optional[Box] = None
+    clicks: list[tuple[float, float, bool]] = []
+    box: Optional[tuple[float, float, float, float]] = None
     labels: list[str] = []
     texts: list[str] = []
-    for region in context["result"]:
+    for region in regions:
         if not isinstance(region, dict):
             raise BadRequest("each context.result item must be an object")
         kind = str(region.get("type", "")).lower()
         value = region.get("value")
         if not isinstance(value, dict):
-            raise BadRequest(f"context region of type {kind!r} has no value object")
+            raise BadRequest(f"context region of type {kind[:40]!r} has no value object")
         if kind == "keypointlabels":
             x, y = _percent(value, "x"), _percent(value, "y")
             _inside(x, y, "click")
             positive = region.get("is_positive", value.get("is_positive", True))
-            clicks.append(Click(_to_px(x, width), _to_px(y, height), positive is not False))
+            clicks.append((x, y, positive is not False))
             labels.append(_region_label(region, kind))
         elif kind == "rectanglelabels":
             x, y = _percent(value, "x"), _percent(value, "y")
@@ -204,23 +233,21 @@ def parse_context(context: Any, cfg: LabelConfig, width: int, height: int) -> In
             _inside(x + w, y + h, "rectangle corner")
             if box is not None:
                 logger.info("context holds more than one rectangle; using the last one")
-            box = (_to_px(x, width), _to_px(y, height), _to_px(x + w, width), _to_px(y + h, height))
+            box = (x, y, x + w, y + h)
             labels.append(_region_label(region, kind))
         elif kind == "textarea":
-            text = value.get("text", [])
-            texts += [
-                t for t in (text if isinstance(text, list) else [text]) if isinstance(t, str) and t.strip()
-            ]
+            texts += region_texts(value)
         else:
             logger.debug("ignoring a context region of type %r", kind)
     if not clicks and box is None:
-        raise BadRequest("context holds no keypoint or rectangle to segment from")
+        return None
     distinct = list(dict.fromkeys(labels))
     if len(distinct) > 1:
         raise BadRequest(f"context mixes several labels {distinct}; send one label per request")
     label = cfg.match_label(distinct[0])
-    prompt = ", ".join([label] + [t.strip() for t in texts])
-    return InteractiveRequest(label=label, clicks=clicks, box=box, prompt=prompt)
+    words = texts or ([extra_prompt.strip()] if extra_prompt.strip() else [])
+    prompt = ", ".join([label] + words)
+    return InteractiveRequest(label=label, clicks_pct=tuple(clicks), box_pct=box, prompt=prompt)
 
 
 def _region_id() -> str:

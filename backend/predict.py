@@ -35,9 +35,11 @@ def _task_image_ref(task: Any, cfg: LabelConfig) -> tuple[str, Optional[int]]:
 
 
 def predict(service: ModelService, project: str, tasks: list, cfg: LabelConfig, context: Any) -> list[dict]:
+    """`context` None (batch, Retrieve Predictions / prelabeling) -> one prediction per task; an object
+    (a smart tool's request) -> one prediction for the first task."""
     if not tasks:
         raise BadRequest("tasks is empty: nothing to predict")
-    if context:
+    if context is not None:
         return [predict_interactive(service, project, tasks[0], cfg, context)]
     predictions = []
     for task in tasks:
@@ -55,14 +57,37 @@ def predict_interactive(
     service: ModelService, project: str, task: Any, cfg: LabelConfig, context: Any
 ) -> dict:
     ref, task_id = _task_image_ref(task, cfg)
-    if not isinstance(context, dict):
-        raise BadRequest("context must be an object with a result list")
+    # everything in the request is checked before the image is downloaded or any model work starts
+    extra = service.projects.extra_params(project)
+    fallback = draft_text(task, cfg) or str(extra.get("prompt") or "")
+    request = ls_format.parse_context(context, cfg, extra_prompt=fallback)
+    if request is None:  # the editor's context after a submit: nothing to segment, nothing to fail
+        return ls_format.prediction([], 0.0, service.project_version(project))
     model, cached = service.image_state(project, ref, task_id)
-    request = ls_format.parse_context(context, cfg, cached.width, cached.height)
+    clicks, box = request.clicks_px(cached.width, cached.height), request.box_px(cached.width, cached.height)
     # the clicks replayed one by one with the previous mask, as the network is trained (cached per prefix)
-    out = cached.history.predict(model.predictor, cached.state, request.clicks, request.box, request.prompt)
-    region = ls_format.brush_region(np.asarray(out.mask, dtype=bool), request.label, cfg, out.score)
-    return ls_format.prediction([region], out.score, service.project_version(project))
+    out = cached.history.predict(model.predictor, cached.state, clicks, box, request.prompt)
+    score = float(np.clip(out.score, 0.0, 1.0))
+    region = ls_format.brush_region(np.asarray(out.mask, dtype=bool), request.label, cfg, score)
+    return ls_format.prediction([region], score, service.project_version(project))
+
+
+def draft_text(task: Any, cfg: LabelConfig) -> str:
+    """The TextArea text of the task's newest saved draft. Label Studio 1.23.2 does not put the TextArea
+    into a smart request's context, but it sends the task with its drafts, and the editor saves a draft of
+    what the annotator typed."""
+    drafts = task.get("drafts") if isinstance(task, dict) else None
+    if not isinstance(drafts, list) or not cfg.textarea_names:
+        return ""
+    dated = [d for d in drafts if isinstance(d, dict) and isinstance(d.get("result"), list)]
+    dated.sort(key=lambda d: (str(d.get("updated_at") or d.get("created_at") or ""), str(d.get("id", ""))))
+    for draft in reversed(dated):
+        texts = [t for region in draft["result"] if isinstance(region, dict)
+                 and region.get("type") == "textarea" and region.get("from_name") in cfg.textarea_names
+                 and isinstance(region.get("value"), dict) for t in ls_format.region_texts(region["value"])]
+        if texts:
+            return ", ".join(texts)[:200]
+    return ""
 
 
 def _residual_state(state: Any) -> Any:

@@ -169,10 +169,12 @@ class ResidualClickPredictor:
         masks = {}
         if keep:
             masks[""] = np.isin(labels_img, keep)
-        return AnomalyResult(anomaly_map=amap, score=state.score, masks=masks,
-                             label_scores={"": state.score})
+        score = bounded_score(state.score, thr)
+        return AnomalyResult(anomaly_map=amap, score=score, masks=masks, label_scores={"": score})
 
     def detect_threshold(self, amap: np.ndarray) -> float:
+        """The residual level above which a region is reported: calibrated on the bank's defect-free images
+        when it has them, else a robust outlier level of this image's own map."""
         normal = (self.bank.meta.get("normal_scores") if self.bank is not None else None) or []
         if normal:
             return self.cfg.detect_margin * float(max(normal))
@@ -182,3 +184,11 @@ class ResidualClickPredictor:
 
     def config(self) -> dict:
         return asdict(self.cfg)
+
+
+def bounded_score(raw: float, threshold: float) -> float:
+    """A residual magnitude as an anomaly score in [0, 1): raw / (raw + threshold), 0.5 at the detect
+    threshold and monotone, so the Data Manager sorts tasks as the raw score would (Label Studio shows a
+    prediction score x 100 as a percentage)."""
+    raw, threshold = max(float(raw), 0.0), max(float(threshold), 1e-6)
+    return raw / (raw + threshold)

@@ -365,3 +365,74 @@ def test_refused_requests_are_logged_with_route_status_and_reason(api, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("POST /setup -> 400" in line and "not valid JSON" in line for line in lines), lines
     assert not any("SECRET-TOKEN" in line for line in lines)
+
+
+@pytest.mark.parametrize("context", [{"result": []}, {}, {"result": [{"type": "textarea", "value": {"text": "x"}}]}])
+def test_context_without_smart_regions_is_an_empty_prediction_without_image_work(api, server, context):
+    """Label Studio's editor sends /predict with such a context after every submit (issue 12, item 3)."""
+    client, service, engine = api
+    url, _ = serve_defect(server)
+    body = interactive_body(url, [])
+    body["params"]["context"] = context
+    resp = client.post("/predict", json=body)
+    assert resp.status_code == 200, resp.get_json()
+    (pred,) = resp.get_json()["results"]
+    assert pred["result"] == [] and 0.0 <= pred["score"] <= 1.0
+    assert server.requests == [] and engine.set_image_calls == 0  # nothing downloaded, no model work
+
+
+def test_a_malformed_context_is_refused_before_the_image_is_fetched(api, server):
+    client, _, engine = api
+    url, _ = serve_defect(server)
+    resp = client.post("/predict", json=interactive_body(url, [keypoint(50, 50, label="Hole")]))
+    assert resp.status_code in (400, 422) and "Hole" in resp.get_json()["error"]
+    resp = client.post("/predict", json=interactive_body(url, [keypoint(150, 50)]))
+    assert resp.status_code == 400 and "outside the image" in resp.get_json()["error"]
+    assert server.requests == [] and engine.set_image_calls == 0
+
+
+def _record_prompts(monkeypatch, score=None):
+    from tests.api_support import TinyPredictor
+
+    seen, original = [], TinyPredictor.predict
+
+    def spy(self, state, clicks, box=None, prompt="", previous_mask=None):
+        seen.append(prompt)
+        out = original(self, state, clicks, box, prompt, previous_mask)
+        if score is not None:
+            out.score = score
+        return out
+
+    monkeypatch.setattr(TinyPredictor, "predict", spy)
+    return seen
+
+
+def test_the_textarea_text_of_the_saved_draft_is_the_prompt(api, server, monkeypatch):
+    """Label Studio 1.23.2 sends no TextArea in the click context, but the task's drafts (issue 12, item 5)."""
+    client, service, _ = api
+    seen = _record_prompts(monkeypatch)
+    url, _ = serve_defect(server)
+    body = interactive_body(url, [keypoint(54.7, 54.2)])
+    body["tasks"][0]["drafts"] = [
+        {"id": 1, "updated_at": "2026-12-01T10:00:00Z",
+         "result": [{"from_name": "prompt", "to_name": "image", "type": "textarea", "value": {"text": ["old"]}}]},
+        {"id": 2, "updated_at": "2026-12-01T10:05:00Z",
+         "result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
+                     "value": {"text": ["thin radial crack"]}}]},
+    ]
+    assert client.post("/predict", json=body).status_code == 200
+    assert seen[-1] == "Scratch, thin radial crack"
+    # without a draft, the project's "prompt" extra param stands in
+    client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG, "extra_params": '{"prompt": "pit"}'})
+    seen.clear()
+    assert client.post("/predict", json=interactive_body(url, [keypoint(54.7, 54.2)], task_id=2)).status_code == 200
+    assert seen[-1] == "Scratch, pit"
+
+
+def test_interactive_scores_stay_between_0_and_1(api, server, monkeypatch):
+    """The editor shows score x 100 as a percentage: a raw residual magnitude showed as 2844.61 %."""
+    client, _, _ = api
+    _record_prompts(monkeypatch, score=28.4461)
+    url, _ = serve_defect(server)
+    (pred,) = client.post("/predict", json=interactive_body(url, [keypoint(54.7, 54.2)])).get_json()["results"]
+    assert 0.0 <= pred["score"] <= 1.0 and all(0.0 <= r["score"] <= 1.0 for r in pred["result"])

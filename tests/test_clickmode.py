@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.clickmode import ClickModeConfig, ResidualClickPredictor
+from model.clickmode import ClickModeConfig, ResidualClickPredictor, bounded_score
 from model.errors import InputError
 from model.features import BackboneConfig
 from model.metrics import iou
@@ -124,3 +124,16 @@ def test_correcting_click_disk_reaches_the_mask_edge(predictor):
     assert not second.mask[40, min(W - 1, far + 14)]  # ... but the disk stays bounded
     lone = predictor.predict(state_of(amap), [Click(40, 40), Click(100, 70)])  # far from the mask
     assert lone.mask[70, 100] and lone.mask[70, 100 + 6] and not lone.mask[70, 100 + 8]
+
+
+def test_detect_score_is_bounded_and_keeps_the_order(predictor, two_blobs):
+    """Label Studio shows a prediction score x 100 as a percentage: the raw residual magnitude gave "2844.61%".
+    The bounded score stays in [0, 1), is 0.5 at the detect threshold and keeps the order of raw magnitudes."""
+    result = predictor.detect(state_of(two_blobs))
+    assert 0.0 <= result.score < 1.0
+    assert result.label_scores[""] == result.score
+    raw = [0.0, 0.01, 0.5, 3.0, 28.4, 1e6]
+    bounded = [bounded_score(r, 0.5) for r in raw]
+    assert all(0.0 <= b < 1.0 for b in bounded)
+    assert bounded == sorted(bounded) and len(set(bounded)) == len(bounded)
+    assert bounded_score(0.5, 0.5) == pytest.approx(0.5)

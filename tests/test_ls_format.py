@@ -125,17 +125,34 @@ def test_context_percent_to_pixels_with_negatives_box_and_prompt():
             {"type": "textarea", "value": {"text": ["long thin mark"]}},
         ]
     }
-    req = ls_format.parse_context(ctx, cfg, width=200, height=100)
+    req = ls_format.parse_context(ctx, cfg)
     assert req.label == "Scratch"
-    assert [(c.x, c.y, c.positive) for c in req.clicks] == [(100.0, 50.0, True), (50.0, 10.0, False)]
-    assert req.box == pytest.approx((20.0, 20.0, 80.0, 60.0))
+    clicks = req.clicks_px(width=200, height=100)
+    assert [(c.x, c.y, c.positive) for c in clicks] == [(100.0, 50.0, True), (50.0, 10.0, False)]
+    assert req.box_px(width=200, height=100) == pytest.approx((20.0, 20.0, 80.0, 60.0))
     assert req.prompt == "Scratch, long thin mark"
+
+
+def test_context_prompt_falls_back_to_the_given_text_only_without_a_textarea_region():
+    cfg = ls_format.parse_label_config(CONTRACT)
+    assert ls_format.parse_context({"result": [kp(50, 50)]}, cfg, extra_prompt="dark pit").prompt == \
+        "Scratch, dark pit"
+    ctx = {"result": [kp(50, 50), {"type": "textarea", "value": {"text": "radial crack"}}]}
+    assert ls_format.parse_context(ctx, cfg, extra_prompt="dark pit").prompt == "Scratch, radial crack"
+
+
+@pytest.mark.parametrize("ctx", [{"result": []}, {}, {"result": None},
+                                 {"result": [{"type": "textarea", "value": {"text": ["x"]}}]}])
+def test_context_without_a_smart_region_is_no_request(ctx):
+    """Label Studio's editor sends such a context after every submit: nothing to segment, not an error."""
+    assert ls_format.parse_context(ctx, ls_format.parse_label_config(CONTRACT)) is None
 
 
 def test_context_edge_click_is_clamped_inside():
     cfg = ls_format.parse_label_config(CONTRACT)
-    req = ls_format.parse_context({"result": [kp(100, 100)]}, cfg, width=200, height=100)
-    assert (req.clicks[0].x, req.clicks[0].y) == (199.0, 99.0)
+    req = ls_format.parse_context({"result": [kp(100, 100)]}, cfg)
+    click = req.clicks_px(width=200, height=100)[0]
+    assert (click.x, click.y) == (199.0, 99.0)
 
 
 @pytest.mark.parametrize(
@@ -146,15 +163,18 @@ def test_context_edge_click_is_clamped_inside():
         ({"result": [kp("a", 3)]}, BadRequest, "must be a number"),
         ({"result": [kp(10, 10), kp(20, 20, label="Dent")]}, BadRequest, "several labels"),
         ({"result": [kp(10, 10, label="Hole")]}, LabelConfigError, "Hole"),
-        ({"result": [{"type": "textarea", "value": {"text": ["x"]}}]}, BadRequest, "no keypoint"),
+        ({"result": [kp(10 ** 400, 3)]}, BadRequest, "must be a number"),
+        ({"result": [kp([1], 3)]}, BadRequest, "must be a number"),
+        ({"result": [{**kp(10, 10), "value": {"x": 10, "y": 10, "keypointlabels": []}}]}, BadRequest,
+         "select a label"),
         ({"result": "nope"}, BadRequest, "list"),
-        ({}, BadRequest, "list"),
+        ("nope", BadRequest, "object"),
     ],
 )
 def test_bad_contexts(ctx, error, match):
     cfg = ls_format.parse_label_config(CONTRACT)
     with pytest.raises(error, match=match):
-        ls_format.parse_context(ctx, cfg, width=200, height=100)
+        ls_format.parse_context(ctx, cfg)
 
 
 def test_brush_region_round_trips_and_validates():
