@@ -81,7 +81,9 @@ def setup():
     svc.projects.update(project, label_config=schema, extra_params=extra)
     if svc.settings.warm_on_setup:
         svc.warm(project)
-    return jsonify(model_version=svc.project_version(project), capabilities=cfg.capabilities)
+    version = svc.project_version(project)
+    svc.sync_card_title(project, version)
+    return jsonify(model_version=version, capabilities=cfg.capabilities)
 
 
 def parse_extra_params(raw: Any) -> Optional[dict]:

@@ -346,10 +346,21 @@ class ModelService:
                 from model.versions import project_store
 
                 ckpt, info = project_store(self.settings.model_dir, project).load(trained.name)
-                obj = str(self.projects.extra_params(project).get("object") or "")
                 self._detectors = {k: v for k, v in self._detectors.items() if k[0] != project}
-                self._detectors[key] = SegDetector(ckpt, info.name, object_name=obj)
+                self._detectors[key] = SegDetector(ckpt, info.name)
             return self._detectors[key]
+
+    def _syncs_card_title(self) -> bool:
+        return bool(self.settings.sync_card_title and self.settings.label_studio_url
+                    and self.settings.label_studio_api_key)
+
+    def sync_card_title(self, project: str, version: str) -> None:
+        """Rename this backend's model card in Label Studio to `version`, in the background (backend/ls_card.py);
+        only when LS_SYNC_CARD_TITLE is on and Label Studio's address and key are configured."""
+        from backend import ls_card
+
+        if self._syncs_card_title():
+            ls_card.sync_in_background(self._client_factory, project, version, tuple(self.versions(project)))
 
     # -- training --------------------------------------------------------------------------------------------
     def _default_client(self) -> Any:
@@ -378,4 +389,14 @@ class ModelService:
             base_version=self.choice.version,
         )
         with ProjectLock(self.settings.model_dir, project, "train"):
-            return training.fit(project, event, ctx)
+            result = training.fit(project, event, ctx)
+        if result.get("model_version") and self._syncs_card_title():
+            from backend import ls_card
+
+            # in the job itself: an RQ work-horse exits when the job returns, a daemon thread would die with it
+            try:
+                ls_card.sync_card_title(self._client_factory(), project, str(result["model_version"]),
+                                        tuple(self.versions(project)), attempts=1)
+            except Exception as exc:  # noqa: BLE001 - the version is published; the card title is a convenience
+                logger.warning("project %s: could not rename the model card: %s", project, str(exc)[:300])
+        return result

@@ -62,6 +62,7 @@ class Settings:
     refine: str = "guided"  # full-resolution boundary refinement of each click's map: guided | grabcut | off
     max_reference_images: int = 200
     warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
+    sync_card_title: bool = True  # LS_SYNC_CARD_TITLE: rename the Label Studio model card to the served version
     bank_wait_s: float = 60.0  # a request waits this long for a project's first reference bank, then 503
     compute_concurrency: int = 2  # per-image computations (backbone passes) running at once per process
     redis_url: str = ""  # when set, fits run on RQ workers (backend/queue.py, backend/worker.py)
@@ -120,6 +121,7 @@ class Settings:
             bank_wait_s=_number(env, "BANK_WAIT_S", 60.0),
             compute_concurrency=int(_number(env, "COMPUTE_CONCURRENCY", 2, minimum=1)),
             warm_on_setup=_flag(env, "WARM_ON_SETUP", True),
+            sync_card_title=_flag(env, "LS_SYNC_CARD_TITLE", True),
             seg_keep_versions=int(_number(env, "SEG_KEEP_VERSIONS", 3, minimum=1)),
             seg_fit_steps=int(_number(env, "SEG_FIT_STEPS", 60, minimum=1)),
             seg_holdout=_number(env, "SEG_HOLDOUT", 0.2),

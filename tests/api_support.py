@@ -216,6 +216,7 @@ class RecordingServer:
 
             do_GET = _serve
             do_POST = _serve
+            do_PATCH = _serve
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -47,7 +47,20 @@ def test_backend_is_connected(label_studio, backend, dataset, project):
     routes = backend.get("/metrics")["routes"]
     assert routes.get("POST /setup", {}).get("by_status", {}).get("200", 0) >= 1, routes
     versions = label_studio.api.versions(project.ml)  # LS proxies GET /versions (404 = "upgrade your backend")
-    assert backend.get("/versions", project=project.id)["model_version"] in str(versions)
+    served = backend.get("/versions", project=project.id)["model_version"]
+    assert served in str(versions)
+    _card_follows(label_studio, project, served)
+
+
+def _card_follows(label_studio, project, version: str) -> None:
+    """Label Studio 1.23 shows no version on the model card and points the project's model version (the Data
+    Manager's prediction score, prelabeling) at the card's title: the backend renames the card to the served
+    version, and Label Studio moves the project's model version along."""
+    def renamed():
+        ml = label_studio.api.call("GET", f"/api/ml/{project.ml}")
+        return ml if ml["title"] == version else None
+    wait_for(f"the model card renamed to {version}", renamed, timeout_s=30)
+    assert label_studio.api.call("GET", f"/api/projects/{project.id}")["model_version"] == version
 
 
 def test_clicks_segment_the_defect(label_studio, dataset, project):
@@ -122,6 +135,7 @@ def test_training_and_predictions(label_studio, backend, dataset, project):
     version = backend.get("/versions", project=project.id)["model_version"]
     assert version == job["model_version"] and version != before
     assert version.startswith("adclick-seg-v"), f"the annotated mask did not train ADClick-Seg: {job}"
+    _card_follows(label_studio, project, version)
 
     label_studio.api.retrieve_predictions(project.id)
     found = {}
@@ -136,6 +150,10 @@ def test_training_and_predictions(label_studio, backend, dataset, project):
         assert found[name]["verdict"] == ["OK"], found
     worst_normal = max(found[n]["score"] for n in dataset.normal)
     assert all(found[d]["score"] > worst_normal for d in dataset.defective), found
+    # the Data Manager's "Prediction score" column: Label Studio averages the predictions of the project's
+    # model version, which followed the card's title to the new version
+    scores = {t["id"]: t.get("predictions_score") for t in label_studio.api.tasks(project.id)}
+    assert all(v is not None for v in scores.values()), scores
 
 
 def _summary(prediction: dict, truth: np.ndarray) -> dict:
