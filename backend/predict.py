@@ -108,7 +108,10 @@ def _detect(service: ModelService, project: str, state: Any, cfg: LabelConfig) -
 
 
 def _component_label(component: np.ndarray, result: AnomalyResult, cfg: LabelConfig) -> str:
-    """The BrushLabels value whose mask covers most of the component (ties: higher label score)."""
+    """The BrushLabels value whose mask covers most of the component (ties: higher label score). Only labels
+    the trained ADClick-Seg version learned have masks; with none (no trained version yet, or one trained only
+    on OK/defective verdicts) the first BrushLabels value of the label config names every region (README:
+    "Which label do pre-annotations get?")."""
     best, best_key = cfg.brush_labels[0], (-1, -np.inf)
     for label in cfg.brush_labels:
         mask = result.masks.get(label)

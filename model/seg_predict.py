@@ -111,13 +111,16 @@ def evaluate(model: AdClickSeg | SegEnsemble, examples: list[SegExample],
 
 
 def make_checkpoint(model: AdClickSeg | SegEnsemble, labels: list[str], prompts: torch.Tensor,
-                    thresholds: dict[str, float], meta: dict[str, Any]) -> dict[str, Any]:
+                    thresholds: dict[str, float], meta: dict[str, Any],
+                    learned_labels: list[str] | None = None) -> dict[str, Any]:
+    """`learned_labels`: the labels with at least one mask or box in the training images (default: all)."""
     return {
         "arch": ARCH,  # members: what the module holds (a lone AdClickSeg is one, whatever its cfg says)
         "config": {**model.cfg.to_dict(), "members": len(getattr(model, "members", [model]))},
         "state_dict": model.state_dict(),
         "prompts": prompts.detach().clone(),
         "labels": list(labels),
+        "learned_labels": list(labels if learned_labels is None else learned_labels),
         "thresholds": {k: float(v) for k, v in thresholds.items()},
         "meta": meta,
     }
@@ -128,13 +131,14 @@ class SegDetector:
 
     `state` is a residual-engine state (anything with `.residual` (C, h, w), and `.features` (F, h, w) for a
     model trained with features); `image_size` is read from
-    `state.image_size` / `state.anomaly_map.shape` when present. Labels the model was not trained on are
-    embedded with `text_encoder` (a `model.modeling.text.CachedTextEncoder`) when one is given, otherwise
-    they share the any-defect map."""
+    `state.image_size` / `state.anomaly_map.shape` when present. Only the labels the version learned (at least
+    one mask or box of that label among its training images: `learned_labels`) compete for the any-defect mask,
+    pixel by pixel by their own maps; a label it never saw gets no mask, so it cannot win a region by default.
+    With no learned label, `masks` holds only the any-defect mask and the caller picks the label."""
 
     name = ARCH
 
-    def __init__(self, ckpt: dict[str, Any], version: str, text_encoder: Any = None, object_name: str = ""):
+    def __init__(self, ckpt: dict[str, Any], version: str):
         if ckpt.get("arch") != ARCH:
             raise ValueError(f"checkpoint arch {ckpt.get('arch')!r} is not {ARCH!r}")
         self.model = build_seg(SegConfig(**ckpt["config"]))
@@ -144,18 +148,12 @@ class SegDetector:
         self.labels: list[str] = list(ckpt["labels"])
         self.thresholds: dict[str, float] = dict(ckpt["thresholds"])
         self._prompts = {key: row for key, row in zip([ANY, *self.labels], ckpt["prompts"].float())}
-        self._text = text_encoder
-        self._object = object_name
+        # versions written before learned_labels was recorded: every label they were given counts as learned
+        self.learned: list[str] = [lab for lab in ckpt.get("learned_labels", self.labels) if lab in self._prompts]
         self.meta: dict[str, Any] = dict(ckpt.get("meta", {}))
 
     def _prompt(self, label: str) -> torch.Tensor | None:
-        if label in self._prompts:
-            return self._prompts[label]
-        if self._text is not None:
-            vec = self._text.prompt_vector(label, "", self._object)
-            if vec is not None and vec.shape[0] == self.model.cfg.prompt_dim:
-                return vec.float()
-        return None
+        return self._prompts.get(label)
 
     def _tokens(self, state: HasResidual) -> torch.Tensor:
         if self.model.cfg.feat_channels <= 0:
@@ -170,8 +168,8 @@ class SegDetector:
         labels = list(self.labels if labels is None else labels)
         size = image_size or _state_size(state)
         rows = [self._prompt(ANY)]
-        keyed = [lab for lab in labels if self._prompt(lab) is not None]
-        rows += [self._prompt(lab) for lab in keyed]
+        keyed = [lab for lab in labels if lab in self.learned]
+        rows += [self._prompts[lab] for lab in keyed]
         probs = predict_grid(self.model, self._tokens(state), torch.stack(rows))
         any_map = to_image(probs[0], size)
         any_mask = any_map >= self.thresholds.get(ANY, 0.5)
@@ -183,10 +181,6 @@ class SegDetector:
             for i, lab in enumerate(keyed):
                 masks[lab] = any_mask & (winner == i)
                 label_scores[lab] = float(probs[1 + i].max())
-        for lab in labels:
-            if lab not in keyed:  # no prompt for it: it shares the any-defect map
-                masks[lab] = any_mask.copy()
-                label_scores[lab] = float(probs[0].max())
         return AnomalyResult(anomaly_map=any_map, score=float(any_map.max()), masks=masks,
                              label_scores=label_scores)
 

@@ -104,6 +104,13 @@ def _eval_part(model, examples, prompts, thresholds):
     return maps, masks, overlays
 
 
+def learned_labels(examples: list[SegExample], labels: list[str]) -> list[str]:
+    """The labels (in `labels` order) that at least one training example locates with a mask or a box: only
+    those have a map that learned anything, so only those may name a detected region."""
+    seen = {lab for e in examples for lab in e.masks} | {lab for e in examples for lab, _ in e.boxes}
+    return [lab for lab in labels if lab in seen]
+
+
 def train_version(examples: list[SegExample], labels: list[str], prompts: torch.Tensor, store: VersionStore,
                   cfg: SegTrainConfig = SegTrainConfig(), progress: Progress | None = None,
                   meta: dict[str, Any] | None = None) -> tuple[VersionInfo, dict[str, Any]]:
@@ -137,7 +144,8 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
         "n_train": len(train), "n_heldout": len(held), "evaluated_on": "heldout" if held else "train",
         "n_masks": sum(bool(e.masks) for e in train), "n_boxes": sum(len(e.boxes) for e in train),
         "n_ok": sum(e.verdict is False and not e.masks and not e.boxes for e in train),
-        "labels": list(labels), "thresholds": thresholds, "metrics": metrics,
+        "labels": list(labels), "learned_labels": learned_labels(train, labels),
+        "thresholds": thresholds, "metrics": metrics,
         "loss_first": history[0], "loss_last": history[-1], "init_tensors": n_init,
         "fit_seconds": round(time.monotonic() - t0, 2), "config": {
             "model": model.cfg.to_dict(), "fit": cfg.fit.to_dict(), "holdout": cfg.holdout},
@@ -150,7 +158,7 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
                      f"({len(maps)} images)", maps, masks, overlays,
                      figures={k: v for k, v in metrics.items() if k != "n_images"})
 
-    ckpt = make_checkpoint(model, labels, prompts, thresholds, {"labels": list(labels)})
+    ckpt = make_checkpoint(model, labels, prompts, thresholds, {"labels": list(labels)}, figures["learned_labels"])
     info = store.commit(ckpt, {**(meta or {}), **figures}, write_extra=extra)
     logger.info("%s: %d train / %d held-out images, metrics %s, %.0f s", info.name, len(train), len(held),
                 {k: round(v, 4) for k, v in metrics.items()}, figures["fit_seconds"])

@@ -436,3 +436,25 @@ def test_interactive_scores_stay_between_0_and_1(api, server, monkeypatch):
     url, _ = serve_defect(server)
     (pred,) = client.post("/predict", json=interactive_body(url, [keypoint(54.7, 54.2)])).get_json()["results"]
     assert 0.0 <= pred["score"] <= 1.0 and all(0.0 <= r["score"] <= 1.0 for r in pred["result"])
+
+
+def test_batch_regions_take_the_label_whose_map_wins_else_the_first():
+    """Issue 12 item 4: a region is named by the learned label masks covering it; with no learned label (the
+    click-mode detector, or a version trained on verdicts only) the first BrushLabels value names it."""
+    from backend.predict import anomaly_regions
+    from model.types import AnomalyResult
+
+    cfg = ls_format.parse_label_config(CONTRACT_CONFIG)
+    assert list(cfg.brush_labels[:2]) == ["Scratch", "Dent"]
+    blob = np.zeros((40, 60), dtype=bool)
+    blob[5:15, 5:15] = True
+    other = np.zeros_like(blob)
+    other[25:35, 40:55] = True
+    amap = (blob | other).astype(np.float32)
+    learned = AnomalyResult(amap, 0.9, masks={"": blob | other, "Dent": blob, "Scratch": other},
+                            label_scores={"Dent": 0.9, "Scratch": 0.8})
+    got = {r["value"]["brushlabels"][0]: decode_mask(r) for r in anomaly_regions(learned, cfg, (40, 60))}
+    assert set(got) == {"Dent", "Scratch"} and got["Dent"][10, 10] and got["Scratch"][30, 50]
+    unlearned = AnomalyResult(amap, 0.9, masks={"": blob | other}, label_scores={})
+    names = [r["value"]["brushlabels"][0] for r in anomaly_regions(unlearned, cfg, (40, 60))]
+    assert names == ["Scratch", "Scratch"]

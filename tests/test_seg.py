@@ -118,14 +118,6 @@ def test_prompt_selects_the_defect_type() -> None:
 
 
 # ---- detector and checkpoints ----------------------------------------------------------------------------
-class _Encoder:
-    def __init__(self, vec: torch.Tensor):
-        self.vec = vec
-
-    def prompt_vector(self, label: str, text: str = "", object_name: str = ""):
-        return self.vec if label else None
-
-
 def test_detector_masks_scores_and_unknown_labels() -> None:
     ex = make_set(3, 1, 0)[0]
     model = _model()
@@ -134,14 +126,31 @@ def test_detector_masks_scores_and_unknown_labels() -> None:
     det = SegDetector(ckpt, "adclick-seg-v4")
     res = det.detect(ex, ["scratch", "crack"], image_size=ex.image_size)
     assert res.anomaly_map.shape == ex.image_size and res.anomaly_map.dtype == np.float32
-    assert set(res.masks) == {ANY, "scratch", "crack"}
-    assert np.array_equal(res.masks["crack"], res.masks[ANY])  # no prompt for it: shares the any-map
+    assert set(res.masks) == {ANY, "scratch"}  # a label the version never saw gets no mask
+    assert np.array_equal(res.masks["scratch"], res.masks[ANY])
     assert res.score == pytest.approx(float(res.anomaly_map.max()), abs=0.02)
-    with_text = SegDetector(ckpt, "adclick-seg-v4", text_encoder=_Encoder(PROMPTS[2]))
-    res2 = with_text.detect(ex, ["scratch", "crack"], image_size=ex.image_size)
-    assert (res2.masks["scratch"] | res2.masks["crack"]).sum() == res2.masks[ANY].sum()
     with pytest.raises(ValueError):
         SegDetector({**ckpt, "arch": "other"}, "x")
+
+
+def test_only_learned_labels_name_regions(tmp_path) -> None:
+    """Issue 12 item 4: batch masks carried the first label ("Scratch") on defects annotated "Dent". A version
+    trained on "dent" masks only must label its regions "dent", also with "scratch" listed first in the config."""
+    labels = ["scratch", "dent"]
+    examples = make_set(0, 8, 2, labels=("dent",))
+    store = VersionStore(tmp_path, keep=1)
+    cfg = SegTrainConfig(model=SMALL, fit=FitConfig(steps=40, steps_per_image=0, crop=16, log_every=20),
+                         holdout=0.0, init_weights=str(tmp_path / "none"))
+    info, figures = train_version(examples, labels, PROMPTS, store, cfg)
+    assert figures["learned_labels"] == ["dent"]
+    det = SegDetector(store.load()[0], info.name)
+    assert det.learned == ["dent"]
+    ex = make_set(7, 1, 0, labels=("dent",))[0]
+    res = det.detect(ex, labels, image_size=ex.image_size)
+    assert "scratch" not in res.masks and res.masks["dent"].any()
+    # a checkpoint from before learned_labels was recorded: every label counts as learned
+    legacy = {k: v for k, v in store.load()[0].items() if k != "learned_labels"}
+    assert SegDetector(legacy, info.name).learned == labels
 
 
 def test_init_from_adclick_copies_matching_blocks(tmp_path) -> None:
