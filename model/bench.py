@@ -2,6 +2,7 @@
 
   python -m model.bench anomaly --dataset DIR [--json FILE] [--refs all,1,5,10] [--match window,softpos]
   python -m model.bench clicks  --dataset DIR --predictor residual[,adclick-blend+refine] [--json FILE]
+  python -m model.bench boxes   --dataset DIR --predictor adclick-blend+refine [--split even] [--json FILE]
   python -m model.bench fit ...   (dispatched to model.bench_fit:main)
 
 anomaly: unsupervised maps of the residual engine against a bank of the dataset's defect-free images;
@@ -287,6 +288,71 @@ def cmd_clicks(args) -> dict:
     return report
 
 
+# ---- boxes ---------------------------------------------------------------------------------------------
+def gt_box(gt: np.ndarray, pad: float) -> tuple[float, float, float, float]:
+    """The box an annotator draws around a defect: the mask's bounding box (every part of it, also separate
+    ones) grown by `pad` of its size on each side (at least 3 px), clipped to the image; (x0, y0, x1, y1)."""
+    ys, xs = np.nonzero(gt)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    py, px = max(3.0, pad * (y1 - y0)), max(3.0, pad * (x1 - x0))
+    H, W = gt.shape
+    return (max(0.0, x0 - px), max(0.0, y0 - py), min(float(W), x1 + px), min(float(H), y1 + py))
+
+
+def _box_summary(rows: list[dict]) -> dict:
+    return {"miou": float(np.mean([r["iou"] for r in rows])),
+            "recall": float(np.mean([r["recall"] for r in rows])),
+            "precision": float(np.mean([r["precision"] for r in rows])),
+            "box_ms_p50": percentile([r["ms"] for r in rows], 50), "n_images": len(rows)}
+
+
+BOX_KEYS = ("miou", "recall", "precision", "box_ms_p50", "n_images")
+
+
+def cmd_boxes(args) -> dict:
+    """The smart rectangle alone: one box around each defect (every part of its mask), no click; IoU, recall
+    and precision of the mask each predictor answers (GrabCut from the same rectangle in the same run)."""
+    data = load_mvtec(args.dataset, include_validation=not args.no_validation)
+    items = split_items([t for t in limit_per_defect(data.test, args.limit) if t.is_anomalous], args.split)
+    names = [n for n in args.predictor.split(",") if n]
+    if not args.no_grabcut and "grabcut" not in names:
+        names.append("grabcut")
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-bank-")
+    try:
+        engine = make_engine(args, args.match.split(",")[0], cache_dir)
+        bank, stats = build_bank(engine, select_refs(data, args.refs.split(",")[0], args.seed))
+        results = {}
+        for name in names:
+            predictor = get_builder(name)(engine, bank, args)
+            rows = []
+            for item in items:
+                image = load_rgb(item.path)
+                gt = load_mask(item, image.shape[:2])
+                if not gt.any():
+                    continue
+                state = predictor.set_image(image)
+                start = time.perf_counter()
+                mask = np.asarray(predictor.predict(state, [], gt_box(gt, args.box_pad)).mask, dtype=bool)
+                ms = (time.perf_counter() - start) * 1000.0
+                inter = float((mask & gt).sum())
+                rows.append({"defect": item.defect, "iou": metrics.iou(mask, gt), "recall": inter / gt.sum(),
+                             "precision": inter / mask.sum() if mask.any() else 0.0, "ms": ms})
+                logger.info("box %s %s: IoU %.3f", name, item.path.name, rows[-1]["iou"])
+            results[name] = {"overall": _box_summary(rows),
+                             "per_defect": per_defect(rows, lambda r: r["defect"], _box_summary)}
+            _show(f"boxes {name}", results[name], BOX_KEYS)
+        config = {"dataset": str(args.dataset), "predictors": names, "box_pad": args.box_pad,
+                  "split": args.split, "limit": args.limit, "refs": args.refs.split(",")[0],
+                  "threads": torch.get_num_threads(), **_engine_config(engine), **stats}
+        print_config(config, BANK_KEYS)
+    finally:
+        if not args.cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    main = results[names[0]]
+    return {"overall": main["overall"], "per_defect": main["per_defect"], "config": config,
+            "others": {n: r for n, r in results.items() if n != names[0]}}
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, match_help: str) -> None:
     p.add_argument("--dataset", required=True, help="MVTec-AD-style folder")
@@ -331,6 +397,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="always make max-clicks (default: stop at IoU 0.9 after 5 clicks)")
     clicks.add_argument("--no-grabcut", action="store_true", help="skip the GrabCut baseline")
     clicks.add_argument("--grabcut-iters", type=int, default=5)
+    boxes = sub.add_parser("boxes", help="the smart rectangle alone: IoU / recall / precision of one box per defect")
+    _common(boxes, "window | softpos (matching of the residual engine)")
+    boxes.add_argument("--predictor", default="residual", help="comma list of registered predictors (as clicks)")
+    boxes.add_argument("--split", choices=("all", "even", "odd"), default="all")
+    boxes.add_argument("--box-pad", type=float, default=0.1, help="box margin around the mask, share of its size")
+    boxes.add_argument("--refine-opt", action="append", default=[], metavar="KEY=VALUE")
+    boxes.add_argument("--weights-dir", default=None)
+    boxes.add_argument("--no-grabcut", action="store_true", help="skip the GrabCut baseline")
+    boxes.add_argument("--grabcut-iters", type=int, default=5)
     sub.add_parser("fit", help="learning-loop benchmark (model.bench_fit)", add_help=False)
     return parser.parse_args(argv)
 
@@ -350,7 +425,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, min(args.threads, torch.get_num_threads())))
-    report = cmd_anomaly(args) if args.command == "anomaly" else cmd_clicks(args)
+    commands = {"anomaly": cmd_anomaly, "clicks": cmd_clicks, "boxes": cmd_boxes}
+    report = commands[args.command](args)
     write_json(report, args.json)
     return 0
 

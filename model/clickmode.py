@@ -6,8 +6,9 @@ predict(): every positive click seeds a region on the anomaly map. Its threshold
 Negative clicks carve: a negative click inside a grown region raises that region's threshold above the map value
 at the negative click (if that leaves the positive click's peak, the region is split between the clicks by
 nearest-click assignment); a `click_radius` disk around every negative click is removed, one around every
-positive click is kept. A box restricts everything to its inside (and with no positive click, the peak of the
-map inside the box seeds the region). prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5. (Boundary refinement at full resolution is model/refine.py, applied by the service.)
+positive click is kept. A box restricts everything to its inside; with no positive click, the box's peak
+seeds a region, and so does every other part inside the box that the bank's calibration calls anomalous
+(`box_seeds`: an annotator's box holds the whole defect, also when it is several separate pieces). prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5. (Boundary refinement at full resolution is model/refine.py, applied by the service.)
 
 detect(): regions of the map above an adaptive threshold, kept when larger than `min_area` px; possibly none.
 The threshold is `detect_margin` x the highest leave-one-out score of defect-free references (bank calibration,
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from model.errors import InputError
 from model.references import ReferenceBank
@@ -41,7 +43,8 @@ class ClickModeConfig:
     max_click_radius: int = 16  # px: a correcting click's disk may grow to its distance from the mask edge
     detect_margin: float = 1.0  # detect threshold = margin x max normal score of the bank's calibration
     detect_k: float = 10.0  # without calibration: median + detect_k x robust sigma (1.4826 MAD) of the map
-    min_area: int = 16  # px: smallest region reported by detect
+    min_area: int = 16  # px: smallest region reported by detect (and smallest extra part a box seeds)
+    box_parts: int = 5  # a box with no positive click seeds at most this many anomalous parts (1: its peak only)
 
 
 def _disk(shape: tuple[int, int], x: int, y: int, r: int) -> np.ndarray:
@@ -79,8 +82,7 @@ class ResidualClickPredictor:
         bg = float(np.median(amap))
         seeds = [(y, x) for c, y, x in pts if c.positive]
         if not seeds and inside is not None:
-            y, x = np.unravel_index(int(np.argmax(np.where(inside, amap, -np.inf))), amap.shape)
-            seeds = [(int(y), int(x))]
+            seeds = self.box_seeds(amap, inside, bg)
         negs = [(y, x) for c, y, x in pts if not c.positive]
         mask = np.zeros((H, W), bool)
         for y, x in seeds:
@@ -93,6 +95,31 @@ class ResidualClickPredictor:
         prob = self._prob(amap, mask, bg)
         score = float(prob[mask].mean()) if mask.any() else 0.0
         return ClickResult(prob=prob, mask=mask, score=score)
+
+    def box_seeds(self, amap: np.ndarray, inside: np.ndarray, bg: float) -> list[tuple[int, int]]:
+        """(y, x) seeds of a box with no positive click: the box's peak first, then the peak of every other part
+        of {map >= bg + grow_frac x (box peak - bg)} inside the box that is anomalous by the detect threshold
+        (calibrated on the bank's references) and at least `min_area` px, largest first, `box_parts` in all."""
+        py, px = np.unravel_index(int(np.argmax(np.where(inside, amap, -np.inf))), amap.shape)
+        seeds = [(int(py), int(px))]
+        if self.cfg.box_parts <= 1:
+            return seeds
+        peak = float(amap[py, px])
+        binary = inside & (amap >= bg + self.cfg.grow_frac * (peak - bg))
+        labels, n = ndimage.label(binary)
+        if n <= 1:
+            return seeds
+        index = np.arange(1, n + 1)
+        sizes = ndimage.sum_labels(binary, labels, index)
+        peaks = ndimage.maximum(amap, labels, index)
+        where = ndimage.maximum_position(amap, labels, index)
+        detect = self.detect_threshold(amap)
+        for i in np.argsort(-sizes):
+            if len(seeds) >= self.cfg.box_parts:
+                break
+            if index[i] != labels[py, px] and sizes[i] >= self.cfg.min_area and peaks[i] >= detect:
+                seeds.append((int(where[i][0]), int(where[i][1])))
+        return seeds
 
     def _click_radius(self, mask: np.ndarray, positive: bool, y: int, x: int) -> int:
         """Disk radius of a correcting click: an annotator clicks the middle of the error, so a positive click

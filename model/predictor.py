@@ -97,7 +97,7 @@ class AdClickPredictor:
             if not (0 <= c.x < W and 0 <= c.y < H):
                 raise InputError(f"click ({c.x}, {c.y}) outside the {W}x{H} image")
         if box is not None and not any(c.positive for c in clicks):
-            clicks.append(Click((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, True))
+            clicks.append(_box_peak(state, box))
         if previous_mask is not None and previous_mask.shape != (H, W):
             raise InputError(f"previous mask {previous_mask.shape} does not match the image {(H, W)}")
         prob = self._prob(state, clicks, prompt, previous_mask)
@@ -118,6 +118,15 @@ class AdClickPredictor:
                              label_scores=scores)
 
 
+def _box_peak(state: AdClickState, box: Box) -> Click:
+    """A positive click where the residual map peaks inside the box (its centre when the state has no map)."""
+    amap = getattr(state.residual, "anomaly_map", None)
+    if amap is None:
+        return Click((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, True)
+    y, x = np.unravel_index(int(np.argmax(np.where(box_mask(box, amap.shape), amap, -np.inf))), amap.shape)
+    return Click(float(x), float(y), True)
+
+
 class BlendPredictor:
     """The learned network's map averaged with the zero-training click mode's, on one residual state (the
     AdClickState carries the engine's ResidualState, so the click mode costs no extra backbone pass)."""
@@ -134,6 +143,12 @@ class BlendPredictor:
 
     def predict(self, state: AdClickState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
                 previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+        if box is not None and not any(c.positive for c in clicks):
+            # a box alone: both predictors start from every anomalous part in it (the click mode's box seeds),
+            # not from one point, so a defect of several pieces is segmented whole
+            amap = state.residual.anomaly_map
+            seeds = self.click_mode.box_seeds(amap, box_mask(box, amap.shape), float(np.median(amap)))
+            clicks = list(clicks) + [Click(float(x), float(y), True) for y, x in seeds]
         a = self.learned.predict(state, clicks, box, prompt, previous_mask)
         b = self.click_mode.predict(state.residual, clicks, box, prompt, previous_mask)
         prob = (self.weight * a.prob + (1 - self.weight) * b.prob).astype(np.float32)
