@@ -2,9 +2,16 @@
 
 References: absolute http(s) URLs, data: URIs, Label Studio paths (/data/upload/..., /data/local-files/?d=...,
 /storage-data/...) and cloud URIs (s3://, gs://, azure-blob://) that Label Studio presigns
-(/tasks/<id>/presign/?fileuri=<base64>, as the SDK's get_local_path does). The Label Studio token goes only to
-the LABEL_STUDIO_URL host (scheme, host and port must match); requests drops it on redirects to other hosts.
-Limits (timeout, bytes, pixels) raise typed errors that name the problem. Downloads are cached on disk."""
+(/tasks/<id>/presign/?fileuri=<base64>, as the SDK's get_local_path does).
+
+Outbound requests (docs/SECURITY.md, "Outbound requests: where the token goes"): every URL is read once, the way
+requests/urllib3 will connect (backend.outbound.check_url); the Label Studio token goes only to the exact
+LABEL_STUDIO_URL origin and only to the paths Label Studio serves files from (a Label Studio path outside them is a
+400); redirects are followed here, hop by hop, each hop checked again, and the token is never sent again once a
+hop has left that origin; the session keeps no cookies; URL credentials never appear in a message. A download
+has a wall-clock deadline (IMAGE_TIMEOUT_S) enforced on the socket, and at most DOWNLOAD_CONCURRENCY run at once
+per process. Limits (timeout, bytes, pixels) raise typed errors that name the problem. Downloads are cached on
+disk."""
 
 from __future__ import annotations
 
@@ -13,11 +20,12 @@ import binascii
 import hashlib
 import io
 import logging
+import os
 import posixpath
-import time
+import threading
 from dataclasses import dataclass
 from typing import Optional
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import requests
@@ -29,21 +37,32 @@ from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
 )
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend import outbound
 from backend.disk_cache import DiskCache
-from backend.errors import BadRequest, ImageFetchError, ImageTooLarge, UnsupportedImage
+from backend.errors import BadRequest, ImageFetchError, ImageTooLarge, NotReady, UnsupportedImage
 from backend.ls_auth import TokenProvider
+from backend.outbound import Target, check_url, redact
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 256 * 1024
+_CHUNK = 64 * 1024
+_MAX_REDIRECTS = 5
+
+
+class HTTPStatusError(ImageFetchError):
+    """The image source answered with an HTTP error status (kept as `http_status`)."""
+
+    def __init__(self, message: str, http_status: int):
+        super().__init__(message)
+        self.http_status = http_status
 
 
 @dataclass(frozen=True)
 class Source:
     kind: str  # "url" (download), "file" (read from disk), "inline" (data: URI)
     location: str  # URL, file path, or the data URI
-    fallback: Optional[str] = None  # a second URL to try on 404 (legacy /data/upload path)
+    fallback: Optional[str] = None  # a second URL to try when the first answers HTTP 404 (legacy /data/upload)
 
     @property
     def key(self) -> str:
@@ -67,7 +86,8 @@ class LoadedImage:
 class ImageLoader:
     def __init__(self, settings: Settings, session: Optional[requests.Session] = None):
         self.settings = settings
-        self.session = session or requests.Session()
+        self.session = outbound.harden(session or requests.Session())
+        self._slots = threading.BoundedSemaphore(settings.download_concurrency)
         self.auth = TokenProvider(
             settings.label_studio_url,
             settings.label_studio_api_key,
@@ -82,7 +102,23 @@ class ImageLoader:
             raise ImageFetchError(
                 f"LABEL_STUDIO_URL is not set, so the Label Studio path {ref!r} cannot be downloaded"
             )
-        return concat_urls(self.settings.label_studio_url, path)
+        url = concat_urls(self.settings.label_studio_url, path)
+        self._check_ls_url(check_url(url), ref)
+        return url
+
+    def _check_ls_url(self, target: Target, ref: str) -> None:
+        """A URL on the Label Studio origin must be one of the paths it serves task files from (the token goes
+        with it): /api/... or any other page of Label Studio is refused."""
+        if not self.auth.is_ls_origin(target):
+            return
+        if target.has_userinfo:
+            raise BadRequest(f"image reference {redact(ref)[:200]!r} carries credentials for Label Studio")
+        if self.auth.ls_file_path(target) is None:
+            raise BadRequest(
+                f"image reference {redact(ref)[:200]!r} is not a Label Studio file path: only /data/upload/..., "
+                "/data/local-files/?d=..., /storage-data/uploaded/?filepath=... and "
+                "/tasks/<id>/presign/?fileuri=... are fetched from Label Studio"
+            )
 
     def resolve(self, ref: str, task_id: Optional[int] = None) -> Source:
         if not isinstance(ref, str) or not ref.strip():
@@ -90,7 +126,8 @@ class ImageLoader:
         ref = ref.strip()
         if ref.startswith("data:"):
             return Source("inline", ref)
-        if ref.startswith(("http://", "https://")):
+        if ref.lower().startswith(("http://", "https://")):
+            self._check_ls_url(check_url(ref), ref)
             return Source("url", ref)
         if is_cloud_storage_uri(ref):
             if task_id is None:
@@ -104,14 +141,7 @@ class ImageLoader:
             ref = "/data/" + ref.lstrip("/")
         if ref.startswith("/data/local-files") and "d=" in ref:
             if self.settings.local_files_root:
-                rel = (parse_qs(urlparse(ref).query).get("d") or [""])[-1]
-                try:
-                    path = safe_build_path(
-                        self.settings.local_files_root, posixpath.normpath(rel).lstrip("/")
-                    )
-                except ValueError as exc:
-                    raise BadRequest(f"local file path {rel!r} escapes LOCAL_FILES_DOCUMENT_ROOT") from exc
-                return Source("file", path)
+                return Source("file", self._local_path(ref))
             return Source("url", self._ls(ref, ref))
         if ref.startswith("/data/upload/"):
             legacy = self._ls(ref, ref)
@@ -123,49 +153,105 @@ class ImageLoader:
         if ref.startswith("/"):
             return Source("url", self._ls(ref, ref))
         raise BadRequest(
-            f"unsupported image reference {ref[:200]!r}: expected an http(s) URL, a Label Studio "
+            f"unsupported image reference {redact(ref)[:200]!r}: expected an http(s) URL, a Label Studio "
             "path or a cloud storage URI"
         )
 
-    # -- bytes -----------------------------------------------------------------------------------------------
-    def _download(self, url: str, retry_auth: bool = True) -> bytes:
-        limit, timeout = self.settings.max_image_bytes, self.settings.image_timeout_s
-        headers = self.auth.headers_for(url)
-        host = urlparse(url).netloc
-        deadline = time.monotonic() + timeout
+    def _local_path(self, ref: str) -> str:
+        """/data/local-files/?d=<rel> -> a real file path inside LOCAL_FILES_DOCUMENT_ROOT. The check is made on
+        the resolved path (symbolic links followed), so a link inside the root pointing outside it is refused."""
+        rel = (parse_qs(urlsplit(ref).query).get("d") or [""])[-1]
+        if "\x00" in rel:
+            raise BadRequest("local file path contains a null byte")
+        root = self.settings.local_files_root
         try:
-            with self.session.get(url, headers=headers, stream=True, timeout=(timeout, timeout)) as resp:
-                if resp.status_code == 401 and headers and retry_auth and self.auth.can_refresh:
+            path = safe_build_path(root, posixpath.normpath(rel).lstrip("/"))
+        except ValueError as exc:
+            raise BadRequest(f"local file path {rel[:200]!r} escapes LOCAL_FILES_DOCUMENT_ROOT") from exc
+        real_root, real = os.path.realpath(root), os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise BadRequest(
+                f"local file path {rel[:200]!r} leads outside LOCAL_FILES_DOCUMENT_ROOT (a symbolic link)"
+            )
+        return real
+
+    # -- bytes -----------------------------------------------------------------------------------------------
+    def _download(self, url: str) -> bytes:
+        """GET `url` within one wall-clock deadline (IMAGE_TIMEOUT_S for all hops, the token refresh and the
+        body), following at most _MAX_REDIRECTS redirects by hand."""
+        timeout = self.settings.image_timeout_s
+        shown = check_url(url).display
+        late = f"image download from {shown} timed out after {timeout:g} s (IMAGE_TIMEOUT_S, the whole download)"
+        with outbound.deadline(timeout) as dl:
+            try:
+                return self._follow(url, dl)
+            except HTTPStatusError:
+                raise
+            except ImageFetchError as exc:  # e.g. the token refresh, cut short by the deadline
+                if dl.expired:
+                    raise ImageFetchError(late) from exc
+                raise
+            except requests.RequestException as exc:
+                if dl.expired or isinstance(exc, requests.Timeout):
+                    raise ImageFetchError(late) from exc
+                if isinstance(exc, requests.ConnectionError):
+                    raise ImageFetchError(
+                        f"cannot reach {shown} to download the image: {type(exc).__name__}"
+                    ) from exc
+                raise ImageFetchError(f"image download from {shown} failed: {type(exc).__name__}") from exc
+
+    def _follow(self, url: str, dl: "outbound.Deadline") -> bytes:
+        authenticate, retried = True, False
+        for _hop in range(_MAX_REDIRECTS + 1):
+            target = check_url(url)
+            if not (authenticate and self.auth.may_authenticate(target)):
+                authenticate = False  # once a hop leaves the Label Studio origin, no later hop gets the token
+            headers = self.auth.headers_for(target) if authenticate else {}
+            left = max(0.001, dl.remaining())
+            with self.session.get(
+                target.url, headers=headers, stream=True, timeout=(left, left), allow_redirects=False
+            ) as resp:
+                if resp.is_redirect:
+                    location = self.session.get_redirect_target(resp)
+                    url = requests.compat.urljoin(resp.url, location)
+                    continue
+                if resp.status_code == 401 and headers and not retried and self.auth.can_refresh:
                     self.auth.invalidate()
-                    return self._download(url, retry_auth=False)
-                if resp.status_code >= 400:
-                    hint = ""
-                    if resp.status_code in (401, 403) and self.auth.is_ls_host(url):
-                        hint = (
-                            " (check LABEL_STUDIO_API_KEY)"
-                            if headers
-                            else " (LABEL_STUDIO_API_KEY is not set)"
-                        )
-                    raise ImageFetchError(f"image download from {host} failed: HTTP {resp.status_code}{hint}")
-                declared = resp.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise ImageTooLarge(
-                        f"image at {host} is {int(declared)} bytes, over the limit of {limit} bytes"
-                    )
-                buf = bytearray()
-                for chunk in resp.iter_content(_CHUNK):
-                    buf += chunk
-                    if len(buf) > limit:
-                        raise ImageTooLarge(f"image at {host} exceeds the limit of {limit} bytes")
-                    if time.monotonic() > deadline:
-                        raise ImageFetchError(f"image download from {host} took longer than {timeout:g} s")
-                return bytes(buf)
-        except requests.Timeout as exc:
-            raise ImageFetchError(f"image download from {host} timed out after {timeout:g} s") from exc
-        except requests.ConnectionError as exc:
-            raise ImageFetchError(f"cannot reach {host} to download the image: {type(exc).__name__}") from exc
-        except requests.RequestException as exc:
-            raise ImageFetchError(f"image download from {host} failed: {type(exc).__name__}") from exc
+                    retried = True
+                    with self.session.get(
+                        target.url,
+                        headers=self.auth.headers_for(target),
+                        stream=True,
+                        timeout=(max(0.001, dl.remaining()),) * 2,
+                        allow_redirects=False,
+                    ) as again:
+                        return self._body(again, target, bool(headers), dl)
+                return self._body(resp, target, bool(headers), dl)
+        raise ImageFetchError(f"image download from {check_url(url).display} redirected more than "
+                              f"{_MAX_REDIRECTS} times")
+
+    def _body(self, resp: requests.Response, target: Target, authenticated: bool, dl: "outbound.Deadline") -> bytes:
+        limit, shown = self.settings.max_image_bytes, target.display
+        if resp.is_redirect:
+            raise ImageFetchError(f"image download from {shown} redirected again after a token refresh")
+        if resp.status_code >= 400:
+            hint = ""
+            if resp.status_code in (401, 403) and self.auth.is_ls_origin(target):
+                hint = " (check LABEL_STUDIO_API_KEY)" if authenticated else " (LABEL_STUDIO_API_KEY is not set)"
+            raise HTTPStatusError(
+                f"image download from {shown} failed: HTTP {resp.status_code}{hint}", resp.status_code
+            )
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ImageTooLarge(f"image at {shown} is {int(declared)} bytes, over the limit of {limit} bytes")
+        buf = bytearray()
+        for chunk in resp.iter_content(_CHUNK):
+            buf += chunk
+            if len(buf) > limit:
+                raise ImageTooLarge(f"image at {shown} exceeds the limit of {limit} bytes")
+        if dl.expired:  # the socket was shut at the deadline: what arrived is not the whole image
+            raise ImageFetchError(f"image download from {shown} timed out after {dl.seconds:g} s")
+        return bytes(buf)
 
     def _read_file(self, path: str) -> bytes:
         try:
@@ -194,7 +280,7 @@ class ImageLoader:
         except (binascii.Error, ValueError) as exc:
             raise BadRequest("data: URI holds invalid base64") from exc
 
-    def fetch_bytes(self, source: Source) -> bytes:
+    def fetch_bytes(self, source: Source, slot_wait_s: Optional[float] = None) -> bytes:
         if source.kind == "inline":
             return self._inline(source.location)
         if source.kind == "file":
@@ -202,17 +288,28 @@ class ImageLoader:
         cached = self.disk.get(source.key)
         if cached is not None:
             return cached
+        wait = self.settings.image_timeout_s if slot_wait_s is None else slot_wait_s
+        if not self._slots.acquire(timeout=wait):
+            raise NotReady(
+                f"{self.settings.download_concurrency} image downloads are already running in this process "
+                "(DOWNLOAD_CONCURRENCY); try again in a moment"
+            )
         try:
-            data = self._download(source.location)
-        except ImageFetchError as exc:
-            if source.fallback is None or "HTTP 404" not in exc.message:
-                raise
-            data = self._download(source.fallback)
+            try:
+                data = self._download(source.location)
+            except HTTPStatusError as exc:
+                if source.fallback is None or exc.http_status != 404:
+                    raise
+                data = self._download(source.fallback)
+        finally:
+            self._slots.release()
         self.disk.put(source.key, data)
         return data
 
-    def load_source(self, source: Source) -> LoadedImage:
-        array = decode_image(self.fetch_bytes(source), self.settings.max_image_pixels)
+    def load_source(self, source: Source, slot_wait_s: Optional[float] = None) -> LoadedImage:
+        """`slot_wait_s`: how long to wait for a free download slot (None: up to IMAGE_TIMEOUT_S; request
+        threads pass a short wait so that busy slots are a quick 503, not a held server thread)."""
+        array = decode_image(self.fetch_bytes(source, slot_wait_s), self.settings.max_image_pixels)
         return LoadedImage(key=source.key, array=array)
 
     def load(self, ref: str, task_id: Optional[int] = None) -> LoadedImage:

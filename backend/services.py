@@ -327,7 +327,9 @@ class ModelService:
         key = (source.key, model.predictor.version, getattr(model.bank, "key", ""))
 
         def compute() -> CachedImage:
-            image = self.loader.load_source(source)
+            # a request thread does not queue for a download slot: busy slots are a 503 at once, so slow image
+            # hosts cannot hold every server thread (and /health) through the downloads waiting behind them
+            image = self.loader.load_source(source, slot_wait_s=0.0)
             with self._compute:  # bounded: 8 annotators must not run 8 backbone passes at once
                 state = model.predictor.set_image(image.array)
             return CachedImage(image.height, image.width, state)

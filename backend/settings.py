@@ -49,7 +49,8 @@ class Settings:
     normal_dir: str = ""
     log_level: str = "INFO"
     local_files_root: str = ""  # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/ from disk when set
-    image_timeout_s: float = 30.0
+    image_timeout_s: float = 30.0  # wall-clock deadline of one download (all redirects, headers and body)
+    download_concurrency: int = 4  # image downloads running at once per process; a request finding none free: 503
     max_image_bytes: int = 50 * _MB
     max_image_pixels: int = 50_000_000
     download_cache_bytes: int = 2048 * _MB
@@ -70,6 +71,14 @@ class Settings:
     seg_fit_steps: int = 60  # most optimisation steps of one ADClick-Seg fit
     seg_holdout: float = 0.2  # share of labelled images held out to evaluate each fit
     seg_max_ok_images: int = 20  # most OK-verdict images used as all-normal training examples
+
+    def __post_init__(self) -> None:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            missing = "BASIC_AUTH_PASS" if self.basic_auth_user else "BASIC_AUTH_USER"
+            raise ConfigError(
+                f"only one of BASIC_AUTH_USER / BASIC_AUTH_PASS is set ({missing} is empty): set both to require "
+                "HTTP basic auth, or neither to turn it off"
+            )
 
     @property
     def auth_enabled(self) -> bool:
@@ -106,6 +115,7 @@ class Settings:
             log_level=(_text(env, "LOG_LEVEL", "INFO") or "INFO").upper(),
             local_files_root=_text(env, "LOCAL_FILES_DOCUMENT_ROOT"),
             image_timeout_s=_number(env, "IMAGE_TIMEOUT_S", 30.0, minimum=0.1),
+            download_concurrency=int(_number(env, "DOWNLOAD_CONCURRENCY", 4, minimum=1)),
             max_image_bytes=int(_number(env, "MAX_IMAGE_MB", 50, minimum=0.001) * _MB),
             max_image_pixels=int(_number(env, "MAX_IMAGE_MPIX", 50, minimum=0.000001) * 1_000_000),
             download_cache_bytes=int(_number(env, "DOWNLOAD_CACHE_MB", 2048) * _MB),
