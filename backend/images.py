@@ -237,7 +237,14 @@ class ImageLoader:
         if resp.status_code >= 400:
             hint = ""
             if resp.status_code in (401, 403) and self.auth.is_ls_origin(target):
-                hint = " (check LABEL_STUDIO_API_KEY)" if authenticated else " (LABEL_STUDIO_API_KEY is not set)"
+                hint = (
+                    " (check LABEL_STUDIO_API_KEY)"
+                    if authenticated
+                    else " (LABEL_STUDIO_API_KEY is not set)"
+                    if self.auth.kind == "none"
+                    else " (the token is sent only to Label Studio's file paths, never after a redirect from "
+                    "another host)"
+                )
             raise HTTPStatusError(
                 f"image download from {shown} failed: HTTP {resp.status_code}{hint}", resp.status_code
             )

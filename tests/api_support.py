@@ -175,13 +175,14 @@ class Route:
     headers: dict = field(default_factory=dict)
     delay_s: float = 0.0
     handler: Optional[Callable] = None  # handler(request_handler) -> (status, headers, body)
+    trickle: Optional[tuple[int, float]] = None  # (n bytes, every s seconds): the body sent that slowly
 
 
 class RecordingServer:
-    """http.server on 127.0.0.1:<free port> in a thread; `routes[path]` answers GET/POST, `requests` records
-    (method, path, headers, body)."""
+    """http.server on <host>:<free port> (127.0.0.1 unless told; any 127.x.y.z works on Linux) in a thread;
+    `routes[path]` answers GET/POST, `requests` records (method, path, headers, body)."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, str, dict, bytes]] = []
         outer = self
@@ -210,7 +211,14 @@ class RecordingServer:
                         if v is not None:  # None: leave the header out (e.g. no Content-Length)
                             self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if route is not None and route.trickle:
+                        step, every = route.trickle
+                        for start in range(0, len(payload), step):
+                            self.wfile.write(payload[start : start + step])
+                            self.wfile.flush()
+                            time.sleep(every)
+                    else:
+                        self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -218,9 +226,10 @@ class RecordingServer:
             do_POST = _serve
             do_PATCH = _serve
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.host, self.port = host, self.httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> "RecordingServer":
@@ -230,6 +239,10 @@ class RecordingServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def seen(self) -> str:
+        """Everything this server was sent (request lines, headers, bodies) as one string, for leak checks."""
+        return "\n".join(f"{m} {p} {h!r} {b!r}" for m, p, h, b in self.requests)
 
     def auth_headers(self, path_prefix: str) -> list[Optional[str]]:
         return [h.get("Authorization") for m, p, h, _ in self.requests if p.startswith(path_prefix)]
