@@ -27,6 +27,8 @@ from model.types import Predictor
 
 logger = logging.getLogger(__name__)
 
+REQUEST_SLOT_WAIT_S = 0.25  # longest wait of a request for a free download slot, then 503 (docs/SETTINGS.md)
+
 
 @dataclass
 class PredictorChoice:
@@ -327,9 +329,9 @@ class ModelService:
         key = (source.key, model.predictor.version, getattr(model.bank, "key", ""))
 
         def compute() -> CachedImage:
-            # a request thread does not queue for a download slot: busy slots are a 503 at once, so slow image
-            # hosts cannot hold every server thread (and /health) through the downloads waiting behind them
-            image = self.loader.load_source(source, slot_wait_s=0.0)
+            # a request thread waits only briefly for a download slot (DOWNLOAD_CONCURRENCY): ordinary downloads
+            # free one in milliseconds, while slow image hosts cannot hold every server thread (and /health)
+            image = self.loader.load_source(source, slot_wait_s=REQUEST_SLOT_WAIT_S)
             with self._compute:  # bounded: 8 annotators must not run 8 backbone passes at once
                 state = model.predictor.set_image(image.array)
             return CachedImage(image.height, image.width, state)
