@@ -107,12 +107,9 @@ class ImageLoader:
         return url
 
     def _check_ls_url(self, target: Target, ref: str) -> None:
-        """A URL on the Label Studio origin must be one of the paths it serves task files from (the token goes
-        with it): /api/... or any other page of Label Studio is refused."""
-        if not self.auth.is_ls_origin(target):
-            return
-        if target.has_userinfo:
-            raise BadRequest(f"image reference {redact(ref)[:200]!r} carries credentials for Label Studio")
+        """A Label Studio path from task data (sent with the token) must be one Label Studio serves task files
+        from: /api/... or any other page of Label Studio is refused. (An absolute URL to another page of Label
+        Studio's origin is fetched like any other host's, without the token.)"""
         if self.auth.ls_file_path(target) is None:
             raise BadRequest(
                 f"image reference {redact(ref)[:200]!r} is not a Label Studio file path: only /data/upload/..., "
@@ -127,7 +124,7 @@ class ImageLoader:
         if ref.startswith("data:"):
             return Source("inline", ref)
         if ref.lower().startswith(("http://", "https://")):
-            self._check_ls_url(check_url(ref), ref)
+            check_url(ref)  # a malformed or ambiguous URL is a 400 here; the token is decided per hop (_follow)
             return Source("url", ref)
         if is_cloud_storage_uri(ref):
             if task_id is None:
@@ -181,7 +178,7 @@ class ImageLoader:
         body), following at most _MAX_REDIRECTS redirects by hand."""
         timeout = self.settings.image_timeout_s
         shown = check_url(url).display
-        late = f"image download from {shown} timed out after {timeout:g} s (IMAGE_TIMEOUT_S, the whole download)"
+        late = f"image download from {shown} timed out after {timeout:g} s (IMAGE_TIMEOUT_S, whole download)"
         with outbound.deadline(timeout) as dl:
             try:
                 return self._follow(url, dl)
@@ -214,6 +211,12 @@ class ImageLoader:
                 if resp.is_redirect:
                     location = self.session.get_redirect_target(resp)
                     url = requests.compat.urljoin(resp.url, location)
+                    try:
+                        check_url(url)
+                    except BadRequest as exc:  # the image host's answer is at fault, not the task: a 502
+                        raise ImageFetchError(
+                            f"{target.display} redirected to a refused URL: {exc.message}"
+                        ) from None
                     continue
                 if resp.status_code == 401 and headers and not retried and self.auth.can_refresh:
                     self.auth.invalidate()
@@ -227,10 +230,13 @@ class ImageLoader:
                     ) as again:
                         return self._body(again, target, bool(headers), dl)
                 return self._body(resp, target, bool(headers), dl)
-        raise ImageFetchError(f"image download from {check_url(url).display} redirected more than "
-                              f"{_MAX_REDIRECTS} times")
+        raise ImageFetchError(
+            f"image download from {check_url(url).display} redirected more than {_MAX_REDIRECTS} times"
+        )
 
-    def _body(self, resp: requests.Response, target: Target, authenticated: bool, dl: "outbound.Deadline") -> bytes:
+    def _body(
+        self, resp: requests.Response, target: Target, authenticated: bool, dl: "outbound.Deadline"
+    ) -> bytes:
         limit, shown = self.settings.max_image_bytes, target.display
         if resp.is_redirect:
             raise ImageFetchError(f"image download from {shown} redirected again after a token refresh")

@@ -140,16 +140,23 @@ class Deadline:
     def remaining(self) -> float:
         return self.at - time.monotonic()
 
-    def watch(self, sock: Optional[socket.socket]) -> None:
+    def watch(self, conn) -> None:
+        """Shut `conn`'s socket down at the deadline, unless another request has taken the connection over by
+        then (connections go back to the pool between redirect hops and may serve another thread). The socket is
+        captured now: http.client drops `conn.sock` for a response that closes the connection, while the body is
+        still read through it; once really closed, shutting it down is a harmless OSError."""
+        sock = getattr(conn, "sock", None)
         if sock is None:
             return
-        timer = threading.Timer(max(0.0, self.remaining()), self._shut, (sock,))
+        timer = threading.Timer(max(0.0, self.remaining()), self._shut, (conn, sock))
         timer.daemon = True
         with self._lock:
             self._timers.append(timer)
         timer.start()
 
-    def _shut(self, sock: socket.socket) -> None:
+    def _shut(self, conn, sock: socket.socket) -> None:
+        if getattr(conn, "deadline_owner", None) is not self:  # taken over by another request meanwhile
+            return
         self.expired = True
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
@@ -175,10 +182,13 @@ def deadline(seconds: float) -> Iterator[Deadline]:
 
 
 class _Watched:
+    deadline_owner: Optional[Deadline] = None  # the Deadline of the request now using this connection
+
     def getresponse(self, *args, **kwargs):
         current = getattr(_local, "deadline", None)
+        self.deadline_owner = current
         if current is not None:
-            current.watch(getattr(self, "sock", None))
+            current.watch(self)
         return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 
 

@@ -174,3 +174,27 @@ def test_health_answers_under_a_second_while_8_requests_wait_on_slow_images(tmp_
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_a_deadline_cuts_only_connections_its_request_still_holds():
+    """Connections go back to the pool between redirect hops and may serve another thread: a download's deadline
+    must not shut a connection another request has taken over since."""
+    from types import SimpleNamespace
+
+    from backend import outbound
+
+    for taken_over in (False, True):
+        ours, theirs = socket.socketpair()
+        conn = SimpleNamespace(sock=ours, deadline_owner=None)
+        with outbound.deadline(0.2) as dl:
+            conn.deadline_owner = dl
+            dl.watch(conn)
+            if taken_over:
+                conn.deadline_owner = object()
+            time.sleep(0.5)
+        if taken_over:
+            theirs.sendall(b"x")
+        assert ours.recv(1) == (b"x" if taken_over else b""), taken_over  # b"": shut down at the deadline
+        assert dl.expired is not taken_over
+        ours.close()
+        theirs.close()

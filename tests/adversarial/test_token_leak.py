@@ -190,17 +190,36 @@ def test_a_failed_refresh_is_not_retried_through_the_upload_fallback(tmp_path):
         "/data/upload/",
         "/tasks/abc/presign/?fileuri=eA==",
         "/storage-data/../api/projects/0/",
-        "{ls}/api/projects/0/",
-        "{ls}/admin/",
-        "http://u:p@{host}/data/upload/1/a.png",
+        "/api/token/refresh/",
     ],
 )
 def test_label_studio_paths_that_serve_no_files_are_refused(tmp_path, ref):
     with FakeLabelStudio(LEGACY) as ls:
         client = make_client(tmp_path, ls.url, LEGACY)
-        resp = predict(client, ref.format(ls=ls.url, host=f"127.0.0.1:{ls.port}"))
-        assert resp.status_code == 400, resp.get_json()
+        resp = predict(client, ref)
+        assert resp.status_code == 400 and "not a Label Studio file path" in resp.get_json()["error"]
         assert ls.requests == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "{ls}/api/projects/0/",
+        "{ls}/admin/",
+        "{ls}/data/upload/../../api/projects/0/",
+        "{ls}/data/upload/%2e%2e/%2e%2e/api/projects/0/",
+        "{ls}/data/upload/1/..%2f..%2f..%2fapi/projects/0/",
+        "http://u:p@127.0.0.1:{port}/data/upload/1/a.png",
+    ],
+)
+def test_absolute_urls_to_other_label_studio_pages_go_without_the_token(tmp_path, url):
+    """Another page on Label Studio's origin (a proxy may serve images there too) is fetched like any host's:
+    without the token, and never a 500."""
+    with FakeLabelStudio(LEGACY) as ls:
+        client = make_client(tmp_path, ls.url, LEGACY)
+        resp = predict(client, url.format(ls=ls.url, port=ls.port))
+        assert resp.status_code in (400, 415, 502), resp.get_json()
+        assert_clean(ls, [LEGACY])
 
 
 def test_label_studio_under_a_path_prefix_gets_its_file_paths_only(tmp_path):
@@ -208,8 +227,8 @@ def test_label_studio_under_a_path_prefix_gets_its_file_paths_only(tmp_path):
         ls.routes["/ls/data/upload/1/a.png"] = ls.routes["/data/upload/1/a.png"]
         client = make_client(tmp_path, ls.url + "/ls", LEGACY)
         assert predict(client, "/data/upload/1/a.png").status_code == 200
-        assert predict(client, f"{ls.url}/data/upload/1/a.png").status_code == 400  # outside the prefix
-        assert ls.auth_headers("/") == [f"Token {LEGACY}"]
+        assert predict(client, f"{ls.url}/data/upload/1/a.png").status_code == 502  # outside: no token, 401
+        assert ls.auth_headers("/") == [f"Token {LEGACY}", None]
 
 
 def test_url_credentials_never_appear_in_answers_or_logs(tmp_path, caplog):
