@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from backend.errors import ConfigError
+from backend.errors import BadRequest, ConfigError
+from backend.outbound import check_url, redact
 
 _MB = 1024 * 1024
 
@@ -89,7 +90,16 @@ class Settings:
         env = os.environ if env is None else env
         url = _text(env, "LABEL_STUDIO_URL") or _text(env, "LABEL_STUDIO_HOST")
         if url and not url.startswith(("http://", "https://")):
-            raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
+            raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, got {redact(url)!r}")
+        if url:
+            try:
+                target = check_url(url.rstrip("/") + "/")
+            except BadRequest as exc:
+                raise ConfigError(f"LABEL_STUDIO_URL: {exc.message}") from None
+            if target.has_userinfo:
+                raise ConfigError(
+                    "LABEL_STUDIO_URL must not carry user:pass@ (the token is never sent with URL credentials)"
+                )
         device = _text(env, "DEVICE", "auto").lower() or "auto"
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"DEVICE must be auto, cpu or cuda, got {device!r}")

@@ -301,6 +301,21 @@ def test_only_one_of_the_basic_auth_settings_refuses_to_start():
     assert not Settings.from_env({}).auth_enabled
 
 
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("http://u:SECRET@ls:8080", "must not carry user:pass@"),
+        ("http://ls:99999", "not a valid URL"),
+        ("http://ls\\@other:8080", "backslash"),
+        ("ftp://ls", "must start with http"),
+    ],
+)
+def test_a_label_studio_url_the_token_cannot_safely_follow_refuses_to_start(url, words):
+    with pytest.raises(ConfigError, match=words) as info:
+        Settings.from_env({"LABEL_STUDIO_URL": url})
+    assert "SECRET" not in str(info.value)
+
+
 def test_check_url_reads_the_host_requests_connects_to():
     from backend.outbound import check_url, redact
 
