@@ -11,7 +11,8 @@ done with another sends the Label Studio token to the wrong host. Here the URL i
 Why a deadline on the socket: a read timeout restarts with every byte and ``iter_content`` blocks until a whole
 chunk has arrived, so a server that trickles 100 bytes every 0.5 s holds a download for minutes. Here every
 connection used while a deadline is set (``deadline(...)``) is shut down when it passes, whatever phase the
-download is in (status line, headers or body)."""
+download is in (status line, headers or body). Connecting (TCP and the TLS handshake) is bounded only per
+socket operation, by the time left when it starts."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ def check_url(url: str) -> Target:
         raise BadRequest(f"image URL {shown!r} contains a backslash (hosts disagree on where it ends the host)")
     try:
         prepared = requests.Request("GET", url).prepare().url or ""
+        stable = requests.Request("GET", prepared).prepare().url == prepared  # what is sent is what is checked
         parsed = parse_url(prepared)
         split = urlsplit(prepared)
         split_port = split.port
@@ -104,7 +106,7 @@ def check_url(url: str) -> Target:
         raise BadRequest(f"image URL {shown!r} has no host")
     port = parsed.port or _DEFAULT_PORTS[scheme]
     other = ((split.scheme or "").lower(), (split.hostname or "").lower(), split_port or _DEFAULT_PORTS[scheme])
-    if other != (scheme, host, port) or bool(parsed.auth) != ("@" in split.netloc):
+    if other != (scheme, host, port) or bool(parsed.auth) != ("@" in split.netloc) or not stable:
         raise BadRequest(f"image URL {shown!r} is ambiguous: URL parsers disagree on its host")
     return Target(prepared, scheme, host, port, split.path or "/", bool(parsed.auth))
 
