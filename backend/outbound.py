@@ -106,7 +106,9 @@ def check_url(url: str) -> Target:
         raise BadRequest(f"image URL {shown!r} has no host")
     port = parsed.port or _DEFAULT_PORTS[scheme]
     other = ((split.scheme or "").lower(), (split.hostname or "").lower(), split_port or _DEFAULT_PORTS[scheme])
-    if other != (scheme, host, port) or bool(parsed.auth) != ("@" in split.netloc) or not stable:
+    if not stable:
+        raise BadRequest(f"image URL {shown!r} changes when read twice (encoded dot segments such as %2e%2e?)")
+    if other != (scheme, host, port) or bool(parsed.auth) != ("@" in split.netloc):
         raise BadRequest(f"image URL {shown!r} is ambiguous: URL parsers disagree on its host")
     return Target(prepared, scheme, host, port, split.path or "/", bool(parsed.auth))
 
