@@ -1,11 +1,9 @@
-"""Every test under tests/adversarial/ carries the `adversarial` marker (select with -m adversarial)."""
-
-from __future__ import annotations
+"""The adversarial tier (marker `adversarial`): the backend as an attacker and a careless client meet it."""
 
 import pytest
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/adversarial/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.adversarial)

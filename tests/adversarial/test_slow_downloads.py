@@ -115,7 +115,7 @@ def test_health_answers_under_a_second_while_8_requests_wait_on_slow_images(tmp_
     }
     for name in ("DOWNLOAD_CONCURRENCY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_URL"):
         env.pop(name, None)
-    threads = "8"  # as `make serve` (Makefile THREADS ?= 8)
+    threads = "8"  # make serve's THREADS on main; fewer threads is the harder case for /health
     log = open(tmp_path / "gunicorn.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", threads,

@@ -1,8 +1,18 @@
-"""gunicorn entry for the adversarial server tests: the real app and routes (backend.app.create_app, settings
-from the environment) with the tiny test engine/predictor instead of the network (tests/api_support.py), so a
-gunicorn worker boots in about a second."""
+"""gunicorn entry for the adversarial tier: the real application (backend.app.create_app: routes, auth, error
+handlers, request limits, job manager) configured from the environment like backend/wsgi.py, over the tiny
+test engine of tests/api_support.py instead of the network weights, so thousands of requests run in seconds on
+two cores. Everything between the socket and the model is the production code."""
+
+from __future__ import annotations
+
+import logging
 
 from backend.settings import Settings
 from tests.api_support import make_app
 
-app, _, _ = make_app(Settings.from_env(), start_jobs=False)
+settings = Settings.from_env()
+logging.basicConfig(
+    level=getattr(logging, settings.log_level, logging.INFO),
+    format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
+)
+app, service, engine = make_app(settings, start_jobs=True)
