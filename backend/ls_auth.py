@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import jwt
 import requests
 
-from backend.errors import ImageFetchError
+from backend.errors import BadRequest, ConfigError, ImageFetchError
 from backend.outbound import Target, check_url
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,10 @@ def _has_dot_segment(path: str) -> bool:
 class TokenProvider:
     def __init__(self, base_url: str, api_key: str, session: requests.Session, timeout_s: float = 10.0):
         self.base_url = base_url.rstrip("/")
-        self._base: Optional[Target] = check_url(self.base_url + "/") if self.base_url else None
+        try:
+            self._base: Optional[Target] = check_url(self.base_url + "/") if self.base_url else None
+        except BadRequest as exc:
+            raise ConfigError(f"LABEL_STUDIO_URL: {exc.message}") from None
         self.api_key = api_key
         self.session = session
         self.timeout_s = timeout_s
