@@ -374,8 +374,12 @@ class ModelService:
             raise NotReady(
                 "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read the project's labels"
             )
+        # no redirects: the SDK would follow a 307 of /api/token/refresh/ and POST the personal access token to
+        # wherever it points (the Label Studio routes it calls answer without redirecting)
         return LabelStudio(
-            base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key
+            base_url=self.settings.label_studio_url,
+            api_key=self.settings.label_studio_api_key,
+            follow_redirects=False,
         )
 
     def run_training(self, project: str, event: dict, progress: Callable[[float, str], None]) -> dict:
