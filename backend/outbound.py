@@ -64,7 +64,7 @@ def redact(url: str) -> str:
     if not sep:
         return text
     authority_end = len(rest)
-    for stop in "/?#\\":
+    for stop in "/?#":  # not at a backslash: "user:pass\\@host" must be redacted too
         idx = rest.find(stop)
         if idx != -1:
             authority_end = min(authority_end, idx)

@@ -261,6 +261,7 @@ def test_url_credentials_never_appear_in_answers_or_logs(tmp_path, caplog):
             "http://alice:PASS-w0rd@[::1/x.png",  # malformed -> 400
             "http://alice:PASS-w0rd@h:99999/x.png",
             "http://alice:PASS-w0rd@h\\x/x.png",
+            "http://alice:PASS-w0rd\\@h/x.png",
         ]
         bodies = []
         for url in urls:
@@ -345,3 +346,4 @@ def test_check_url_reads_the_host_requests_connects_to():
     t = check_url("http://127.0.0.2:9512#@127.0.0.1:9511/x.jpg")
     assert (t.host, t.port) == ("127.0.0.2", 9512)
     assert redact("http://u:p@h:1/x?y=1@2") == "http://***@h:1/x?y=1@2"
+    assert redact("http://u:PASS\\@h:1/x") == "http://***@h:1/x"
