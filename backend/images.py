@@ -100,7 +100,7 @@ class ImageLoader:
     def _ls(self, path: str, ref: str) -> str:
         if not self.settings.label_studio_url:
             raise ImageFetchError(
-                f"LABEL_STUDIO_URL is not set, so the Label Studio path {ref!r} cannot be downloaded"
+                f"LABEL_STUDIO_URL is not set, so the Label Studio path {redact(ref)[:200]!r} cannot be downloaded"
             )
         url = concat_urls(self.settings.label_studio_url, path)
         self._check_ls_url(check_url(url), ref)
@@ -129,7 +129,7 @@ class ImageLoader:
         if is_cloud_storage_uri(ref):
             if task_id is None:
                 raise BadRequest(
-                    f"cloud storage URI {ref!r} needs the task id to be presigned by Label Studio"
+                    f"cloud storage URI {redact(ref)[:200]!r} needs the task id to be presigned by Label Studio"
                 )
             return Source(
                 "url", self._ls(f"/tasks/{int(task_id)}/presign/?fileuri={encode_presign_fileuri(ref)}", ref)
