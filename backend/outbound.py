@@ -11,8 +11,8 @@ done with another sends the Label Studio token to the wrong host. Here the URL i
 Why a deadline on the socket: a read timeout restarts with every byte and ``iter_content`` blocks until a whole
 chunk has arrived, so a server that trickles 100 bytes every 0.5 s holds a download for minutes. Here every
 connection used while a deadline is set (``deadline(...)``) is shut down when it passes, whatever phase the
-download is in (status line, headers or body). Connecting (TCP and the TLS handshake) is bounded only per
-socket operation, by the time left when it starts."""
+download is in (status line, headers or body). Connecting is bounded by the connect timeout, the time left when
+it starts (CPython's ssl applies it to the whole TLS handshake)."""
 
 from __future__ import annotations
 

@@ -94,6 +94,36 @@ def test_trickled_headers_end_at_the_deadline(tmp_path):
     assert elapsed < 2.5, elapsed
 
 
+@pytest.mark.timeout(60)
+def test_a_trickled_tls_handshake_ends_at_the_deadline(tmp_path):
+    """The handshake of a new https connection runs inside connect, whose timeout is the time left; CPython's ssl
+    applies a socket timeout to the whole handshake, not to each read (a guard: this held before issue 15 too)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(4096)  # the ClientHello
+            conn.sendall(b"\x16\x03\x03\x00\x40")  # a handshake record of 64 bytes ...
+            for _ in range(120):  # ... sent one byte every 0.5 s
+                try:
+                    conn.sendall(b"\x02")
+                except OSError:
+                    return
+                time.sleep(0.5)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ImageFetchError, match="timed out after 2 s"):
+            loader(tmp_path, 2.0).load(f"https://127.0.0.1:{port}/x.png")
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.close()
+    assert elapsed < 2.5, elapsed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
