@@ -321,6 +321,23 @@ def test_only_one_of_the_basic_auth_settings_refuses_to_start():
     assert not Settings.from_env({}).auth_enabled
 
 
+def test_gunicorn_refuses_to_start_with_only_one_basic_auth_setting(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "MODEL_DIR": str(tmp_path / "m"), "BASIC_AUTH_USER": "ann"}
+    env.pop("BASIC_AUTH_PASS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0", "--workers", "1", "--preload",
+         "tests.adversarial.tiny_wsgi:app"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "only one of BASIC_AUTH_USER / BASIC_AUTH_PASS is set (BASIC_AUTH_PASS is empty)" in proc.stderr
+
+
 @pytest.mark.parametrize(
     "url, words",
     [
