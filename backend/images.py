@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import posixpath
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -267,17 +268,24 @@ class ImageLoader:
         return bytes(buf)
 
     def _read_file(self, path: str) -> bytes:
+        """Read a regular file: opened without following a symbolic link swapped in since the check and without
+        blocking (a FIFO placed in the root would hold the thread forever), then checked to be a regular file."""
+        name = posixpath.basename(path)
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:
-            with open(path, "rb") as fh:
-                data = fh.read(self.settings.max_image_bytes + 1)
+            fd = os.open(path, flags)
         except FileNotFoundError as exc:
-            raise ImageFetchError(
-                f"local file {posixpath.basename(path)!r} not found under the document root"
-            ) from exc
+            raise ImageFetchError(f"local file {name!r} not found under the document root") from exc
         except OSError as exc:
-            raise ImageFetchError(
-                f"cannot read local file {posixpath.basename(path)!r}: {exc.strerror}"
-            ) from exc
+            raise ImageFetchError(f"cannot read local file {name!r}: {exc.strerror}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BadRequest(f"local file {name!r} is not a regular file")
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                data = fh.read(self.settings.max_image_bytes + 1)
+            except OSError as exc:
+                raise ImageFetchError(f"cannot read local file {name!r}: {exc.strerror}") from exc
         if len(data) > self.settings.max_image_bytes:
             raise ImageTooLarge(f"local image exceeds the limit of {self.settings.max_image_bytes} bytes")
         return data

@@ -312,6 +312,22 @@ def test_local_files_symlinks_out_of_the_root_and_null_bytes_are_refused(tmp_pat
     assert resp.status_code == 400 and "null byte" in resp.get_json()["error"]
 
 
+
+@pytest.mark.timeout(30)
+def test_local_files_that_are_not_regular_files_are_refused_without_blocking(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.mkfifo(root / "pipe.png")  # opening a FIFO for reading blocks until a writer comes
+    (root / "dir.png").mkdir()
+    client = make_client(tmp_path, "", "", local_files_root=str(root))
+    t0 = time.monotonic()
+    resp = predict(client, "/data/local-files/?d=pipe.png")
+    assert resp.status_code == 400 and "not a regular file" in resp.get_json()["error"]
+    assert time.monotonic() - t0 < 5
+    resp = predict(client, "/data/local-files/?d=dir.png")
+    assert resp.status_code == 400 and "not a regular file" in resp.get_json()["error"]
+
+
 def test_only_one_of_the_basic_auth_settings_refuses_to_start():
     for env in ({"BASIC_AUTH_USER": "ann"}, {"BASIC_AUTH_PASS": "s3cret"}, {"BASIC_AUTH_USER": "ann",
                                                                             "BASIC_AUTH_PASS": ""}):
