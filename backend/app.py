@@ -18,8 +18,11 @@ from backend.stats import RequestStats
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
 OPEN_ROUTES = ("/health",)
+# 5xx answers the client caused or that pass on their own: the task's image host failed (502), the project's
+# reference bank is still being built (503). Logged at WARNING like a 4xx, not as a server fault.
+CLIENT_CAUSED_5XX = (502, 503)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 def _model_error_status(exc: Exception) -> Optional[int]:
@@ -36,15 +39,24 @@ def _model_error_status(exc: Exception) -> Optional[int]:
     return None
 
 
-def _register_errors(app: Flask) -> None:
+def _register_errors(app: Flask, settings: Settings) -> None:
+    """Client mistakes (4xx) and failures the client caused (502: the task's image host; 503: not ready yet)
+    are logged at WARNING by `_log_refusal`; the server's own faults (500) at ERROR with the traceback,
+    once."""
+
     @app.errorhandler(BackendError)
     def backend_error(exc: BackendError):
-        if exc.status == 500:  # the server's own fault; 502/503 (image source, bank not ready) are logged below
-            logger.error("%s on %s %s: %s", type(exc).__name__, request.method, request.path, exc.message)
+        if exc.status >= 500 and exc.status not in CLIENT_CAUSED_5XX:
+            logger.error("%s on %s %s: %s", type(exc).__name__, request.method, request.path, exc.message,
+                         exc_info=exc)
+            g.logged_error = True
         return jsonify(error=exc.message), exc.status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        if exc.code == 413:
+            limit = settings.max_body_bytes / (1024 * 1024)
+            return jsonify(error=f"request body is over the limit of {limit:g} MB (MAX_BODY_MB)"), 413
         return jsonify(error=f"{exc.name}: {exc.description}"), exc.code or 500
 
     @app.errorhandler(Exception)
@@ -52,10 +64,12 @@ def _register_errors(app: Flask) -> None:
         status = _model_error_status(exc)
         if status is not None:  # the model's own typed errors carry a message meant for the client
             if status >= 500:
-                logger.error("model error on %s %s: %s", request.method, request.path, exc)
+                logger.error("model error on %s %s: %s", request.method, request.path, exc, exc_info=exc)
+                g.logged_error = True
             return jsonify(error=f"{type(exc).__name__}: {exc}"), status
         logger.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), status or 500
+        g.logged_error = True
+        return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), 500
 
 
 def _register_auth_and_stats(
@@ -87,15 +101,18 @@ def _register_auth_and_stats(
     @app.after_request
     def after(response):
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        stats.record(f"{request.method} {rule}", response.status_code, time.perf_counter() - g.get("t0", 0.0))
-        if response.status_code >= 400:
+        method = request.method if request.method in KNOWN_METHODS else "OTHER"  # keys stay bounded
+        stats.record(f"{method} {rule}", response.status_code, time.perf_counter() - g.get("t0", 0.0))
+        if response.status_code >= 400 and not g.get("logged_error"):
             _log_refusal(response)
         return response
 
 
 def _log_refusal(response) -> None:
-    """Every 4xx/5xx answer at WARNING with the route, the status and the reason the client read (Label Studio
-    tells its user to look at the backend's console). Never the request body or a header."""
+    """Every 4xx answer and every client-caused 5xx (CLIENT_CAUSED_5XX) at WARNING with the route, the status
+    and the reason the client read (Label Studio tells its user to look at the backend's console). Never the
+    request body or a header. Server faults were logged at ERROR, with the traceback, by the error
+    handlers."""
     reason = ""
     if response.is_json:
         body = response.get_json(silent=True)
@@ -111,11 +128,11 @@ def create_app(
     settings = settings or Settings.from_env()
     services = services or ModelService(settings)
     app = Flask("adclick-backend")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     stats = RequestStats()
     app.extensions["adclick"] = {"settings": settings, "services": services, "stats": stats}
-    _register_errors(app)
+    _register_errors(app, settings)
     _register_auth_and_stats(app, settings, stats, services, start_jobs)
     from backend.routes import blueprint
 

@@ -57,6 +57,7 @@ def _blank(project: str) -> dict:
         "last_status": None,
         "duration_s": None,
         "owner": None,
+        "requeues": 0,  # times in a row the process running this job died (killed, out of memory, ...)
     }
 
 
@@ -69,6 +70,8 @@ class JobManager:
         debounce_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         poll_s: float = 0.5,
+        max_requeues: int = 2,
+        valid_project: Callable[[str], bool] = lambda project: True,
     ):
         self.state_path = Path(state_path)
         self.runner = runner
@@ -76,6 +79,8 @@ class JobManager:
         self.debounce_s = float(debounce_s)
         self.clock = clock
         self.poll_s = poll_s
+        self.max_requeues = max(0, int(max_requeues))
+        self.valid_project = valid_project
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._owner_pid: Optional[int] = None
@@ -100,7 +105,12 @@ class JobManager:
         except (OSError, ValueError) as exc:
             logger.error("job state %s is unreadable (%s); starting with no jobs", self.state_path, exc)
             return {}
-        return {p: {**_blank(p), **s} for p, s in (raw.get("projects") or {}).items()}
+        states = raw.get("projects") if isinstance(raw, dict) else None
+        return {
+            p: {**_blank(p), **s}
+            for p, s in (states if isinstance(states, dict) else {}).items()
+            if isinstance(s, dict) and self.valid_project(p)  # an older version accepted ids like "inf"
+        }
 
     @contextmanager
     def _transaction(self) -> Iterator[dict[str, dict]]:
@@ -133,6 +143,8 @@ class JobManager:
                 state["first_pending_at"] = state["first_pending_at"] or now
             if action == START or not state["force"]:
                 state["trigger"] = action
+            if state["status"] not in ("running", "queued"):
+                state["requeues"] = 0  # asked anew: a job that failed by crashing may run again
             if state["status"] != "running":
                 state["status"] = "queued"
                 state["queued_at"] = state["queued_at"] or now
@@ -195,10 +207,7 @@ class JobManager:
             now = self.clock()
             for state in states.values():
                 if state["status"] == "running" and not self._owner_alive(state["project"]):
-                    logger.warning(
-                        "project %s: training job of a gone process is queued again", state["project"]
-                    )
-                    state.update(status="queued", force=True, message="re-queued after a restart", owner=None)
+                    self._requeue_or_fail(state, now)
             due = [s for s in states.values() if self._due(s, now)]
             due.sort(key=lambda s: s["queued_at"] or now)
             for state in due:
@@ -227,6 +236,28 @@ class JobManager:
                 owner={"pid": os.getpid(), "host": socket.gethostname()},
             )
             return state["project"], event
+
+    def _requeue_or_fail(self, state: dict, now: float) -> None:
+        """A "running" job whose process is gone: queued again, at most `max_requeues` times in a row (a
+        job that kills its process, e.g. out of memory, would otherwise take every worker down in turn)."""
+        state["requeues"] = int(state.get("requeues") or 0) + 1
+        if state["requeues"] <= self.max_requeues:
+            logger.warning(
+                "project %s: the process running its training job is gone; queued again (%d of %d)",
+                state["project"], state["requeues"], self.max_requeues,
+            )
+            state.update(status="queued", force=True, message="re-queued after a restart", owner=None)
+            return
+        reason = (
+            f"the process running this job died {state['requeues']} times in a row (killed, out of memory?); "
+            f"not retried after {self.max_requeues} re-queues (TRAIN_MAX_REQUEUES): "
+            "check the backend's memory and log, then send START_TRAINING to try again"
+        )
+        logger.error("project %s: training job failed: %s", state["project"], reason)
+        state.update(
+            status="failed", last_status="failed", reason=reason, message="failed", owner=None, force=False,
+            pending_events=0, first_pending_at=None, queued_at=None, finished_at=now,
+        )
 
     def _loop(self) -> None:
         while True:
@@ -290,6 +321,7 @@ class JobManager:
                     runs=state["runs"] + 1,
                     duration_s=round(time.monotonic() - t0, 3),
                     owner=None,
+                    requeues=0,
                 )
                 if state["force"] or state["pending_events"]:
                     state["status"] = (

@@ -60,7 +60,9 @@ def predict_interactive(
     # everything in the request is checked before the image is downloaded or any model work starts
     extra = service.projects.extra_params(project)
     fallback = draft_text(task, cfg) or str(extra.get("prompt") or "")
-    request = ls_format.parse_context(context, cfg, extra_prompt=fallback)
+    request = ls_format.parse_context(
+        context, cfg, extra_prompt=fallback, max_clicks=service.settings.max_clicks
+    )
     if request is None:  # the editor's context after a submit: nothing to segment, nothing to fail
         return ls_format.prediction([], 0.0, service.project_version(project))
     model, cached = service.image_state(project, ref, task_id)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import threading
 from pathlib import Path
 from typing import Optional
 
 from backend.errors import BadRequest
-from backend.locks import project_key
 from model.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -20,16 +21,38 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
+MAX_PROJECT_ID = 2**63 - 1  # Label Studio's ids are database integers
+_PROJECT_ID = re.compile(r"([1-9][0-9]{0,18})(?:\.[0-9]{1,20})?")
+
+
+def is_project_id(key: str) -> bool:
+    """True for the canonical form `parse_project` returns (a positive integer in decimal)."""
+    return bool(re.fullmatch(r"[1-9][0-9]{0,18}", key)) and int(key) <= MAX_PROJECT_ID
+
+
 def parse_project(raw: object) -> str:
-    """Label Studio sends "12.1700000000" (id.timestamp), 12, or {"id": 12}; all mean project "12"."""
+    """Label Studio sends "12.1700000000" (id.timestamp), 12, or {"id": 12}; all mean project "12". Anything
+    else (0, negative, fractional, 1e999, NaN, huge, text) is a BadRequest, before any job, lock or folder
+    is created for it."""
     if isinstance(raw, dict):
         raw = raw.get("id")
     if raw is None or raw == "":
         raise BadRequest("request names no project")
-    try:
-        return project_key(raw)
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from exc
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise BadRequest(
+            f"project must be a Label Studio project id (a positive integer), got {type(raw).__name__}"
+        )
+    if isinstance(raw, float) and not math.isfinite(raw):
+        text = "not finite"
+    else:
+        text = raw.strip() if isinstance(raw, str) else str(raw)
+    match = _PROJECT_ID.fullmatch(text[:64])
+    if match is None or len(text) > 64 or int(match.group(1)) > MAX_PROJECT_ID:
+        raise BadRequest(
+            f"project must be a Label Studio project id (a positive integer, or 'id.timestamp'), "
+            f"got {str(raw)[:40]!r}"
+        )
+    return match.group(1)
 
 
 def list_images(folder: Path, limit: int) -> list[Path]:
@@ -58,7 +81,9 @@ class ProjectStore:
         """Projects that called /setup before (they have a project.json)."""
         if not self.root.is_dir():
             return []
-        return sorted(d.name for d in self.root.iterdir() if (d / "project.json").is_file())
+        return sorted(
+            d.name for d in self.root.iterdir() if is_project_id(d.name) and (d / "project.json").is_file()
+        )
 
     def references_dir(self, project: str) -> Path:
         return self.dir(project) / "references"

@@ -8,6 +8,7 @@ import time
 from typing import Any, Optional
 
 from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from backend import ls_format
 from backend.errors import BadRequest, LabelConfigError
@@ -18,8 +19,16 @@ from backend.services import ModelService
 
 logger = logging.getLogger(__name__)
 
+try:  # the body reader of gunicorn raises its parser errors (InvalidChunkSize, ...) inside the view
+    from gunicorn.http.errors import ParseException as _GunicornParseError
+
+    _BODY_READ_ERRORS: tuple = (OSError, ValueError, _GunicornParseError)
+except ImportError:  # served by another WSGI server
+    _BODY_READ_ERRORS = (OSError, ValueError)
+
 blueprint = Blueprint("adclick", __name__)
 MODEL_CLASS = "ADClickBackend"
+MAX_EXTRA_PARAMS_CHARS = 64 * 1024
 _STARTED = time.time()
 
 
@@ -27,8 +36,27 @@ def _services() -> ModelService:
     return current_app.extensions["adclick"]["services"]
 
 
+def _read_body() -> bytes:
+    """The raw body. A malformed transfer (a chunk size that is not hex, a chunk without its terminator, a
+    client that stops sending mid-body) surfaces here as the server's parser error: the client's fault,
+    400."""
+    try:
+        return request.get_data(cache=True)
+    except HTTPException:  # 413 over MAX_BODY_MB, client disconnects: answered by the app's HTTP handler
+        raise
+    except _BODY_READ_ERRORS as exc:
+        raise BadRequest(f"the request body could not be read ({type(exc).__name__}): send a complete body "
+                         "with a valid Content-Length or chunked encoding") from None
+
+
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
+    _read_body()
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # the json module gives up around 1000 levels; only ValueError is "silent"
+        raise BadRequest(
+            "request body is nested too deeply (JSON arrays/objects inside each other)"
+        ) from None
     if body is None:
         raise BadRequest("request body is not valid JSON (Content-Type application/json expected)")
     if not isinstance(body, dict):
@@ -110,6 +138,12 @@ def parse_extra_params(raw: Any) -> Optional[dict]:
             f"extra_params must be a JSON object such as {{\"normal_dir\": \"/data/good\"}}, "
             f"got {type(raw).__name__}"
         )
+    try:
+        size = len(json.dumps(raw))
+    except (RecursionError, ValueError):
+        raise BadRequest("extra_params is nested too deeply") from None
+    if size > MAX_EXTRA_PARAMS_CHARS:  # kept in project.json and read on every request
+        raise BadRequest(f"extra_params is over the limit of {MAX_EXTRA_PARAMS_CHARS} characters as JSON")
     return raw or None
 
 
@@ -129,6 +163,11 @@ def predict_route():
         raise BadRequest("tasks must be a list of Label Studio tasks")
     if not tasks:
         raise BadRequest("tasks is empty: nothing to predict")
+    if len(tasks) > svc.settings.max_tasks:
+        raise BadRequest(
+            f"{len(tasks)} tasks in one request, over the limit of {svc.settings.max_tasks} "
+            "(MAX_TASKS_PER_REQUEST); send them in smaller batches"
+        )
     project = parse_project(
         body.get("project") or (tasks[0].get("project") if tasks and isinstance(tasks[0], dict) else None)
     )
@@ -166,8 +205,9 @@ def webhook():
         return jsonify(status="ignored", action=action), 200
     raw = _webhook_project(body)
     project = parse_project(raw)
-    if isinstance(raw, dict) and isinstance(raw.get("label_config"), str):
-        svc.projects.update(project, label_config=raw["label_config"])
+    config = raw.get("label_config") if isinstance(raw, dict) else None
+    if isinstance(config, str) and len(config) <= ls_format.MAX_LABEL_CONFIG_CHARS:
+        svc.projects.update(project, label_config=config)
     job = svc.jobs.submit(project, action)
     return jsonify(status=job["status"], action=action, project=project, job=job), 201
 

@@ -20,7 +20,7 @@ from backend.errors import NotReady
 from backend.images import ImageLoader
 from backend.jobs import JobManager
 from backend.locks import ProjectLock
-from backend.projects import ProjectStore, list_images
+from backend.projects import ProjectStore, is_project_id, list_images
 from backend.settings import Settings
 from model.clicks import ClickHistory
 from model.types import Predictor
@@ -139,6 +139,8 @@ class ModelService:
             build_runner(settings.redis_url, self.run_training),
             settings.train_after_annotations,
             settings.train_debounce_s,
+            max_requeues=settings.train_max_requeues,
+            valid_project=is_project_id,
         )
         self._engine_factory = engine_factory
         self._chooser = predictor_chooser
