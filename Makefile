@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 9090
 WORKERS ?= 1
-THREADS ?= 8
+THREADS ?= 32
 
 .PHONY: serve test install install-test lint clean
 

@@ -91,9 +91,10 @@ class Gunicorn:
 
 
 def request(port: int, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None,
-            raw: Optional[bytes] = None, timeout: float = 30.0) -> Response:
-    """One request on its own connection (Connection: close). `raw` replaces everything after the request
-    line's headers are built: the exact bytes sent."""
+            raw: Optional[bytes] = None, timeout: float = 30.0, half_close: bool = True) -> Response:
+    """One request on its own connection (Connection: close). `raw`: the exact bytes sent instead. With
+    `half_close` the client shuts its sending side after the request, so a body shorter than announced ends
+    at once instead of waiting for the server (nginx takes that as the client going away: off for it)."""
     if raw is None:
         head = {"Host": f"127.0.0.1:{port}", "Connection": "close", **(headers or {})}
         if body is not None and "Transfer-Encoding" not in head:
@@ -102,10 +103,11 @@ def request(port: int, method: str, path: str, body: Optional[bytes] = None, hea
         raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(raw)
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if half_close:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         chunks = []
         while True:
             try:

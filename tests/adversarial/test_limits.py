@@ -230,3 +230,23 @@ def test_a_backend_500_is_logged_with_its_traceback(api, caplog):
     assert resp.status_code == 500
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def _readme_status(words: str) -> int:
+    from tests.adversarial.harness import ROOT
+
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| 4")]
+    found = {int(line.split("|")[1].strip()[:3]) for line in rows if words in line}
+    assert len(found) == 1, f"README's error table should name one status for {words!r}: {found}"
+    return found.pop()
+
+
+def test_the_readme_names_the_status_the_code_answers(api, images):
+    """N5: README and code agree (the contract only asks for a 4xx JSON answer naming the problem)."""
+    client, _ = api
+    body = interactive_body(f"{images.url}/ok.png", [keypoint(50, 50, label="Crack")])
+    resp = client.post("/predict", json=body)
+    assert resp.status_code == _readme_status("unknown label"), resp.get_json()
+    assert "'Crack' is not a value of BrushLabels" in resp.get_json()["error"]
+    resp = client.post("/predict", json=interactive_body(f"{images.url}/ok.png", _clicks(101)))
+    assert resp.status_code == _readme_status("ADCLICK_MAX_CLICKS")
