@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -35,6 +36,15 @@ TRAINING_EVENTS = ANNOTATION_EVENTS | {START}
 # runner(project, event, progress) -> {"model_version": str, ...figures}; progress(fraction, message)
 Progress = Callable[[float, str], None]
 Runner = Callable[[str, dict, Progress], dict]
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/:,;()\[\]]+/)+([^\s'\"/:,;()\[\]]*)")
+
+
+def hide_paths(text: str) -> str:
+    """Server paths out of a message shown to clients: '/srv/models/projects/3/x.json' -> '.../x.json' (URLs,
+    whose paths follow 'host', are kept)."""
+    return _ABS_PATH.sub(lambda m: f".../{m.group(1)}", text)
 
 
 def _blank(project: str) -> dict:
@@ -310,7 +320,8 @@ class JobManager:
             )
         except Exception as exc:  # a failed job must never kill the worker; its reason is shown in /health
             logger.exception("training job for project %s failed", project)
-            update = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500], "message": "failed"}
+            reason = hide_paths(f"{type(exc).__name__}: {exc}")[:500]  # /health shows it without auth
+            update = {"status": "failed", "reason": reason, "message": "failed"}
         try:
             with self._transaction() as states:
                 state = states.setdefault(project, _blank(project))

@@ -61,3 +61,22 @@ def test_a_job_that_kills_its_worker_is_requeued_at_most_n_times_then_failed(tmp
 def test_the_requeue_limit_is_a_setting():
     assert Settings.from_env({}).train_max_requeues == 2
     assert Settings.from_env({"TRAIN_MAX_REQUEUES": "0"}).train_max_requeues == 0
+
+
+def test_a_failed_job_reason_shows_no_server_path(tmp_path):
+    """/health (no auth) lists each job's failure reason; a path of the server in it is cut to its name."""
+    secret = tmp_path / "models" / "projects" / "5" / "references.json"
+
+    def runner(project, event, progress):
+        raise FileNotFoundError(2, "No such file or directory", str(secret))
+
+    mgr = JobManager(tmp_path / "jobs" / "state.json", runner, poll_s=0.02)
+    mgr.submit("5", "START_TRAINING")
+    mgr.ensure_started()
+    try:
+        assert mgr.wait_idle(10)
+    finally:
+        mgr.stop()
+    reason = mgr.snapshot("5")["reason"]
+    assert reason.startswith("FileNotFoundError") and ".../references.json" in reason
+    assert str(tmp_path) not in reason and "/projects/" not in reason
