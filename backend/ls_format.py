@@ -214,7 +214,7 @@ def region_texts(value: dict) -> list[str]:
 
 
 def parse_context(
-    context: Any, cfg: LabelConfig, extra_prompt: str = "", max_clicks: int = 100
+    context: Any, cfg: LabelConfig, extra_prompt: str = "", max_clicks: int = 50
 ) -> Optional[InteractiveRequest]:
     """Every keypoint (positive unless is_positive is false), at most one rectangle (the last one wins), and
     the TextArea text of the context (Label Studio 1.23.2's editor sends none; `extra_prompt`, the project's

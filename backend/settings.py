@@ -72,7 +72,7 @@ class Settings:
     seg_fit_steps: int = 60  # most optimisation steps of one ADClick-Seg fit
     seg_holdout: float = 0.2  # share of labelled images held out to evaluate each fit
     seg_max_ok_images: int = 20  # most OK-verdict images used as all-normal training examples
-    max_clicks: int = 100  # most keypoints in one interactive request (ADCLICK_MAX_CLICKS); more: 400
+    max_clicks: int = 50  # most keypoints in one interactive request (ADCLICK_MAX_CLICKS); more: 400
     max_tasks: int = 1000  # most tasks in one /predict request (MAX_TASKS_PER_REQUEST); more: 400
     max_body_bytes: int = 64 * _MB  # largest request body (MAX_BODY_MB); more: 413
     train_max_requeues: int = 2  # a job whose process died is queued again at most this often, then failed
@@ -150,7 +150,7 @@ class Settings:
             seg_fit_steps=int(_number(env, "SEG_FIT_STEPS", 60, minimum=1)),
             seg_holdout=_number(env, "SEG_HOLDOUT", 0.2),
             seg_max_ok_images=int(_number(env, "SEG_MAX_OK_IMAGES", 20)),
-            max_clicks=int(_number(env, "ADCLICK_MAX_CLICKS", 100, minimum=1)),
+            max_clicks=int(_number(env, "ADCLICK_MAX_CLICKS", 50, minimum=1)),
             max_tasks=int(_number(env, "MAX_TASKS_PER_REQUEST", 1000, minimum=1)),
             max_body_bytes=int(_number(env, "MAX_BODY_MB", 64, minimum=0.001) * _MB),
             train_max_requeues=int(_number(env, "TRAIN_MAX_REQUEUES", 2)),

@@ -149,16 +149,16 @@ def _clicks(n: int) -> list[dict]:
 def test_clicks_per_request_are_capped(api, images):
     client, service = api
     url = f"{images.url}/ok.png?cap"
-    resp = client.post("/predict", json=interactive_body(url, _clicks(101)))
+    resp = client.post("/predict", json=interactive_body(url, _clicks(51)))
     assert resp.status_code == 400, resp.get_json()
-    assert "more than 100 clicks" in resp.get_json()["error"] and "ADCLICK_MAX_CLICKS" in resp.get_json()["error"]
+    assert "more than 50 clicks" in resp.get_json()["error"] and "ADCLICK_MAX_CLICKS" in resp.get_json()["error"]
     assert not [r for r in images.requests if r[1] == "/ok.png?cap"], "refused before any download"
-    assert client.post("/predict", json=interactive_body(url, _clicks(100))).status_code == 200
+    assert client.post("/predict", json=interactive_body(url, _clicks(50))).status_code == 200
 
 
 def test_the_click_cap_is_a_setting(settings, images):
     assert Settings.from_env({"ADCLICK_MAX_CLICKS": "3"}).max_clicks == 3
-    assert Settings.from_env({}).max_clicks == 100
+    assert Settings.from_env({}).max_clicks == 50
     app, _, _ = make_app(replace(settings, max_clicks=3))
     client = app.test_client()
     url = f"{images.url}/ok.png"
@@ -248,5 +248,5 @@ def test_the_readme_names_the_status_the_code_answers(api, images):
     resp = client.post("/predict", json=body)
     assert resp.status_code == _readme_status("unknown label"), resp.get_json()
     assert "'Crack' is not a value of BrushLabels" in resp.get_json()["error"]
-    resp = client.post("/predict", json=interactive_body(f"{images.url}/ok.png", _clicks(101)))
+    resp = client.post("/predict", json=interactive_body(f"{images.url}/ok.png", _clicks(51)))
     assert resp.status_code == _readme_status("ADCLICK_MAX_CLICKS")
