@@ -84,7 +84,10 @@ def _register_auth_and_stats(
                 services.warm_known_projects()
         if not settings.auth_enabled or request.path in OPEN_ROUTES:
             return None
-        auth = request.authorization
+        try:
+            auth = request.authorization
+        except (UnicodeError, ValueError):  # bytes werkzeug cannot decode (e.g. Latin-1): no credentials
+            auth = None
         ok = (
             auth is not None
             and auth.type == "basic"

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
+import re
 import time
 from collections import Counter
 
@@ -138,3 +140,35 @@ def test_the_named_cases_of_issue_15_under_gunicorn(server):
     assert resp.status == 400 and "project" in resp.json()["error"]
     jobs = request(srv.port, "GET", "/health").json()["training"]["jobs"]
     assert all(key.isdigit() and not key.startswith("0") for key in jobs), list(jobs)
+
+
+BAD_AUTH = ["", "Basic", "Basic !!!", "Basic dTpw", "Basic dTp4", "Bearer u:p", "Basic " + "A" * 6000,
+            "Basic dTpwOg==", "Basic OnA=", "Digest username=u", "Basic \u00fc", "basic  dTp4 ", "Token p"]
+
+
+@pytest.mark.slow
+def test_basic_auth_holds_for_every_malformed_request(tmp_path, images):
+    """With BASIC_AUTH_USER/PASS set, 800 of the fuzz's requests with no or wrong credentials (13 malformed
+    Authorization headers) get 401 on every route but /health, whatever their body, method or framing."""
+    env = {"MODEL_DIR": str(tmp_path / "models"), "WARM_ON_SETUP": "0", "BASIC_AUTH_USER": "u",
+           "BASIC_AUTH_PASS": "secret-pass"}
+    srv = Gunicorn("tests.adversarial.tiny_wsgi:app", env, tmp_path / "gunicorn.log", workers=1, threads=8)
+    try:
+        srv.wait_healthy()
+        cases = CaseGenerator(SEED + 1, images.url).cases(800, srv.port)
+        rng = random.Random(SEED)
+        wrong = []
+        for case in cases:
+            auth = rng.choice(BAD_AUTH)
+            headers = {**case.headers, **({"Authorization": auth} if auth else {})}
+            resp = request(srv.port, case.method, case.path, case.body, headers, case.raw)
+            opened = re.sub("/+", "/", case.path.split("?")[0]) == "/health"  # "//health" is /health
+            if resp.status >= 500 or "secret-pass" in resp.body.decode("latin-1"):
+                wrong.append((case.name, resp.status))
+            elif case.kind == "app" and case.raw is None and not opened and resp.status != 401:
+                wrong.append((case.name, case.method, case.path[:40], auth[:20], resp.status, resp.body[:80]))
+        assert not wrong, wrong[:10]
+        resp = request(srv.port, "GET", "/metrics", headers={"Authorization": "Basic dTpzZWNyZXQtcGFzcw=="})
+        assert resp.status == 200
+    finally:
+        srv.stop()

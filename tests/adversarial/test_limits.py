@@ -250,3 +250,12 @@ def test_the_readme_names_the_status_the_code_answers(api, images):
     assert "'Crack' is not a value of BrushLabels" in resp.get_json()["error"]
     resp = client.post("/predict", json=interactive_body(f"{images.url}/ok.png", _clicks(51)))
     assert resp.status_code == _readme_status("ADCLICK_MAX_CLICKS")
+
+
+def test_an_authorization_header_that_is_not_ascii_is_a_401(settings):
+    app, _, _ = make_app(replace(settings, basic_auth_user="u", basic_auth_pass="p"))
+    client = app.test_client()
+    for value in ("Basic \u00fc", "Basic \u00ff\u00fe", "\u00e9"):
+        resp = client.get("/metrics", headers={"Authorization": value})
+        assert resp.status_code == 401 and "authentication required" in resp.get_json()["error"], value
+    assert client.get("/metrics", headers={"Authorization": "Basic dTpw"}).status_code == 200
