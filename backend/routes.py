@@ -8,7 +8,7 @@ import time
 from typing import Any, Optional
 
 from flask import Blueprint, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import ls_format
 from backend.errors import BadRequest, LabelConfigError
@@ -37,26 +37,43 @@ def _services() -> ModelService:
 
 
 def _read_body() -> bytes:
-    """The raw body. A malformed transfer (a chunk size that is not hex, a chunk without its terminator, a
-    client that stops sending mid-body) surfaces here as the server's parser error: the client's fault,
-    400."""
+    """The raw body, at most MAX_BODY_MB (413 past it). werkzeug checks the limit against Content-Length only:
+    a chunked body (no Content-Length; gunicorn marks its stream terminated) would be read whole, however
+    large, so it is read here in steps up to the limit. A malformed transfer (a chunk size that is not hex, a
+    chunk without its terminator, a client that stops mid-body) surfaces as the server's parser error: 400."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
     try:
-        return request.get_data(cache=True)
+        if request.content_length is not None or limit is None:
+            return request.get_data(cache=True)
+        parts, size = [], 0
+        while size <= limit:
+            part = request.stream.read(min(1 << 20, limit + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
     except HTTPException:  # 413 over MAX_BODY_MB, client disconnects: answered by the app's HTTP handler
         raise
     except _BODY_READ_ERRORS as exc:
         raise BadRequest(f"the request body could not be read ({type(exc).__name__}): send a complete body "
                          "with a valid Content-Length or chunked encoding") from None
+    if size > limit:
+        raise RequestEntityTooLarge()
+    return b"".join(parts)
 
 
 def _json_body() -> dict:
-    _read_body()
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:  # the json module gives up around 1000 levels; only ValueError is "silent"
-        raise BadRequest(
-            "request body is nested too deeply (JSON arrays/objects inside each other)"
-        ) from None
+    data = _read_body()
+    body = None
+    if request.is_json:
+        try:
+            body = current_app.json.loads(data)
+        except RecursionError:  # the json module gives up around 1000 levels
+            raise BadRequest(
+                "request body is nested too deeply (JSON arrays/objects inside each other)"
+            ) from None
+        except ValueError:  # not JSON, not UTF-8/16/32, an integer of more than 4300 digits
+            body = None
     if body is None:
         raise BadRequest("request body is not valid JSON (Content-Type application/json expected)")
     if not isinstance(body, dict):

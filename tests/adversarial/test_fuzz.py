@@ -51,7 +51,7 @@ def images():
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     env = {"MODEL_DIR": str(tmp / "models"), "WARM_ON_SETUP": "0", "IMAGE_TIMEOUT_S": "2", "LOG_LEVEL": "INFO",
-           "MAX_IMAGE_MPIX": "5", "BANK_WAIT_S": "10", "TRAIN_DEBOUNCE_S": "3600"}
+           "MAX_IMAGE_MPIX": "5", "BANK_WAIT_S": "10", "TRAIN_DEBOUNCE_S": "3600", "MAX_BODY_MB": "8"}
     srv = Gunicorn("tests.adversarial.tiny_wsgi:app", env, tmp / "gunicorn.log", workers=1, threads=8)
     try:
         srv.wait_healthy()
@@ -138,6 +138,10 @@ def test_the_named_cases_of_issue_15_under_gunicorn(server):
     body = b'{"action": "START_TRAINING", "project": 1e999}'
     resp = _post_raw(srv, "/webhook", f"Content-Length: {len(body)}\r\n", body)
     assert resp.status == 400 and "project" in resp.json()["error"]
+    chunk = b"[" + b" " * (1 << 20)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(9)) + b"0\r\n\r\n"
+    resp = _post_raw(srv, "/predict", "Transfer-Encoding: chunked\r\n", chunked)  # 9 MB, no Content-Length
+    assert resp.status == 413 and "MAX_BODY_MB" in resp.json()["error"]
     jobs = request(srv.port, "GET", "/health").json()["training"]["jobs"]
     assert all(key.isdigit() and not key.startswith("0") for key in jobs), list(jobs)
 
