@@ -24,8 +24,12 @@ from tests.api_support import RecordingServer, Route, interactive_body, keypoint
 
 def main(counts: list[int]) -> None:
     tmp = Path(tempfile.mkdtemp())
-    settings = replace(Settings.from_env({"DEVICE": "cpu"}), model_dir=tmp / "models", warm_on_setup=False,
-                       max_clicks=max(counts))
+    settings = replace(
+        Settings.from_env({"DEVICE": "cpu"}),
+        model_dir=tmp / "models",
+        warm_on_setup=False,
+        max_clicks=max(counts),
+    )
     client = create_app(settings, start_jobs=False).test_client()
     with RecordingServer() as srv:
         for n in counts:
@@ -36,8 +40,10 @@ def main(counts: list[int]) -> None:
             Image.fromarray(img).save(buf, "PNG")
             srv.routes[f"/i{n}.png"] = Route(buf.getvalue())
             pick = random.Random(n)
-            clicks = [keypoint(pick.uniform(44, 56), pick.uniform(42, 55), positive=i % 3 != 2, w=800, h=600)
-                      for i in range(n)]
+            clicks = [
+                keypoint(pick.uniform(44, 56), pick.uniform(42, 55), positive=i % 3 != 2, w=800, h=600)
+                for i in range(n)
+            ]
             url = f"{srv.url}/i{n}.png"
             client.post("/predict", json=interactive_body(url, clicks[:1]))  # download + image state first
             t0 = time.perf_counter()

@@ -51,18 +51,37 @@ class Response:
 class Gunicorn:
     """`gunicorn --workers W --threads T --timeout 300 --preload <app>` on a free loopback port."""
 
-    def __init__(self, app: str, env: dict, log: Path, workers: int = 1, threads: int = 8,
-                 extra_args: tuple = ()):
+    def __init__(
+        self, app: str, env: dict, log: Path, workers: int = 1, threads: int = 8, extra_args: tuple = ()
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
         full_env.pop("REDIS_URL", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
-             "--threads", str(threads), "--timeout", "300", "--graceful-timeout", "3", *extra_args,
-             "--preload", app],
-            cwd=ROOT, env=full_env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(workers),
+                "--threads",
+                str(threads),
+                "--timeout",
+                "300",
+                "--graceful-timeout",
+                "3",
+                *extra_args,
+                "--preload",
+                app,
+            ],
+            cwd=ROOT,
+            env=full_env,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
         )
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
@@ -90,8 +109,16 @@ class Gunicorn:
             self.proc.wait()
 
 
-def request(port: int, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None,
-            raw: Optional[bytes] = None, timeout: float = 30.0, half_close: bool = True) -> Response:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: Optional[bytes] = None,
+    headers: Optional[dict] = None,
+    raw: Optional[bytes] = None,
+    timeout: float = 30.0,
+    half_close: bool = True,
+) -> Response:
     """One request on its own connection (Connection: close). `raw`: the exact bytes sent instead. With
     `half_close` the client shuts its sending side after the request, so a body shorter than announced ends
     at once instead of waiting for the server (nginx takes that as the client going away: off for it)."""
@@ -145,5 +172,5 @@ def dechunk(data: bytes) -> bytes:
         if size == 0:
             break
         out.append(rest[:size])
-        rest = rest[size + 2:]
+        rest = rest[size + 2 :]
     return b"".join(out)

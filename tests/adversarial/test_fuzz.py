@@ -13,7 +13,6 @@ import re
 import time
 from collections import Counter
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -50,8 +49,16 @@ def images():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    env = {"MODEL_DIR": str(tmp / "models"), "WARM_ON_SETUP": "0", "IMAGE_TIMEOUT_S": "2", "LOG_LEVEL": "INFO",
-           "MAX_IMAGE_MPIX": "5", "BANK_WAIT_S": "10", "TRAIN_DEBOUNCE_S": "3600", "MAX_BODY_MB": "8"}
+    env = {
+        "MODEL_DIR": str(tmp / "models"),
+        "WARM_ON_SETUP": "0",
+        "IMAGE_TIMEOUT_S": "2",
+        "LOG_LEVEL": "INFO",
+        "MAX_IMAGE_MPIX": "5",
+        "BANK_WAIT_S": "10",
+        "TRAIN_DEBOUNCE_S": "3600",
+        "MAX_BODY_MB": "8",
+    }
     srv = Gunicorn("tests.adversarial.tiny_wsgi:app", env, tmp / "gunicorn.log", workers=1, threads=8)
     try:
         srv.wait_healthy()
@@ -102,8 +109,10 @@ def test_thousands_of_malformed_requests(server, images):
             failures.append((i, case.name, problems, resp.status, resp.body[:300]))
     elapsed = time.monotonic() - t0
     rss_end = rss_bytes(worker)
-    print(f"{len(cases)} cases in {elapsed:.1f} s; statuses {dict(sorted(statuses.items()))}; "
-          f"worker RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MB")
+    print(
+        f"{len(cases)} cases in {elapsed:.1f} s; statuses {dict(sorted(statuses.items()))}; "
+        f"worker RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MB"
+    )
     kinds = Counter((f[1], str(f[2])) for f in failures)
     firsts = {}
     for f in failures:
@@ -119,8 +128,10 @@ def test_thousands_of_malformed_requests(server, images):
 
 
 def _post_raw(srv, route: str, head: str, body: bytes):
-    raw = (f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
-           f"{head}\r\n").encode() + body
+    raw = (
+        f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"{head}\r\n"
+    ).encode() + body
     return request(srv.port, "POST", route, raw=raw)
 
 
@@ -146,16 +157,33 @@ def test_the_named_cases_of_issue_15_under_gunicorn(server):
     assert all(key.isdigit() and not key.startswith("0") for key in jobs), list(jobs)
 
 
-BAD_AUTH = ["", "Basic", "Basic !!!", "Basic dTpw", "Basic dTp4", "Bearer u:p", "Basic " + "A" * 6000,
-            "Basic dTpwOg==", "Basic OnA=", "Digest username=u", "Basic \u00fc", "basic  dTp4 ", "Token p"]
+BAD_AUTH = [
+    "",
+    "Basic",
+    "Basic !!!",
+    "Basic dTpw",
+    "Basic dTp4",
+    "Bearer u:p",
+    "Basic " + "A" * 6000,
+    "Basic dTpwOg==",
+    "Basic OnA=",
+    "Digest username=u",
+    "Basic \u00fc",
+    "basic  dTp4 ",
+    "Token p",
+]
 
 
 @pytest.mark.slow
 def test_basic_auth_holds_for_every_malformed_request(tmp_path, images):
     """With BASIC_AUTH_USER/PASS set, 800 of the fuzz's requests with no or wrong credentials (13 malformed
     Authorization headers) get 401 on every route but /health, whatever their body, method or framing."""
-    env = {"MODEL_DIR": str(tmp_path / "models"), "WARM_ON_SETUP": "0", "BASIC_AUTH_USER": "u",
-           "BASIC_AUTH_PASS": "secret-pass"}
+    env = {
+        "MODEL_DIR": str(tmp_path / "models"),
+        "WARM_ON_SETUP": "0",
+        "BASIC_AUTH_USER": "u",
+        "BASIC_AUTH_PASS": "secret-pass",
+    }
     srv = Gunicorn("tests.adversarial.tiny_wsgi:app", env, tmp_path / "gunicorn.log", workers=1, threads=8)
     try:
         srv.wait_healthy()

@@ -31,8 +31,14 @@ CHILD = textwrap.dedent(
 
 
 def _worker(state: str, max_requeues: int, mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CHILD, state, str(max_requeues), mode], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, state, str(max_requeues), mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT)},
+    )
 
 
 def _never(project, event, progress):

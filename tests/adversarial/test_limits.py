@@ -1,7 +1,7 @@
-"""Bounded work per request and no undocumented 500 for the inputs issue 15 found (through Flask's test client;
-the gunicorn-level cases are in test_fuzz.py): project ids Label Studio never sends, label configs that are not
-strings, JSON nested past the parser's recursion limit, too many clicks / tasks / bytes, arbitrary HTTP methods,
-and which failures are logged as server faults."""
+"""Bounded work per request and no undocumented 500 for the inputs issue 15 found (through Flask's test
+client; the gunicorn-level cases are in test_fuzz.py): project ids Label Studio never sends, label configs
+that are not strings, JSON nested past the parser's recursion limit, too many clicks / tasks / bytes,
+arbitrary HTTP methods, and which failures are logged as server faults."""
 
 from __future__ import annotations
 
@@ -25,8 +25,20 @@ from tests.api_support import (
 )
 
 BAD_PROJECT_IDS = ["1e999", "NaN", "-0", "-1", "0", "inf", "1e3", "9" * 40, "0x10", " ", "a/b", "..", "x"]
-BAD_RAW_IDS = [b"1e999", b"-1e999", b"NaN", b"Infinity", b"-0", b"-7", b"0", b"1.5e300", b"9" * 400, b"[1]",
-               b"true", b"0.5"]
+BAD_RAW_IDS = [
+    b"1e999",
+    b"-1e999",
+    b"NaN",
+    b"Infinity",
+    b"-0",
+    b"-7",
+    b"0",
+    b"1.5e300",
+    b"9" * 400,
+    b"[1]",
+    b"true",
+    b"0.5",
+]
 
 
 @pytest.fixture()
@@ -59,8 +71,11 @@ def _bodies(raw_id: bytes) -> list[tuple[str, bytes]]:
         ("/webhook", b'{"action": "ANNOTATION_CREATED", "annotation": {"project": %s}}' % raw_id),
         ("/train", b'{"project": %s}' % raw_id),
         ("/setup", b'{"project": %s, "schema": %s}' % (raw_id, json.dumps(CONTRACT_CONFIG).encode())),
-        ("/predict", b'{"project": %s, "tasks": [{"id": 1, "data": {"image": "x"}}], "label_config": %s}'
-         % (raw_id, json.dumps(CONTRACT_CONFIG).encode())),
+        (
+            "/predict",
+            b'{"project": %s, "tasks": [{"id": 1, "data": {"image": "x"}}], "label_config": %s}'
+            % (raw_id, json.dumps(CONTRACT_CONFIG).encode()),
+        ),
     ]
 
 
@@ -78,14 +93,23 @@ def test_project_ids_label_studio_never_sends_are_400_and_leave_nothing_behind(a
     training = client.get("/health").get_json()["training"]
     assert training == {"active": [], "queued": [], "jobs": {}}
     assert not (settings.model_dir / "locks").exists() or not list((settings.model_dir / "locks").iterdir())
-    assert not (settings.model_dir / "projects").exists() or not list((settings.model_dir / "projects").iterdir())
+    assert not (settings.model_dir / "projects").exists() or not list(
+        (settings.model_dir / "projects").iterdir()
+    )
     assert service.jobs.snapshot() == {}
 
 
 def test_the_ids_label_studio_sends_still_name_the_project(api):
     client, service = api
-    for raw, key in [("12.1700000000", "12"), (12, "12"), ({"id": 12}, "12"), ("12", "12"), (12.0, "12"),
-                     ({"id": "9.1"}, "9"), (2**63 - 1, str(2**63 - 1))]:
+    for raw, key in [
+        ("12.1700000000", "12"),
+        (12, "12"),
+        ({"id": 12}, "12"),
+        ("12", "12"),
+        (12.0, "12"),
+        ({"id": "9.1"}, "9"),
+        (2**63 - 1, str(2**63 - 1)),
+    ]:
         resp = client.post("/webhook", json={"action": "START_TRAINING", "project": raw})
         assert resp.status_code == 201 and resp.get_json()["project"] == key, (raw, resp.get_json())
 
@@ -107,8 +131,10 @@ def test_a_label_config_that_is_not_a_string_is_400(api, field, value):
     if field == "schema":
         resp = client.post("/setup", json={"project": 1, "schema": value})
     else:
-        resp = client.post("/predict", json={"project": 1, "label_config": value,
-                                             "tasks": [{"id": 1, "data": {"image": "x"}}]})
+        resp = client.post(
+            "/predict",
+            json={"project": 1, "label_config": value, "tasks": [{"id": 1, "data": {"image": "x"}}]},
+        )
     assert resp.status_code == 400, resp.get_json()
     assert "label_config must be a string" in resp.get_json()["error"]
 
@@ -137,7 +163,9 @@ def test_nested_extra_params_are_400(api):
         resp = client.post("/setup", json={"project": 1, "schema": CONTRACT_CONFIG, "extra_params": extra})
         assert resp.status_code in (200, 400), resp.get_json()
         assert resp.status_code == 200 or "nested" in resp.get_json()["error"]
-    resp = client.post("/setup", json={"project": 1, "schema": CONTRACT_CONFIG, "extra_params": {"x": "y" * 70_000}})
+    resp = client.post(
+        "/setup", json={"project": 1, "schema": CONTRACT_CONFIG, "extra_params": {"x": "y" * 70_000}}
+    )
     assert resp.status_code == 400 and "extra_params is over the limit" in resp.get_json()["error"]
 
 
@@ -151,7 +179,9 @@ def test_clicks_per_request_are_capped(api, images):
     url = f"{images.url}/ok.png?cap"
     resp = client.post("/predict", json=interactive_body(url, _clicks(51)))
     assert resp.status_code == 400, resp.get_json()
-    assert "more than 50 clicks" in resp.get_json()["error"] and "ADCLICK_MAX_CLICKS" in resp.get_json()["error"]
+    assert (
+        "more than 50 clicks" in resp.get_json()["error"] and "ADCLICK_MAX_CLICKS" in resp.get_json()["error"]
+    )
     assert not [r for r in images.requests if r[1] == "/ok.png?cap"], "refused before any download"
     assert client.post("/predict", json=interactive_body(url, _clicks(50))).status_code == 200
 
@@ -170,10 +200,16 @@ def test_the_click_cap_is_a_setting(settings, images):
 def test_tasks_per_request_are_capped(settings):
     assert Settings.from_env({"MAX_TASKS_PER_REQUEST": "7"}).max_tasks == 7
     app, _, _ = make_app(replace(settings, max_tasks=3))
-    body = {"project": 1, "label_config": CONTRACT_CONFIG, "params": {"context": None},
-            "tasks": [{"id": i, "data": {"image": "x"}} for i in range(4)]}
+    body = {
+        "project": 1,
+        "label_config": CONTRACT_CONFIG,
+        "params": {"context": None},
+        "tasks": [{"id": i, "data": {"image": "x"}} for i in range(4)],
+    }
     resp = app.test_client().post("/predict", json=body)
-    assert resp.status_code == 400 and "4 tasks in one request, over the limit of 3" in resp.get_json()["error"]
+    assert (
+        resp.status_code == 400 and "4 tasks in one request, over the limit of 3" in resp.get_json()["error"]
+    )
 
 
 def test_the_body_size_is_capped_with_a_json_answer(settings):

@@ -87,8 +87,13 @@ def health_latencies(port: int, seconds: float) -> list[float]:
 @pytest.fixture()
 def gunicorn_default(tmp_path):
     env = {"MODEL_DIR": str(tmp_path / "models"), "WARM_ON_SETUP": "0"}
-    srv = Gunicorn("tests.adversarial.tiny_wsgi:app", env, tmp_path / "gunicorn.log",
-                   workers=makefile_default("WORKERS"), threads=makefile_default("THREADS"))
+    srv = Gunicorn(
+        "tests.adversarial.tiny_wsgi:app",
+        env,
+        tmp_path / "gunicorn.log",
+        workers=makefile_default("WORKERS"),
+        threads=makefile_default("THREADS"),
+    )
     try:
         srv.wait_healthy()
         yield srv
@@ -107,14 +112,19 @@ NGINX = shutil.which("nginx") or (shutil.which("nginx", path="/usr/sbin:/usr/loc
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(NGINX is None, reason="no nginx binary here; docker/nginx.conf is checked by its syntax test")
+@pytest.mark.skipif(
+    NGINX is None, reason="no nginx binary here; docker/nginx.conf is checked by its syntax test"
+)
 def test_behind_the_buffering_proxy_64_slow_clients_change_nothing(tmp_path):
     env = {"MODEL_DIR": str(tmp_path / "models"), "WARM_ON_SETUP": "0"}
     srv = Gunicorn("tests.adversarial.tiny_wsgi:app", env, tmp_path / "gunicorn.log", workers=1, threads=4)
     port = free_port()
     conf = render_nginx_conf(tmp_path, port, srv.port)
-    proxy = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
-                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "nginx.err", "w"))
+    proxy = subprocess.Popen(
+        [NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "nginx.err", "w"),
+    )
     try:
         srv.wait_healthy()
         deadline = time.monotonic() + 20
@@ -153,8 +163,14 @@ def render_nginx_conf(tmp: Path, listen: int, upstream: int) -> Path:
 def test_the_proxy_config_buffers_requests_and_times_out_slow_headers():
     """The settings that make nginx a buffer against slow clients are there (runs without nginx)."""
     text = (ROOT / "docker" / "nginx.conf").read_text()
-    for directive in ("proxy_request_buffering on", "client_header_timeout", "client_body_timeout",
-                      "client_max_body_size", "proxy_pass http://backend", "proxy_read_timeout"):
+    for directive in (
+        "proxy_request_buffering on",
+        "client_header_timeout",
+        "client_body_timeout",
+        "client_max_body_size",
+        "proxy_pass http://backend",
+        "proxy_read_timeout",
+    ):
         assert directive in text, directive
     compose = (ROOT / "docker" / "docker-compose.yml").read_text()
     assert "nginx.conf" in compose and "proxy:" in compose
