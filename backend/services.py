@@ -41,6 +41,20 @@ class PredictorChoice:
     reason: str = ""  # why this predictor (shown in /health)
 
 
+def lower_priority(nice: int) -> int:
+    """Lower the calling thread's CPU priority by `nice` (Linux: per thread; the torch worker threads it starts
+    inherit it), so a training job yields the cores to requests. Returns the thread's nice value after."""
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > 0 and current < min(19, nice):
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, nice))
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted: train at normal priority
+        logger.info("training priority unchanged: %s", exc)
+        return 0
+
+
 def choose_predictor(settings: Settings, engine: Any) -> PredictorChoice:
     """The served interactive predictor; unless ADCLICK_REFINE=off its maps get the full-resolution boundary
     refinement of model/refine.py (guided filter by default, or GrabCut)."""
@@ -389,6 +403,7 @@ class ModelService:
         notice the new references / version by the project's signature and swap the predictor when rebuilt."""
         from backend import training
 
+        lower_priority(self.settings.train_nice)
         ctx = training.TrainingContext(
             settings=self.settings,
             progress=progress,

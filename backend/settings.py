@@ -75,6 +75,7 @@ class Settings:
     max_clicks: int = 50  # most keypoints in one interactive request (ADCLICK_MAX_CLICKS); more: 400
     max_tasks: int = 1000  # most tasks in one /predict request (MAX_TASKS_PER_REQUEST); more: 400
     max_body_bytes: int = 64 * _MB  # largest request body (MAX_BODY_MB); more: 413
+    train_nice: int = 10  # TRAIN_NICE: CPU priority of training (a nice increment); clicks keep the cores first
     train_max_requeues: int = 2  # a job whose process died is queued again at most this often, then failed
 
     def __post_init__(self) -> None:
@@ -154,4 +155,5 @@ class Settings:
             max_tasks=int(_number(env, "MAX_TASKS_PER_REQUEST", 1000, minimum=1)),
             max_body_bytes=int(_number(env, "MAX_BODY_MB", 64, minimum=0.001) * _MB),
             train_max_requeues=int(_number(env, "TRAIN_MAX_REQUEUES", 2)),
+            train_nice=int(_number(env, "TRAIN_NICE", 10)),
         )

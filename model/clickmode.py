@@ -6,9 +6,10 @@ predict(): every positive click seeds a region on the anomaly map. Its threshold
 Negative clicks carve: a negative click inside a grown region raises that region's threshold above the map value
 at the negative click (if that leaves the positive click's peak, the region is split between the clicks by
 nearest-click assignment); a `click_radius` disk around every negative click is removed, one around every
-positive click is kept. A box restricts everything to its inside; with no positive click, the box's peak
-seeds a region, and so does every other part inside the box that the bank's calibration calls anomalous
-(`box_seeds`: an annotator's box holds the whole defect, also when it is several separate pieces). prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5. (Boundary refinement at full resolution is model/refine.py, applied by the service.)
+positive click is kept. A box restricts everything to its inside; with no positive click, the region is the
+part of the box above the level that splits its map values in two (Otsu, `model.clicks.box_level`): an
+annotator's box holds the whole defect, also when it is several pieces, and the defect fills much of it.
+`box_seeds` gives the learned network one click per anomalous part of such a box. prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5. (Boundary refinement at full resolution is model/refine.py, applied by the service.)
 
 detect(): regions of the map above an adaptive threshold, kept when larger than `min_area` px; possibly none.
 The threshold is `detect_margin` x the highest leave-one-out score of defect-free references (bank calibration,
@@ -27,7 +28,7 @@ from scipy import ndimage
 from model.errors import InputError
 from model.references import ReferenceBank
 from model.residuals import ResidualEngine, ResidualState
-from model.clicks import distance_to_other_label
+from model.clicks import box_level, distance_to_other_label
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,10 @@ class ResidualClickPredictor:
         inside = None if box is None else box_mask(box, (H, W))
         bg = float(np.median(amap))
         seeds = [(y, x) for c, y, x in pts if c.positive]
-        if not seeds and inside is not None:
-            seeds = self.box_seeds(amap, inside, bg)
         negs = [(y, x) for c, y, x in pts if not c.positive]
         mask = np.zeros((H, W), bool)
+        if not seeds and inside is not None:
+            mask = self._box_region(amap, inside, negs)
         for y, x in seeds:
             mask |= self._grow(amap, bg, y, x, negs, inside)
         for c, y, x in pts:
@@ -96,16 +97,26 @@ class ResidualClickPredictor:
         score = float(prob[mask].mean()) if mask.any() else 0.0
         return ClickResult(prob=prob, mask=mask, score=score)
 
+    def _box_region(self, amap: np.ndarray, inside: np.ndarray, negs: list[tuple[int, int]]) -> np.ndarray:
+        """A box with no positive click: the box's pixels above its Otsu level; a negative click inside keeps
+        only the pixels nearer to the box's peak than to the negative clicks."""
+        level = box_level(amap[inside])
+        py, px = np.unravel_index(int(np.argmax(np.where(inside, amap, -np.inf))), amap.shape)
+        region = inside & (amap > level) if level is not None else _disk(amap.shape, int(px), int(py), 1) & inside
+        blocking = [(ny, nx) for ny, nx in negs if region[ny, nx]]
+        return self._split(region, (int(py), int(px)), blocking) if blocking else region
+
     def box_seeds(self, amap: np.ndarray, inside: np.ndarray, bg: float) -> list[tuple[int, int]]:
         """(y, x) seeds of a box with no positive click: the box's peak first, then the peak of every other part
-        of {map >= bg + grow_frac x (box peak - bg)} inside the box that is anomalous by the detect threshold
-        (calibrated on the bank's references) and at least `min_area` px, largest first, `box_parts` in all."""
+        inside the box that is anomalous by the detect threshold (calibrated on the bank's references) and at
+        least `min_area` px, largest first, `box_parts` in all. Each seed then grows its own region."""
         py, px = np.unravel_index(int(np.argmax(np.where(inside, amap, -np.inf))), amap.shape)
         seeds = [(int(py), int(px))]
         if self.cfg.box_parts <= 1:
             return seeds
         peak = float(amap[py, px])
-        binary = inside & (amap >= bg + self.cfg.grow_frac * (peak - bg))
+        detect = self.detect_threshold(amap)
+        binary = inside & (amap >= min(detect, bg + self.cfg.grow_frac * (peak - bg)))
         labels, n = ndimage.label(binary)
         if n <= 1:
             return seeds
@@ -113,7 +124,6 @@ class ResidualClickPredictor:
         sizes = ndimage.sum_labels(binary, labels, index)
         peaks = ndimage.maximum(amap, labels, index)
         where = ndimage.maximum_position(amap, labels, index)
-        detect = self.detect_threshold(amap)
         for i in np.argsort(-sizes):
             if len(seeds) >= self.cfg.box_parts:
                 break

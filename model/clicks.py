@@ -58,6 +58,18 @@ def next_click(
     return Click(x=float(col), y=float(row), positive=bool(positive))
 
 
+def box_level(values: np.ndarray) -> Optional[float]:
+    """The level that splits a box's map values into defect and background (Otsu's threshold), or None when
+    the values are constant. A box says "the defect is in here and fills much of it": the split adapts to the
+    product and the image instead of a fixed level."""
+    from skimage.filters import threshold_otsu
+
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size < 2 or not np.isfinite(values).all() or float(values.max()) <= float(values.min()):
+        return None
+    return float(threshold_otsu(values))
+
+
 def distance_to_other_label(mask: np.ndarray, y: int, x: int, reach: int) -> Optional[float]:
     """Euclidean px (float32 precision) from (y, x) to the nearest pixel of the (H, W) bool `mask` whose label
     differs from mask[y, x], looked for within `reach` px; None when there is none that close. How far a click

@@ -143,13 +143,15 @@ class BlendPredictor:
 
     def predict(self, state: AdClickState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
                 previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+        seeded = clicks
         if box is not None and not any(c.positive for c in clicks):
-            # a box alone: both predictors start from every anomalous part in it (the click mode's box seeds),
-            # not from one point, so a defect of several pieces is segmented whole
+            # a box alone: the network gets one click on every anomalous part in it (the click mode's box
+            # seeds), not one point, so a defect of several pieces is segmented whole; the click mode splits
+            # the box itself (its box region)
             amap = state.residual.anomaly_map
             seeds = self.click_mode.box_seeds(amap, box_mask(box, amap.shape), float(np.median(amap)))
-            clicks = list(clicks) + [Click(float(x), float(y), True) for y, x in seeds]
-        a = self.learned.predict(state, clicks, box, prompt, previous_mask)
+            seeded = list(clicks) + [Click(float(x), float(y), True) for y, x in seeds]
+        a = self.learned.predict(state, seeded, box, prompt, previous_mask)
         b = self.click_mode.predict(state.residual, clicks, box, prompt, previous_mask)
         prob = (self.weight * a.prob + (1 - self.weight) * b.prob).astype(np.float32)
         mask = prob > self.threshold

@@ -76,6 +76,30 @@ def test_box_restricts_and_seeds(predictor, two_blobs):
     assert clipped.mask[30, 30] and not clipped.mask[:19].any() and not clipped.mask[:, 42:].any()
 
 
+def test_box_alone_covers_every_anomalous_part_inside(predictor):
+    """Issue 12 item 8: a smart rectangle around a defect of several pieces gave only the central blob. With no
+    positive click the region is the box's part above its Otsu level; every part above the detect threshold
+    is a seed for the learned network; noise is not."""
+    rng = np.random.default_rng(3)
+    amap = 1.0 + 0.05 * rng.standard_normal((H, W)) + blob(40, 40, 5, 4.0) + blob(40, 75, 4, 2.5)
+    amap += blob(20, 58, 3, 2.0)
+    box = (25, 10, 95, 60)
+    pieces = [(40, 40), (40, 75), (20, 58)]
+    whole = predictor.predict(state_of(amap), [], box=box)
+    assert all(whole.mask[y, x] for y, x in pieces)
+    assert not whole.mask[55, 30] and not whole.mask[12, 90]  # background inside the box stays out
+    inside = np.zeros((H, W), bool)
+    inside[10:60, 25:95] = True
+    seeds = predictor.box_seeds(amap, inside, float(np.median(amap)))
+    assert sorted(seeds) == sorted(pieces)
+    peak_only = ResidualClickPredictor(predictor.engine, None, ClickModeConfig(box_parts=1))
+    assert peak_only.box_seeds(amap, inside, float(np.median(amap))) == [(40, 40)]
+    carved = predictor.predict(state_of(amap), [Click(75, 40, positive=False)], box=box)
+    assert carved.mask[40, 40] and not carved.mask[40, 75]
+    noise = 1.0 + 0.05 * rng.standard_normal((H, W)) + blob(40, 40, 5, 4.0)
+    assert len(predictor.box_seeds(noise, np.ones((H, W), bool), float(np.median(noise)))) == 1
+
+
 def test_no_clicks_no_box_gives_empty_mask(predictor, two_blobs):
     res = predictor.predict(state_of(two_blobs), [])
     assert not res.mask.any() and res.score == 0.0 and (res.prob < 0.5).all()
