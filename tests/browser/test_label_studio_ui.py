@@ -216,18 +216,39 @@ def test_click_to_suggestion_times(browser_page, ui_project, browser_dataset, fi
 
 def test_retrieve_predictions_in_the_data_manager(browser_page, servers, ui_project, browser_dataset, figures):
     """Data Manager: the Prediction score column, select all, Actions > Retrieve Predictions > OK; every task
-    gets a prediction from the backend."""
+    gets a prediction from the backend. The column averages only predictions of the project's model version;
+    after picking the predictions' version under Settings > Annotation > Prelabeling it shows every task's
+    score, and the defective images score above the normal one."""
     assert "ml" in _run, "needs test_connect_model_with_the_extra_params_box_empty"
-    ui = browser_page
-    ui.data_manager(ui_project["id"])
+    ui, pid = browser_page, ui_project["id"]
+    ui.data_manager(pid)
     ui.show_column("Prediction score")
     answer = ui.retrieve_predictions()
     assert answer.status == 200, f"Retrieve Predictions -> {answer.status}: {answer.text()[:800]}"
+    versions = set()
     for name, task in ui_project["tasks"].items():
         preds = _wait_for(f"a prediction of {name}", lambda t=task: servers.api.predictions(t), 120)
         assert all(p["model_version"] for p in preds), preds
-    ui.data_manager(ui_project["id"])
-    figures.set("data_manager_prediction_scores", ui.column_values("Prediction score"))
+        versions.update(p["model_version"] for p in preds)
+    assert len(versions) == 1, f"the retrieved predictions carry several versions: {versions}"
+    version = versions.pop()
+    ui.data_manager(pid)
+    figures.set("data_manager_scores_as_connected", {
+        "project_model_version": servers.api.call("GET", f"/api/projects/{pid}")["model_version"],
+        "prediction_version": version, "column": ui.column_values("Prediction score")})
+
+    saved = ui.prelabel_with(pid, f"{version} (")
+    assert saved.status == 200 and saved.json()["model_version"] == version, saved.text()[:500]
+    ui.data_manager(pid)
+    ui.page.wait_for_function("() => document.querySelectorAll('[data-testid=table-row]').length > 0")
+    column = _wait_for("the Prediction score column", lambda: all(ui.column_values("Prediction score") or [""])
+                       and ui.column_values("Prediction score"), timeout_s=30)
+    by_task = dict(zip(ui.column_values("ID"), column))
+    figures.set("data_manager_scores_with_prediction_version", by_task)
+    scores = {name: float(by_task[str(task)]) for name, task in ui_project["tasks"].items()}
+    assert all(0.0 <= s <= 1.0 for s in scores.values()), scores
+    worst_normal = max(scores[n] for n in browser_dataset.normal)
+    assert all(scores[d] > worst_normal for d in browser_dataset.defective), scores
     docs_screenshot(ui, "ui_data_manager_scores.png")
 
 

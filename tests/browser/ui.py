@@ -208,20 +208,42 @@ class LabelStudioUI:
             raise AssertionError(f"Submit -> {answer.value.status}: {answer.value.text()[:500]}")
         return answer.value.json()
 
+    def prelabel_with(self, project: int, option_start: str) -> Response:
+        """Settings > Annotation > Prelabeling: "Use predictions to prelabel tasks" on and the option of the
+        model-version list that starts with `option_start` (a prediction version "<version> (N predictions)"
+        or a connected model "<title> (Connected)"); Save. Returns Label Studio's answer (PATCH project)."""
+        self.page.goto(f"{self.url}/projects/{project}/settings/annotation")
+        toggle = self.page.locator("input[name=show_collab_predictions]")
+        toggle.wait_for(state="attached")
+        if not toggle.is_checked():
+            self.page.get_by_text("Use predictions to prelabel tasks", exact=True).click()
+        # The list shows its current value (or a placeholder) over a hidden <select name=model_version>.
+        self.page.wait_for_function("() => { const s = document.querySelector('select[name=model_version]');"
+                                    " return s && !s.disabled; }")
+        self.page.get_by_text(re.compile(r"^(Please select model or predictions|.+ \((Connected|Disconnected|"
+                                         r"Error|Training|Predicting)\)|.+ \(\d+ predictions\))$")).first.click()
+        self.page.get_by_text(re.compile("^" + re.escape(option_start))).last.click()
+        with self.page.expect_response(lambda r: f"/api/projects/{project}" in r.url and
+                                       r.request.method == "PATCH") as answer:
+            self.page.get_by_role("button", name="Save annotation settings").click()
+        return answer.value
+
     # -- the Data Manager ------------------------------------------------------------------------------------
     def data_manager(self, project: int) -> None:
         self.page.goto(f"{self.url}/projects/{project}/data")
         self.page.get_by_role("button", name="Tasks Actions").wait_for(timeout=60_000)
 
     def show_column(self, name: str) -> None:
-        """Columns > tick `name` (once; the choice is kept in the Data Manager tab)."""
-        self.page.get_by_role("button", name="Columns").click()
-        box = self.page.get_by_text(name, exact=True)
-        box.scroll_into_view_if_needed()
-        if not self.page.get_by_role("columnheader", name=name).count() and \
-                not self.page.locator("[class*=header]").get_by_text(name, exact=True).count():
-            box.click()
-        self.page.keyboard.press("Escape")
+        """Columns > tick `name` (the choice is kept in the Data Manager tab), then close the list."""
+        if self.column_values(name) is not None:
+            return
+        columns = self.page.get_by_role("button", name="Columns")
+        columns.click()
+        self.page.get_by_text(name, exact=True).click()
+        columns.click()
+        self.page.wait_for_function(
+            "(name) => [...document.querySelectorAll('[class*=table-head] *')].some(e => e.children.length <= 2 "
+            "&& e.innerText && e.innerText.trim() === name)", arg=name)
 
     def retrieve_predictions(self, timeout_s: float = 300.0) -> Response:
         """Select all tasks, Actions > Retrieve Predictions > OK; returns Label Studio's answer once every
@@ -234,13 +256,17 @@ class LabelStudioUI:
             self.page.get_by_text("OK", exact=True).click()
         return answer.value
 
-    def column_values(self, name: str) -> list[str]:
-        """The texts of a Data Manager column, top to bottom (the table is a grid of divs)."""
+    def column_values(self, name: str) -> list[str] | None:
+        """The texts of a Data Manager column, top to bottom, read by position: the row cells that lie under
+        the header cell named `name` (None when there is no such column)."""
         return self.page.evaluate(
-            """(name) => { const heads = [...document.querySelectorAll('[class*=table] [class*=head] [class*=cell]'
-                 + ', [class*=table] [class*=header] [class*=cell]')];
-               const head = heads.find(h => h.innerText.trim() === name); if (!head) return null;
-               const row = head.parentElement, col = [...row.children].indexOf(head);
-               const body = [...document.querySelectorAll('[class*=table] [class*=row]')].filter(r => r !== row
-                 && r.children.length === row.children.length);
-               return body.map(r => r.children[col].innerText.trim()); }""", name)
+            """(name) => {
+                 const head = [...document.querySelectorAll('[class*=table-head] *')]
+                   .find(e => e.children.length <= 2 && e.innerText && e.innerText.trim() === name);
+                 if (!head) return null;
+                 const h = head.getBoundingClientRect(), mid = (h.left + h.right) / 2;
+                 return [...document.querySelectorAll('[data-testid=table-row]')].map(row => {
+                   const cell = [...row.querySelectorAll('[class*=__cell]')].find(c => {
+                     const r = c.getBoundingClientRect(); return r.left <= mid && mid <= r.right; });
+                   return cell ? cell.innerText.trim() : null; });
+               }""", name)
