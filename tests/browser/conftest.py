@@ -118,8 +118,9 @@ def servers(browser_root, browser_dataset, chromium_path) -> Servers:
 @pytest.fixture(scope="session")
 def ui_project(servers, browser_dataset) -> dict:
     """The project (label config of the README) with the images imported from local-files storage, made
-    through the API; returns {"id", "tasks": {file name: task id}}. Prelabeling from the live model is
-    switched off so that the regions of the annotation are the user's own (the test's API check reads them)."""
+    through the API; returns {"id", "tasks": {file name: task id}}. Prelabeling is off while the test
+    clicks (a click on a prelabeled region selects that region instead of adding a point; README
+    troubleshooting); test_retrieve_predictions_in_the_data_manager switches it on in the UI."""
     api = servers.api
     pid = api.create_project("ADClick in the browser")
     api.call("PATCH", f"/api/projects/{pid}", json={"show_collab_predictions": False})
@@ -149,7 +150,6 @@ def browser_page(servers, chromium_path):
         try:
             page = browser.new_context(viewport=VIEWPORT).new_page()
             page.set_default_timeout(30_000)
-            page.on("dialog", lambda dialog: dialog.accept())  # "leave the page?" when a draft is open
             ui = LabelStudioUI(page, servers.ls_url)
             ui.login(servers.username, servers.password)
             yield ui

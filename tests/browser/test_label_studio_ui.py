@@ -120,6 +120,7 @@ def test_edit_the_model_with_the_normal_images(browser_page, servers, ui_project
     figures.set("edit_form_extra_params_shown", form.locator("[name=extra_params]").input_value())
     typed = json.dumps({"normal_dir": str(browser_dataset.normal_dir), "seg_fit_steps": SEG_FIT_STEPS})
     form.locator("[name=extra_params]").fill(typed)
+    docs_screenshot(ui, "ui_edit_extra_params.png")
     answer = ui.save_ml_form(form)
     _run["connected_at"] = t0 = time.monotonic()
     assert answer.status == 200, f"Edit > Validate and Save -> {answer.status}: {answer.text()[:800]}"
@@ -175,10 +176,13 @@ def test_smart_clicks_alt_click_box_accept_and_submit(browser_page, servers, ui_
     stored = ui.submit()
 
     annotation = servers.api.call("GET", f"/api/annotations/{stored['id']}")
-    brush = [r for r in annotation["result"] if r["type"] == "brushlabels"]
-    assert len(brush) == 2, f"expected the click mask and the box mask, got {[r['type'] for r in annotation['result']]}"
-    assert all(r["value"]["brushlabels"] == [LABEL] for r in brush), [r["value"] for r in brush]
-    click_mask, box_mask = (decode_mask(r) for r in brush)
+    # The annotation also holds what prelabeling put there when the task opened; the accepted suggestions keep
+    # the ids the backend gave them.
+    brush = {r["id"].split("#")[0]: r for r in annotation["result"] if r["type"] == "brushlabels"}
+    ids = [negative.items[0]["id"], box.items[0]["id"]]
+    assert all(i in brush for i in ids), f"accepted suggestions {ids} not among the stored regions {list(brush)}"
+    assert all(brush[i]["value"]["brushlabels"] == [LABEL] for i in ids), [brush[i]["value"] for i in ids]
+    click_mask, box_mask = (decode_mask(brush[i]) for i in ids)
     figures.set("stored_click_mask", _overlap(click_mask, truth))
     figures.set("stored_box_mask", _overlap(box_mask, truth))
     figures.set("stored_union", _overlap(click_mask | box_mask, truth))
@@ -216,35 +220,34 @@ def test_click_to_suggestion_times(browser_page, ui_project, browser_dataset, fi
 
 def test_retrieve_predictions_in_the_data_manager(browser_page, servers, ui_project, browser_dataset, figures):
     """Data Manager: the Prediction score column, select all, Actions > Retrieve Predictions > OK; every task
-    gets a prediction from the backend. The column averages only predictions of the project's model version;
-    after picking the predictions' version under Settings > Annotation > Prelabeling it shows every task's
-    score, and the defective images score above the normal one."""
+    gets a prediction of the served version. Settings > Annotation > Prelabeling on with the connected model
+    (its card carries the served version's name: issue 12 item 7); the column then shows every task's score
+    (Label Studio averages only predictions of the project's model version) and the defective images score
+    above the normal one."""
     assert "ml" in _run, "needs test_connect_model_with_the_extra_params_box_empty"
     ui, pid = browser_page, ui_project["id"]
     ui.data_manager(pid)
     ui.show_column("Prediction score")
     answer = ui.retrieve_predictions()
     assert answer.status == 200, f"Retrieve Predictions -> {answer.status}: {answer.text()[:800]}"
-    versions = set()
+    served = _backend_json(servers, "/versions", project=str(pid))["model_version"]
     for name, task in ui_project["tasks"].items():
-        preds = _wait_for(f"a prediction of {name}", lambda t=task: servers.api.predictions(t), 120)
-        assert all(p["model_version"] for p in preds), preds
-        versions.update(p["model_version"] for p in preds)
-    assert len(versions) == 1, f"the retrieved predictions carry several versions: {versions}"
-    version = versions.pop()
+        preds = _wait_for(f"a prediction of {name}", lambda t=task: servers.api.predictions(t, served), 120)
+        assert len(preds) == 1, preds
     ui.data_manager(pid)
-    figures.set("data_manager_scores_as_connected", {
-        "project_model_version": servers.api.call("GET", f"/api/projects/{pid}")["model_version"],
-        "prediction_version": version, "column": ui.column_values("Prediction score")})
-
-    saved = ui.prelabel_with(pid, f"{version} (")
-    assert saved.status == 200 and saved.json()["model_version"] == version, saved.text()[:500]
+    figures.set("data_manager_scores_before_prelabeling", ui.column_values("Prediction score"))
+    # Settings > Annotation > Prelabeling: the connected model, whose card is named after the served version.
+    saved = ui.prelabel_with(pid, f"{served} (")
+    assert saved.status == 200 and saved.json()["model_version"] == served, saved.text()[:500]
     ui.data_manager(pid)
     ui.page.wait_for_function("() => document.querySelectorAll('[data-testid=table-row]').length > 0")
-    column = _wait_for("the Prediction score column", lambda: all(ui.column_values("Prediction score") or [""])
-                       and ui.column_values("Prediction score"), timeout_s=30)
+    project_version = servers.api.call("GET", f"/api/projects/{pid}")["model_version"]
+    figures.set("data_manager_versions", {"project": project_version, "served": served})
+    column = ui.column_values("Prediction score")
     by_task = dict(zip(ui.column_values("ID"), column))
-    figures.set("data_manager_scores_with_prediction_version", by_task)
+    figures.set("data_manager_prediction_scores", by_task)
+    assert all(column), f"the Prediction score column is empty for some tasks: {by_task} (the project's model " \
+        f"version is {project_version!r}, the predictions carry {served!r})"
     scores = {name: float(by_task[str(task)]) for name, task in ui_project["tasks"].items()}
     assert all(0.0 <= s <= 1.0 for s in scores.values()), scores
     worst_normal = max(scores[n] for n in browser_dataset.normal)
@@ -280,6 +283,9 @@ def test_start_training_from_the_model_card(browser_page, servers, ui_project, b
     listed = servers.api.versions(_run["ml"])
     assert version in json.dumps(listed), f"Label Studio's /versions of the model does not list {version}: {listed}"
     ui.model_settings(ui_project["id"])
-    card = ui.page.locator("[class*=backend-card]").first.inner_text()
-    figures.set("model_card_text", card)
+    card = ui.page.locator("[class*=backend-card]").first
+    card.get_by_text(version, exact=True).wait_for(timeout=60_000)  # the card is named after the version
+    project_version = servers.api.call("GET", f"/api/projects/{ui_project['id']}")["model_version"]
+    assert project_version == version, f"the project's model version stayed {project_version!r}, not {version!r}"
+    figures.set("model_card_text", card.inner_text())
     figures.set("new_version", version)

@@ -47,6 +47,8 @@ class LabelStudioUI:
     def __init__(self, page: Page, url: str):
         self.page = page
         self.url = url.rstrip("/")
+        # Confirmations the journey answers with OK: "delete all regions?", "leave the page?" with a draft open.
+        page.on("dialog", lambda dialog: dialog.accept())
 
     # -- pages -----------------------------------------------------------------------------------------------
     def login(self, email: str, password: str) -> None:
@@ -114,10 +116,18 @@ class LabelStudioUI:
     def open_task(self, project: int, task: int) -> None:
         self.page.goto(f"{self.url}/projects/{project}/data?task={task}")
         self.page.locator(".konvajs-content").wait_for(timeout=60_000)
-        self.page.wait_for_function("() => { const a = window.Htx && window.Htx.annotationStore && "
-                                    "window.Htx.annotationStore.selected; const o = a && a.objects.find("
-                                    "t => t.type === 'image'); return !!(o && o.naturalWidth && o.stageWidth); }",
+        # The editor of the task asked for (after a Submit the old task's editor may still be up for a moment).
+        self.page.wait_for_function("(task) => { const s = window.Htx, a = s && s.annotationStore && "
+                                    "s.annotationStore.selected; const o = a && s.task && s.task.id === task && "
+                                    "a.objects.find(t => t.type === 'image'); "
+                                    "return !!(o && o.naturalWidth && o.stageWidth); }", arg=task,
                                     timeout=60_000)
+        # Prelabeling fills the new annotation a moment later (it may first ask the backend for a prediction):
+        # wait until the regions stay the same for a second.
+        self.page.wait_for_function(
+            """() => { const n = window.Htx.annotationStore.selected.regions.length, now = Date.now();
+                 if (window.__adclickRegions !== n) { window.__adclickRegions = n; window.__adclickSince = now; }
+                 return now - window.__adclickSince > 1000; }""", polling=100, timeout=120_000)
 
     def state(self) -> dict:
         return self.page.evaluate(_STATE_JS)
@@ -210,8 +220,8 @@ class LabelStudioUI:
 
     def prelabel_with(self, project: int, option_start: str) -> Response:
         """Settings > Annotation > Prelabeling: "Use predictions to prelabel tasks" on and the option of the
-        model-version list that starts with `option_start` (a prediction version "<version> (N predictions)"
-        or a connected model "<title> (Connected)"); Save. Returns Label Studio's answer (PATCH project)."""
+        model-version list that starts with `option_start` (a connected model "<card title> (Connected)" or a
+        prediction version "<version> (N predictions)"); Save. Returns Label Studio's answer (PATCH project)."""
         self.page.goto(f"{self.url}/projects/{project}/settings/annotation")
         toggle = self.page.locator("input[name=show_collab_predictions]")
         toggle.wait_for(state="attached")
