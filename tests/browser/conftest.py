@@ -39,7 +39,8 @@ def ensure_chromium() -> Path:
     for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
         if done.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                        f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
     if not CHROMIUM.exists():
         pytest.fail(f"apt-get installed chromium but {CHROMIUM} is still missing")
     return CHROMIUM
@@ -83,7 +84,8 @@ def browser_dataset(browser_root) -> Dataset:
 
 @pytest.fixture(scope="session")
 def chromium_path() -> Path:
-    pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras: pip install -e '.[test]'")
+    pytest.importorskip("playwright.sync_api",
+                        reason="playwright is in the test extras: pip install -e '.[test]'")
     return ensure_chromium()
 
 

@@ -5,7 +5,8 @@ spills, a smart rectangle, accept and submit, Retrieve Predictions in the Data M
 the model card and the new version. The project and its images are made through the API.
 
 Tests run in file order and share one page and one project; each states what it needs from the earlier
-ones. What the user waits for is written to <tmp>/browser-figures.json and printed (reported, not asserted)."""
+ones. What the user waits for is written to <tmp>/browser-figures.json and printed (reported, not
+asserted)."""
 from __future__ import annotations
 
 import json
@@ -31,7 +32,8 @@ SEG_FIT_STEPS = 40
 # Click positions inside the painted defect (x, y image pixels) for the timing clicks on the other tasks.
 TIMING_CLICKS = [(205.0, 92.0), (224.0, 102.0), (196.0, 84.0), (230.0, 90.0)]
 # A smart rectangle around the defect (its half-axes are 30 x 20 px around (212, 96)) with a small margin.
-BOX = (DEFECT.cx - DEFECT.rx - 6, DEFECT.cy - DEFECT.ry - 6, DEFECT.cx + DEFECT.rx + 6, DEFECT.cy + DEFECT.ry + 6)
+BOX = (DEFECT.cx - DEFECT.rx - 6, DEFECT.cy - DEFECT.ry - 6,
+       DEFECT.cx + DEFECT.rx + 6, DEFECT.cy + DEFECT.ry + 6)
 
 _run: dict = {}  # what a test leaves for the next ones (the page and the project are shared too)
 
@@ -134,7 +136,8 @@ def test_smart_clicks_alt_click_box_accept_and_submit(browser_page, servers, ui_
                                                       figures):
     """Right after connecting: open a defect task, Auto-Annotation on, the smart keypoint tool and label,
     click on the defect (the first click after connecting is timed and its mask reported); once the bank
-    holds every normal image, click again, Alt-click where the mask spills, accept; a smart rectangle around the defect, accept; verdict Anomalous; Submit. Then, through the
+    holds every normal image, click again, Alt-click where the mask spills, accept; a smart rectangle
+    around the defect, accept; verdict Anomalous; Submit. Then, through the
     API, the stored brush masks overlap the defect and the click mask leaves the negative click out."""
     assert "connected_at" in _run, "needs test_edit_the_model_with_the_normal_images"
     ui, truth = browser_page, browser_dataset.mask
@@ -155,7 +158,7 @@ def test_smart_clicks_alt_click_box_accept_and_submit(browser_page, servers, ui_
     figures.set("first_click_mask", _overlap(decode_mask(first.items[0]), truth))
     # The rest of the journey runs with the whole bank, as the timing target says ("with the bank ready").
     _run["bank_timer"].join(timeout=600)
-    assert figures.values.get("bank_build_after_connect_s") is not None, "the reference bank was never complete"
+    assert figures.values.get("bank_build_after_connect_s") is not None, "the bank was never complete"
 
     second = ui.smart_click(*POSITIVE_CLICKS[1], LABEL)
     figures.set("suggestion_after_positive_clicks", _overlap(decode_mask(second.items[0]), truth))
@@ -176,11 +179,11 @@ def test_smart_clicks_alt_click_box_accept_and_submit(browser_page, servers, ui_
     stored = ui.submit()
 
     annotation = servers.api.call("GET", f"/api/annotations/{stored['id']}")
-    # The annotation also holds what prelabeling put there when the task opened; the accepted suggestions keep
-    # the ids the backend gave them.
+    # The accepted suggestions keep the ids the backend gave them (with prelabeling on, the annotation would
+    # hold the prelabeled regions too).
     brush = {r["id"].split("#")[0]: r for r in annotation["result"] if r["type"] == "brushlabels"}
     ids = [negative.items[0]["id"], box.items[0]["id"]]
-    assert all(i in brush for i in ids), f"accepted suggestions {ids} not among the stored regions {list(brush)}"
+    assert all(i in brush for i in ids), f"accepted suggestions {ids} not among the stored {list(brush)}"
     assert all(brush[i]["value"]["brushlabels"] == [LABEL] for i in ids), [brush[i]["value"] for i in ids]
     click_mask, box_mask = (decode_mask(brush[i]) for i in ids)
     figures.set("stored_click_mask", _overlap(click_mask, truth))
@@ -218,7 +221,8 @@ def test_click_to_suggestion_times(browser_page, ui_project, browser_dataset, fi
                                            "p90": ms[int(0.9 * (len(ms) - 1))], "max": ms[-1], "all": ms})
 
 
-def test_retrieve_predictions_in_the_data_manager(browser_page, servers, ui_project, browser_dataset, figures):
+def test_retrieve_predictions_in_the_data_manager(browser_page, servers, ui_project, browser_dataset,
+                                                  figures):
     """Data Manager: the Prediction score column, select all, Actions > Retrieve Predictions > OK; every task
     gets a prediction of the served version. Settings > Annotation > Prelabeling on with the connected model
     (its card carries the served version's name: issue 12 item 7); the column then shows every task's score
@@ -246,8 +250,8 @@ def test_retrieve_predictions_in_the_data_manager(browser_page, servers, ui_proj
     column = ui.column_values("Prediction score")
     by_task = dict(zip(ui.column_values("ID"), column))
     figures.set("data_manager_prediction_scores", by_task)
-    assert all(column), f"the Prediction score column is empty for some tasks: {by_task} (the project's model " \
-        f"version is {project_version!r}, the predictions carry {served!r})"
+    assert all(column), f"the Prediction score column is empty for some tasks: {by_task} (the project's " \
+        f"model version is {project_version!r}, the predictions carry {served!r})"
     scores = {name: float(by_task[str(task)]) for name, task in ui_project["tasks"].items()}
     assert all(0.0 <= s <= 1.0 for s in scores.values()), scores
     worst_normal = max(scores[n] for n in browser_dataset.normal)
@@ -259,7 +263,7 @@ def test_start_training_from_the_model_card(browser_page, servers, ui_project, b
     """An OK verdict on the normal image (submitted in the editor), then the card menu's Start Training: the
     dialog shows Label Studio's "Response: {}"; the backend trains on the submitted masks and publishes a new
     version, which Label Studio lists under the model's versions."""
-    assert "clicks_s" in _run, "needs the submitted annotation of test_smart_clicks_alt_click_box_accept_and_submit"
+    assert "clicks_s" in _run, "needs test_smart_clicks_alt_click_box_accept_and_submit (its annotation)"
     ui = browser_page
     ui.open_task(ui_project["id"], ui_project["tasks"][browser_dataset.normal[0]])
     ui.choose("OK")
@@ -281,11 +285,11 @@ def test_start_training_from_the_model_card(browser_page, servers, ui_project, b
     assert version != before and version == job["model_version"], (before, version, job)
     assert version.startswith("adclick-seg-v"), f"the submitted masks did not train ADClick-Seg: {job}"
     listed = servers.api.versions(_run["ml"])
-    assert version in json.dumps(listed), f"Label Studio's /versions of the model does not list {version}: {listed}"
+    assert version in json.dumps(listed), f"Label Studio's /versions of the model lacks {version}: {listed}"
     ui.model_settings(ui_project["id"])
     card = ui.page.locator("[class*=backend-card]").first
     card.get_by_text(version, exact=True).wait_for(timeout=60_000)  # the card is named after the version
     project_version = servers.api.call("GET", f"/api/projects/{ui_project['id']}")["model_version"]
-    assert project_version == version, f"the project's model version stayed {project_version!r}, not {version!r}"
+    assert project_version == version, f"the project's model version is {project_version!r}, not {version!r}"
     figures.set("model_card_text", card.inner_text())
     figures.set("new_version", version)

@@ -47,7 +47,7 @@ class LabelStudioUI:
     def __init__(self, page: Page, url: str):
         self.page = page
         self.url = url.rstrip("/")
-        # Confirmations the journey answers with OK: "delete all regions?", "leave the page?" with a draft open.
+        # Confirmations are answered with OK (e.g. "leave the page?" with a draft open).
         page.on("dialog", lambda dialog: dialog.accept())
 
     # -- pages -----------------------------------------------------------------------------------------------
@@ -116,9 +116,10 @@ class LabelStudioUI:
     def open_task(self, project: int, task: int) -> None:
         self.page.goto(f"{self.url}/projects/{project}/data?task={task}")
         self.page.locator(".konvajs-content").wait_for(timeout=60_000)
-        # The editor of the task asked for (after a Submit the old task's editor may still be up for a moment).
+        # The editor of the task asked for (after a Submit the old task's editor may be up for a moment).
         self.page.wait_for_function("(task) => { const s = window.Htx, a = s && s.annotationStore && "
-                                    "s.annotationStore.selected; const o = a && s.task && s.task.id === task && "
+                                    "s.annotationStore.selected; "
+                                    "const o = a && s.task && s.task.id === task && "
                                     "a.objects.find(t => t.type === 'image'); "
                                     "return !!(o && o.naturalWidth && o.stageWidth); }", arg=task,
                                     timeout=60_000)
@@ -126,7 +127,8 @@ class LabelStudioUI:
         # wait until the regions stay the same for a second.
         self.page.wait_for_function(
             """() => { const n = window.Htx.annotationStore.selected.regions.length, now = Date.now();
-                 if (window.__adclickRegions !== n) { window.__adclickRegions = n; window.__adclickSince = now; }
+                 if (window.__adclickRegions !== n) {
+                   window.__adclickRegions = n; window.__adclickSince = now; }
                  return now - window.__adclickSince > 1000; }""", polling=100, timeout=120_000)
 
     def state(self) -> dict:
@@ -221,7 +223,8 @@ class LabelStudioUI:
     def prelabel_with(self, project: int, option_start: str) -> Response:
         """Settings > Annotation > Prelabeling: "Use predictions to prelabel tasks" on and the option of the
         model-version list that starts with `option_start` (a connected model "<card title> (Connected)" or a
-        prediction version "<version> (N predictions)"); Save. Returns Label Studio's answer (PATCH project)."""
+        prediction version "<version> (N predictions)"); Save. Returns Label Studio's answer (PATCH
+        project)."""
         self.page.goto(f"{self.url}/projects/{project}/settings/annotation")
         toggle = self.page.locator("input[name=show_collab_predictions]")
         toggle.wait_for(state="attached")
@@ -230,8 +233,9 @@ class LabelStudioUI:
         # The list shows its current value (or a placeholder) over a hidden <select name=model_version>.
         self.page.wait_for_function("() => { const s = document.querySelector('select[name=model_version]');"
                                     " return s && !s.disabled; }")
-        self.page.get_by_text(re.compile(r"^(Please select model or predictions|.+ \((Connected|Disconnected|"
-                                         r"Error|Training|Predicting)\)|.+ \(\d+ predictions\))$")).first.click()
+        current = re.compile(r"^(Please select model or predictions|.+ \((Connected|Disconnected|"
+                             r"Error|Training|Predicting)\)|.+ \(\d+ predictions\))$")
+        self.page.get_by_text(current).first.click()
         self.page.get_by_text(re.compile("^" + re.escape(option_start))).last.click()
         with self.page.expect_response(lambda r: f"/api/projects/{project}" in r.url and
                                        r.request.method == "PATCH") as answer:
@@ -252,8 +256,8 @@ class LabelStudioUI:
         self.page.get_by_text(name, exact=True).click()
         columns.click()
         self.page.wait_for_function(
-            "(name) => [...document.querySelectorAll('[class*=table-head] *')].some(e => e.children.length <= 2 "
-            "&& e.innerText && e.innerText.trim() === name)", arg=name)
+            "(name) => [...document.querySelectorAll('[class*=table-head] *')]"
+            ".some(e => e.children.length <= 2 && e.innerText && e.innerText.trim() === name)", arg=name)
 
     def retrieve_predictions(self, timeout_s: float = 300.0) -> Response:
         """Select all tasks, Actions > Retrieve Predictions > OK; returns Label Studio's answer once every
