@@ -251,34 +251,42 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
     return rows
 
 
-def cmd_clicks(args) -> dict:
+def _run_predictors(args, title: str, rows_of: Callable[[Predictor, list[TestItem]], list[dict]],
+                    summarize: Callable[[list[dict]], dict], keys) -> tuple[list[str], dict, dict]:
+    """Every predictor of --predictor (and GrabCut unless --no-grabcut) on the defective test images of
+    --split, one bank for all: (names, {name: {"overall", "per_defect"}}, config)."""
     data = load_mvtec(args.dataset, include_validation=not args.no_validation)
     items = split_items([t for t in limit_per_defect(data.test, args.limit) if t.is_anomalous], args.split)
     names = [n for n in args.predictor.split(",") if n]
     if not args.no_grabcut and "grabcut" not in names:
         names.append("grabcut")
-    builders = {n: get_builder(n) for n in names}
+    builders = {n: get_builder(n) for n in names}  # an unknown name fails before the bank is built
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-bank-")
     try:
         engine = make_engine(args, args.match.split(",")[0], cache_dir)
         bank, stats = build_bank(engine, select_refs(data, args.refs.split(",")[0], args.seed))
         results = {}
         for name, builder in builders.items():
-            rows = run_clicks_once(builder(engine, bank, args), items, args)
-            summarize = lambda rs: _click_summary(rs, args.max_clicks)  # noqa: E731
-            results[name] = {"overall": summarize(rows), "per_defect": per_defect(rows, lambda r: r["defect"],
-                                                                                 summarize)}
-            _show(f"clicks {name}", results[name], CLICK_KEYS)
+            rows = rows_of(builder(engine, bank, args), items)
+            results[name] = {"overall": summarize(rows),
+                             "per_defect": per_defect(rows, lambda r: r["defect"], summarize)}
+            _show(f"{title} {name}", results[name], keys)
         stats["peak_rss_mb"] = peak_rss_mb()
-        config = {"dataset": str(args.dataset), "predictors": names, "max_clicks": args.max_clicks,
-                  "prompt": args.prompt,
-                  "thr": args.thr, "limit": args.limit, "split": args.split, "refine_opt": args.refine_opt,
-                  "refs": args.refs.split(",")[0],
+        config = {"dataset": str(args.dataset), "predictors": names, "limit": args.limit, "split": args.split,
+                  "refine_opt": args.refine_opt, "refs": args.refs.split(",")[0],
                   "threads": torch.get_num_threads(), **_engine_config(engine), **stats}
         print_config(config, BANK_KEYS)
     finally:
         if not args.cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
+    return names, results, config
+
+
+def cmd_clicks(args) -> dict:
+    names, results, config = _run_predictors(
+        args, "clicks", lambda predictor, items: run_clicks_once(predictor, items, args),
+        lambda rs: _click_summary(rs, args.max_clicks), CLICK_KEYS)
+    config.update(max_clicks=args.max_clicks, prompt=args.prompt, thr=args.thr)
     main = results[names[0]]
     others = {n: r for n, r in results.items() if n not in (names[0], "grabcut")}
     report = {"overall": main["overall"], "per_defect": main["per_defect"], "config": config,
@@ -309,45 +317,31 @@ def _box_summary(rows: list[dict]) -> dict:
 BOX_KEYS = ("miou", "recall", "precision", "box_ms_p50", "n_images")
 
 
+def run_boxes_once(predictor: Predictor, items: list[TestItem], pad: float) -> list[dict]:
+    rows = []
+    for item in items:
+        image = load_rgb(item.path)
+        gt = load_mask(item, image.shape[:2])
+        if not gt.any():
+            continue
+        state = predictor.set_image(image)
+        start = time.perf_counter()
+        mask = np.asarray(predictor.predict(state, [], gt_box(gt, pad)).mask, dtype=bool)
+        ms = (time.perf_counter() - start) * 1000.0
+        inter = float((mask & gt).sum())
+        rows.append({"defect": item.defect, "iou": metrics.iou(mask, gt), "recall": inter / gt.sum(),
+                     "precision": inter / mask.sum() if mask.any() else 0.0, "ms": ms})
+        logger.info("box %s %s: IoU %.3f", getattr(predictor, "name", "?"), item.path.name, rows[-1]["iou"])
+    return rows
+
+
 def cmd_boxes(args) -> dict:
     """The smart rectangle alone: one box around each defect (every part of its mask), no click; IoU, recall
     and precision of the mask each predictor answers (GrabCut from the same rectangle in the same run)."""
-    data = load_mvtec(args.dataset, include_validation=not args.no_validation)
-    items = split_items([t for t in limit_per_defect(data.test, args.limit) if t.is_anomalous], args.split)
-    names = [n for n in args.predictor.split(",") if n]
-    if not args.no_grabcut and "grabcut" not in names:
-        names.append("grabcut")
-    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-bank-")
-    try:
-        engine = make_engine(args, args.match.split(",")[0], cache_dir)
-        bank, stats = build_bank(engine, select_refs(data, args.refs.split(",")[0], args.seed))
-        results = {}
-        for name in names:
-            predictor = get_builder(name)(engine, bank, args)
-            rows = []
-            for item in items:
-                image = load_rgb(item.path)
-                gt = load_mask(item, image.shape[:2])
-                if not gt.any():
-                    continue
-                state = predictor.set_image(image)
-                start = time.perf_counter()
-                mask = np.asarray(predictor.predict(state, [], gt_box(gt, args.box_pad)).mask, dtype=bool)
-                ms = (time.perf_counter() - start) * 1000.0
-                inter = float((mask & gt).sum())
-                rows.append({"defect": item.defect, "iou": metrics.iou(mask, gt), "recall": inter / gt.sum(),
-                             "precision": inter / mask.sum() if mask.any() else 0.0, "ms": ms})
-                logger.info("box %s %s: IoU %.3f", name, item.path.name, rows[-1]["iou"])
-            results[name] = {"overall": _box_summary(rows),
-                             "per_defect": per_defect(rows, lambda r: r["defect"], _box_summary)}
-            _show(f"boxes {name}", results[name], BOX_KEYS)
-        config = {"dataset": str(args.dataset), "predictors": names, "box_pad": args.box_pad,
-                  "split": args.split, "limit": args.limit, "refs": args.refs.split(",")[0],
-                  "threads": torch.get_num_threads(), **_engine_config(engine), **stats}
-        print_config(config, BANK_KEYS)
-    finally:
-        if not args.cache_dir:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+    names, results, config = _run_predictors(
+        args, "boxes", lambda predictor, items: run_boxes_once(predictor, items, args.box_pad), _box_summary,
+        BOX_KEYS)
+    config["box_pad"] = args.box_pad
     main = results[names[0]]
     return {"overall": main["overall"], "per_defect": main["per_defect"], "config": config,
             "others": {n: r for n, r in results.items() if n != names[0]}}
