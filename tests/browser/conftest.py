@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.debian import ensure_package
 
 from tests.e2e import processes
 from tests.e2e.ls_api import LabelStudioAPI
@@ -26,24 +26,8 @@ UPDATE_SCREENSHOTS = os.environ.get("ADCLICK_UPDATE_SCREENSHOTS", "").strip() ==
 
 
 def ensure_chromium() -> Path:
-    """Debian's chromium package (Playwright's own browser download is not used): installed with apt-get
-    when missing and the test runs as root; otherwise the test is skipped with the reason."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"{CHROMIUM} is missing and there is no apt-get to install Debian's chromium package")
-    if os.geteuid() != 0:
-        pytest.skip(f"{CHROMIUM} is missing; install it with `sudo apt-get install -y chromium` (the test "
-                    "installs it itself only when it runs as root)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
-        if done.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n"
-                        f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    if not CHROMIUM.exists():
-        pytest.fail(f"apt-get installed chromium but {CHROMIUM} is still missing")
-    return CHROMIUM
+    """Debian's chromium package (Playwright's own browser download is not used)."""
+    return ensure_package(CHROMIUM, "chromium")
 
 
 @dataclass
