@@ -100,12 +100,13 @@ def _residual_state(state: Any) -> Any:
     return state if inner is not None else getattr(state, "residual_state", None)
 
 
-def _detect(service: ModelService, project: str, state: Any, cfg: LabelConfig) -> tuple[AnomalyResult, str]:
+def _detect(service: ModelService, project: str, model: Any, state: Any, cfg: LabelConfig
+            ) -> tuple[AnomalyResult, str]:
+    """`model` is the one the state was computed with (a growing bank may have been swapped since)."""
     detector = service.detector(project)
     residual = _residual_state(state)
     if detector is not None and residual is not None:
         return detector.detect(residual, list(cfg.brush_labels)), detector.version
-    model = service.model_for(project)
     return model.predictor.detect(state, list(cfg.brush_labels)), service.project_version(project)
 
 
@@ -149,8 +150,8 @@ def anomaly_regions(result: AnomalyResult, cfg: LabelConfig, shape: tuple[int, i
 
 def predict_batch_one(service: ModelService, project: str, task: Any, cfg: LabelConfig) -> dict:
     ref, task_id = _task_image_ref(task, cfg)
-    _, cached = service.image_state(project, ref, task_id)
-    result, version = _detect(service, project, cached.state, cfg)
+    model, cached = service.image_state(project, ref, task_id)
+    result, version = _detect(service, project, model, cached.state, cfg)
     regions = anomaly_regions(result, cfg, (cached.height, cached.width))
     if cfg.choices_name:
         verdict = cfg.anomalous_choice if regions else cfg.ok_choice

@@ -55,16 +55,20 @@ def parse_project(raw: object) -> str:
     return match.group(1)
 
 
+def spread(files: list, limit: int) -> list:
+    """At most `limit` items of the list, spread evenly over it (the list itself when it is short enough)."""
+    if len(files) > limit > 0:
+        step = len(files) / limit
+        files = [files[int(i * step)] for i in range(limit)]
+    return files
+
+
 def list_images(folder: Path, limit: int) -> list[Path]:
     """Image files under `folder`, recursively, sorted; at most `limit`, spread evenly over the list."""
     if not folder.is_dir():
         logger.warning("reference folder %s does not exist", folder)
         return []
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if len(files) > limit > 0:
-        step = len(files) / limit
-        files = [files[int(i * step)] for i in range(limit)]
-    return files
+    return spread(sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), limit)
 
 
 class ProjectStore:
@@ -140,9 +144,15 @@ class ProjectStore:
         return out + [self.references_dir(project)]
 
     def reference_images(self, project: str, limit: int) -> list[Path]:
-        images: list[Path] = []
+        """At most `limit` reference images. The OK-verdict images the fits collected (references/) always join:
+        the folders (ADCLICK_NORMAL_DIR, extra_params.normal_dir) fill the room they leave, spread evenly over
+        their files, instead of taking all of it first (issue 15 D9)."""
+        own_dir = self.references_dir(project)
+        own = list_images(own_dir, limit) if own_dir.exists() else []
+        others: list[Path] = []
         for folder in self.reference_folders(project):
-            if folder == self.references_dir(project) and not folder.exists():
-                continue
-            images += list_images(folder, limit)
-        return list(dict.fromkeys(images))[: max(limit, 0) or None]
+            if folder != own_dir:
+                others += list_images(folder, limit)
+        others = [p for p in dict.fromkeys(others) if p not in set(own)]
+        room = limit - len(own)
+        return (spread(others, room) if room > 0 else []) + own

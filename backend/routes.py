@@ -103,6 +103,7 @@ def health():
         model_class=MODEL_CLASS,
         model=_model_info(svc),
         reference_images=svc.reference_counts(),
+        reference_banks=svc.bank_report(),
         training={
             "active": [p for p, s in jobs.items() if s["status"] == "running"],
             "queued": [p for p, s in jobs.items() if s["status"] == "queued"],

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from backend.cache import ByteLRU
-from backend.errors import NotReady
+from backend.banks import BankLRU, bank_nbytes, bank_stages, reference_set_key, screen_references, spread_order
+from backend.errors import BackendError, NotReady
 from backend.images import ImageLoader
 from backend.jobs import JobManager
 from backend.locks import ProjectLock
@@ -125,13 +126,42 @@ class CachedImage:
         return int(getattr(self.state, "nbytes", 0)) + self.history.max_nbytes((self.height, self.width)) + 64
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProjectModel:
-    signature: tuple
+    """One reference bank and the predictor over it. Immutable: a growing bank is a sequence of these, each
+    swapped in whole, so a request holds one consistent (bank, predictor) for all its work and the per-image
+    cache, keyed by the bank's key, never mixes banks (the next click after a swap recomputes)."""
+
+    signature: str  # key of the reference set (backend.banks.reference_set_key); projects with one set share it
     bank: Any
     predictor: Predictor
     n_references: int
+    target: int = 0  # references the complete bank will hold
+    complete: bool = True  # False while the bank still grows in the background
 
+
+class BankBuildFailed(BackendError):
+    """Building a reference bank failed: the server's own fault (its folders, memory, model)."""
+
+    status = 500
+
+
+class _BankBuild:
+    """A reference set's bank being built: `first` is set once a first (small) bank is usable or the build
+    failed; `latest` is the last bank published."""
+
+    def __init__(self, key: str, target: int):
+        self.key = key
+        self.target = target
+        self.first = threading.Event()
+        self.running = True
+        self.error: Optional[Exception] = None
+        self.failed_at = 0.0
+        self.latest: Optional[ProjectModel] = None
+        self.started = time.monotonic()
+
+
+BANK_RETRY_S = 10.0  # a failed bank build is retried by the first request this long after the failure
 
 class ModelService:
     def __init__(
@@ -163,11 +193,14 @@ class ModelService:
         self._engine: Any = None
         self._choice: Optional[PredictorChoice] = None
         self._project_locks: dict[str, threading.Lock] = {}
-        self._models: dict[str, ProjectModel] = {}
-        self._builds: dict[str, tuple[tuple, threading.Event]] = {}
+        self.banks = BankLRU(settings.bank_cache_bytes)  # reference-set key -> ProjectModel, shared by projects
+        self._builds: dict[str, _BankBuild] = {}  # reference-set key -> its build (running, or failed lately)
+        self._serving: dict[str, str] = {}  # project -> key of the bank it was last served
+        self._wanted: dict[str, str] = {}  # project -> key of the bank its reference images give now
+        self._refsets: dict[tuple, tuple[str, list[Path]]] = {}
+        self._foreground = 0  # per-image computations of requests in progress (bank growth yields to them)
         self._warmed_pid: Optional[int] = None
         self._env_refs: Optional[int] = None
-        self._build_errors: dict[str, Exception] = {}
         self._compute = threading.BoundedSemaphore(max(1, settings.compute_concurrency))
         self._detectors: dict[tuple[str, str], Any] = {}
         self.loaded_at: Optional[float] = None
@@ -236,83 +269,166 @@ class ModelService:
             folder = self.settings.normal_dir
             limit = self.settings.max_reference_images
             self._env_refs = len(list_images(Path(folder), limit)) if folder else 0
-        with self._lock:
-            projects = {p: m.n_references for p, m in self._models.items()}
+        projects = {p: info["size"] for p, info in self.bank_report()["projects"].items() if info["loaded"]}
         return {"normal_dir": self._env_refs, "projects": projects}
 
+    def bank_report(self) -> dict:
+        """/health's reference banks: per project the bank it is served from (size now, target, whether it still
+        grows in the background, the reference-set key projects share it by) and the banks' memory."""
+        with self._lock:
+            wanted, serving = dict(self._wanted), dict(self._serving)
+            builds = {k: b for k, b in self._builds.items() if b.running}
+        projects = {}
+        for project, key in wanted.items():
+            build = builds.get(key)
+            # while its new set is not built, a project is served from its old bank
+            model = self.banks.peek(key) or self.banks.peek(serving.get(project, ""))
+            if model is None and build is None:
+                continue
+            projects[project] = {
+                "loaded": model is not None,
+                "size": model.n_references if model is not None else 0,
+                "target": build.target if build is not None else model.target,
+                "building": build is not None,
+                "key": key,
+            }
+        return {"projects": projects, "memory": self.banks.snapshot()}
+
     # -- per-project predictors ------------------------------------------------------------------------------
-    def _signature(self, project: str) -> tuple:
-        folder = self.projects.references_dir(project)
-        mtime = folder.stat().st_mtime if folder.exists() else 0.0
-        info = self.projects.references_info(project) or {}
-        return (
-            self.choice.version,
-            str(self.projects.reference_folders(project)),
-            mtime,
-            info.get("model_version"),
-        )
+    def _reference_set(self, project: str) -> tuple[str, list[Path]]:
+        """(key, images) of the project's reference set; listed again only when a folder's mtime changed."""
+        limit = self.settings.max_reference_images
+        folders = self.projects.reference_folders(project)
+        cheap = (self.choice.version, limit, tuple((str(f), _mtime_ns(f)) for f in folders))
+        with self._lock:
+            hit = self._refsets.get(cheap)
+        if hit is not None:
+            return hit
+        images = self.projects.reference_images(project, limit)
+        found = (reference_set_key(self.choice.version, images, limit), images)
+        with self._lock:
+            if len(self._refsets) > 256:
+                self._refsets.clear()
+            self._refsets[cheap] = found
+        return found
 
     def model_for(self, project: str, wait_s: Optional[float] = None) -> ProjectModel:
-        """The project's predictor over its reference bank, built in a background thread: a project with
-        an older model keeps using it until the new one is ready; a project without one waits up to
-        BANK_WAIT_S, then gets NotReady (503) naming the build, instead of a request that hangs."""
+        """The project's predictor over its reference bank. Banks are shared by projects with the same reference
+        set and built in a background thread, small first (ADCLICK_FIRST_REFERENCES spread over the folder,
+        ready in seconds), then grown and swapped in whole. A project with an older bank keeps it until the new
+        one is at least as large; a project with none waits up to BANK_WAIT_S for the first one, then gets
+        NotReady (503); once any bank is usable it is answered from it, never with a 503."""
         self._ensure_loaded()
-        signature = self._signature(project)
-        current = self._models.get(project)
-        if current is not None and current.signature == signature:
-            return current
-        done = self._start_build(project, signature)
-        if current is not None:
-            return current
-        if not done.wait(self.settings.bank_wait_s if wait_s is None else wait_s):
-            n = len(self.projects.reference_images(project, self.settings.max_reference_images))
+        key, images = self._reference_set(project)
+        with self._lock:
+            self._wanted[project] = key
+            previous_key = self._serving.get(project)
+        model = self.banks.get(key)
+        build = None if model is not None and model.complete else self._start_build(key, images)
+        previous = self.banks.peek(previous_key) if previous_key and previous_key != key else None
+        if model is None and build is not None:
+            model = build.latest
+        if model is not None and (previous is None or model.complete or model.n_references >= previous.n_references):
+            return self._serve(project, model)
+        if previous is not None:
+            return previous
+        assert build is not None
+        if build.error is None and not build.first.wait(self.settings.bank_wait_s if wait_s is None else wait_s):
             raise NotReady(
-                f"project {project}: the reference bank of {n} images is still being built; "
+                f"project {project}: the reference bank of {len(images)} images is still being built; "
                 "retry in a few seconds"
             )
-        with self._lock:
-            error = self._build_errors.pop(project, None)
-        if error is not None:
-            raise error
-        return self._models[project]
+        if build.latest is not None:
+            return self._serve(project, build.latest)
+        error = build.error
+        reason = error.message if isinstance(error, BackendError) else type(error).__name__
+        raise BankBuildFailed(
+            f"project {project}: building its reference bank failed ({reason}); see the backend log. "
+            f"It is retried by the first request after {BANK_RETRY_S:.0f} s"
+        )
 
-    def _start_build(self, project: str, signature: tuple) -> threading.Event:
+    def _serve(self, project: str, model: ProjectModel) -> ProjectModel:
         with self._lock:
-            running = self._builds.get(project)
-            if running is not None and running[0] == signature:
-                return running[1]
-            done = threading.Event()
-            self._builds[project] = (signature, done)
-        threading.Thread(
-            target=self._build, args=(project, signature, done), name=f"bank-{project}", daemon=True
-        ).start()
-        return done
+            self._serving[project] = model.signature
+        return model
 
-    def _build(self, project: str, signature: tuple, done: threading.Event) -> None:
-        engine, choice = self._ensure_loaded()
+    def _start_build(self, key: str, images: list[Path]) -> _BankBuild:
+        with self._lock:
+            build = self._builds.get(key)
+            if build is not None and (build.running or time.monotonic() - build.failed_at < BANK_RETRY_S):
+                return build
+            build = self._builds[key] = _BankBuild(key, len(images))
+        threading.Thread(target=self._build, args=(build, images), name=f"bank-{key[:8]}", daemon=True).start()
+        return build
+
+    def _projects_of(self, key: str) -> list[str]:
+        with self._lock:
+            return sorted(p for p, k in self._wanted.items() if k == key)
+
+    def _build(self, build: _BankBuild, images: list[Path]) -> None:
         try:
-            with self._project_lock(project):
-                images = self.projects.reference_images(project, self.settings.max_reference_images)
-                t0 = time.monotonic()
-                bank = engine.build_bank(images)
-                model = ProjectModel(signature, bank, choice.build(engine, bank), len(images))
-            logger.info(
-                "project %s: reference bank of %d images ready in %.1f s",
-                project,
-                len(images),
-                time.monotonic() - t0,
-            )
-            with self._lock:
-                self._models[project] = model
-        except Exception as exc:  # handed to the waiting request, which maps it to a JSON error
-            logger.exception("project %s: building the reference bank failed", project)
-            with self._lock:
-                self._build_errors[project] = exc
+            engine, choice = self._ensure_loaded()
+            images = screen_references(images, self.settings.max_image_pixels)
+            build.target = len(images)
+            cached = getattr(engine, "cached_bank", None)
+            bank = cached(images) if cached is not None else None
+            if bank is not None:
+                self._publish(build, engine, choice, bank, complete=True)
+            else:
+                self._grow(build, engine, choice, images)
+        except Exception as exc:  # every waiting request reads it (a JSON 500 naming it); retried later
+            logger.exception("reference bank %s of project(s) %s: building failed", build.key,
+                             ", ".join(self._projects_of(build.key)))
+            build.error, build.failed_at = exc, time.monotonic()
         finally:
+            build.running = False
+            build.first.set()
             with self._lock:
-                if self._builds.get(project, (None,))[0] == signature:
-                    del self._builds[project]
-            done.set()
+                if build.error is None and self._builds.get(build.key) is build:
+                    del self._builds[build.key]
+
+    def _grow(self, build: _BankBuild, engine: Any, choice: PredictorChoice, images: list[Path]) -> None:
+        """First bank: ADCLICK_FIRST_REFERENCES images spread over the (sorted) set, without augmented views;
+        then x4 per step up to all of them, each step extending the previous bank (only the new images are
+        read) and swapped in whole. Only the complete bank goes to the disk cache. Between two images the
+        growth waits for the requests' own computations (up to 2 s), so clicks keep the CPU."""
+        ordered = [images[i] for i in spread_order(len(images))]
+        augment_below = int(getattr(getattr(engine, "cfg", None), "augment_below", 0) or 0)
+        stages = bank_stages(len(ordered), self.settings.first_references, augment_below)
+        bank, done = None, 0
+        for i, size in enumerate(stages):
+            final = i == len(stages) - 1
+            if i and not self._projects_of(build.key):
+                logger.info("reference bank %s: no project uses it any more; growth stopped", build.key)
+                return
+            extend = getattr(engine, "extend", None)
+            if bank is None or extend is None or size <= done or (final and len(ordered) < augment_below):
+                options = {} if final else {"augment": False, "save": False}
+                bank = engine.build_bank(ordered[:size], progress=self._yield_to_requests, **options)
+            else:
+                bank = extend(bank, ordered[done:size], progress=self._yield_to_requests, save=final)
+            done = size
+            self._publish(build, engine, choice, bank, complete=final)
+
+    def _publish(self, build: _BankBuild, engine: Any, choice: PredictorChoice, bank: Any, complete: bool) -> None:
+        keys = getattr(bank, "source_keys", None)
+        n = len(keys) if keys is not None else len(bank)
+        model = ProjectModel(build.key, bank, choice.build(engine, bank), n, build.target, complete)
+        build.latest = model
+        current = self.banks.peek(build.key)
+        if current is None or complete or current.n_references <= n:  # a retried growth never shrinks a bank
+            self.banks.put(build.key, model, bank_nbytes(bank))
+        build.first.set()
+        logger.info(
+            "reference bank %s of project(s) %s: %d of %d references ready after %.1f s%s",
+            build.key, ", ".join(self._projects_of(build.key)), n, build.target,
+            time.monotonic() - build.started, "" if complete else "; growing in the background",
+        )
+
+    def _yield_to_requests(self, *_: Any) -> None:
+        deadline = time.monotonic() + 2.0
+        while self._foreground > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def warm_known_projects(self) -> None:
         """Once per process (after a fork too): warm every project that called /setup before, so the first
@@ -348,8 +464,14 @@ class ModelService:
             # a request thread waits only briefly for a download slot (DOWNLOAD_CONCURRENCY): ordinary downloads
             # free one in milliseconds, while slow image hosts cannot hold every server thread (and /health)
             image = self.loader.load_source(source, slot_wait_s=REQUEST_SLOT_WAIT_S)
-            with self._compute:  # bounded: 8 annotators must not run 8 backbone passes at once
-                state = model.predictor.set_image(image.array)
+            with self._lock:
+                self._foreground += 1
+            try:
+                with self._compute:  # bounded: 8 annotators must not run 8 backbone passes at once
+                    state = model.predictor.set_image(image.array)
+            finally:
+                with self._lock:
+                    self._foreground -= 1
             return CachedImage(image.height, image.width, state)
 
         return model, self.cache.get_or_set(key, compute)
@@ -425,3 +547,10 @@ class ModelService:
             except Exception as exc:  # noqa: BLE001 - the version is published; the card title is a convenience
                 logger.warning("project %s: could not rename the model card: %s", project, str(exc)[:300])
         return result
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0

@@ -66,6 +66,8 @@ class Settings:
     warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
     sync_card_title: bool = True  # LS_SYNC_CARD_TITLE: rename the Label Studio model card to the served version
     bank_wait_s: float = 60.0  # a request waits this long for a project's first reference bank, then 503
+    first_references: int = 4  # references of a project's first bank (ready in seconds; it then grows)
+    bank_cache_bytes: int = 1024 * _MB  # memory budget of the reference banks held (LRU, shared by projects)
     compute_concurrency: int = 2  # per-image computations (backbone passes) running at once per process
     redis_url: str = ""  # when set, fits run on RQ workers (backend/queue.py, backend/worker.py)
     seg_keep_versions: int = 3  # ADClick-Seg versions kept per project
@@ -144,6 +146,8 @@ class Settings:
             max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
             redis_url=_text(env, "REDIS_URL"),
             bank_wait_s=_number(env, "BANK_WAIT_S", 60.0),
+            first_references=int(_number(env, "ADCLICK_FIRST_REFERENCES", 4, minimum=1)),
+            bank_cache_bytes=int(_number(env, "BANK_CACHE_MB", 1024) * _MB),
             compute_concurrency=int(_number(env, "COMPUTE_CONCURRENCY", 2, minimum=1)),
             warm_on_setup=_flag(env, "WARM_ON_SETUP", True),
             sync_card_title=_flag(env, "LS_SYNC_CARD_TITLE", True),

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from backend import ls_format
+from backend.banks import screen_references
 from backend.errors import BackendError, LabelConfigError
 from backend.projects import ProjectStore
 from backend.seg_labels import task_labels, to_example
@@ -229,7 +230,10 @@ def fit(project: str, event: dict, ctx: TrainingContext) -> dict:
     figures = sync_references(project, tasks, cfg, ctx)
     ctx.progress(0.65, "building the reference bank")
     images = ctx.projects.reference_images(project, ctx.settings.max_reference_images)
+    images = screen_references(images, ctx.settings.max_image_pixels)  # as the service does: same bank key
     bank = ctx.engine.build_bank(images)
+    own = ctx.projects.references_dir(project)
+    figures.update(references_from_tasks_in_bank=sum(p.parent == own for p in images))
     base = ctx.base_version or f"residual-click-{ctx.engine.config_hash()}"
     info = {
         "model_version": f"{base}-refs-{str(bank.key)[:8]}",

@@ -81,14 +81,17 @@ class ResidualState:
 
 
 def load_image(item: ImageLike) -> np.ndarray:
+    """RGB uint8 array of an array or an image file. A file that is not a decodable image, or a decompression
+    bomb (PIL's pixel limit), raises InputError naming the file by its name only (never its folder)."""
     if isinstance(item, np.ndarray):
         arr = item
     else:
         try:
             with Image.open(item) as im:
                 arr = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read image {item}: {exc}") from exc
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            reason = "too many pixels" if isinstance(exc, Image.DecompressionBombError) else "not a readable image"
+            raise InputError(f"cannot read image {Path(item).name}: {reason}") from exc
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise InputError(f"expected (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
     return arr
@@ -179,9 +182,18 @@ class ResidualEngine:
             atomic_save(bank.to_payload(), path)
             logger.info("saved reference bank %s (%d views, %.1f MB)", bank.key, len(bank), bank.nbytes / 2**20)
 
-    def build_bank(self, images: Iterable[ImageLike], progress: Progress = None) -> ReferenceBank:
+    def cached_bank(self, images: Iterable[ImageLike]) -> ReferenceBank | None:
+        """The bank `build_bank(images)` would return, when it is in the disk cache; else None (nothing built)."""
+        return self.load_cached(self._bank_key(dict.fromkeys(content_hash(it) for it in images)))
+
+    def build_bank(self, images: Iterable[ImageLike], progress: Progress = None, augment: bool | None = None,
+                   save: bool = True) -> ReferenceBank:
         """Bank of the given defect-free images (arrays or paths), loaded from the cache when the same
-        content was built before with the same configs. An empty input gives an empty bank (fallback mode)."""
+        content was built before with the same configs. An empty input gives an empty bank (fallback mode).
+        An image that cannot be read is skipped with a WARNING (it stays part of the cache key, so the same
+        folder gives the same bank). augment: None = the config's rule (fewer than `augment_below` sources);
+        False = no augmented views (a quick first bank). save=False: not written to the disk cache
+        (intermediate banks of a progressive build)."""
         items = list(images)
         hashes = [content_hash(it) for it in items]
         uniq = list(dict.fromkeys(hashes))
@@ -190,24 +202,31 @@ class ResidualEngine:
         if cached is not None:
             return cached
         first = {h: it for h, it in reversed(list(zip(hashes, items)))}
-        feats, keys, shape = self._extract_sources([(h, first[h]) for h in uniq],
-                                                   len(uniq) < self.cfg.augment_below, progress)
+        if augment is None:
+            augment = len(uniq) < self.cfg.augment_below
+        feats, keys, shape = self._extract_sources([(h, first[h]) for h in uniq], augment, progress)
+        read = set(keys)
+        skipped = [h for h in uniq if h not in read]
+        uniq = [h for h in uniq if h in read]
         mean = comps = None
         if feats.shape[0] and 0 < self.cfg.pca_dim < feats.shape[1]:
             mean, comps = fit_pca(feats, self.cfg.pca_dim)
         bank = ReferenceBank(torch.empty(0), torch.empty(0), [], uniq, mean, comps, key=key)
-        bank = self._finish(bank, feats, keys, uniq, key, shape)
-        self._save(bank)
+        bank = self._finish(bank, feats, keys, uniq, key, shape, skipped)
+        if save:
+            self._save(bank)
         return bank
 
-    def extend(self, bank: ReferenceBank, images: Iterable[ImageLike], progress: Progress = None) -> ReferenceBank:
-        """A new bank = `bank` + the images not in it yet (same projection); cached under the new content key."""
+    def extend(self, bank: ReferenceBank, images: Iterable[ImageLike], progress: Progress = None,
+               save: bool = True) -> ReferenceBank:
+        """A new bank = `bank` + the images not in it yet (same projection); cached under the new content key
+        (unreadable images are skipped, as in build_bank)."""
         new = [(content_hash(it), it) for it in images]
-        known = set(bank.source_keys)
+        known = set(bank.source_keys) | set(bank.meta.get("skipped", ()))
         new = list({h: it for h, it in new if h not in known}.items())
         if not new:
             return bank
-        uniq = list(bank.source_keys) + [h for h, _ in new]
+        uniq = list(bank.source_keys) + list(bank.meta.get("skipped", ())) + [h for h, _ in new]
         key = self._bank_key(uniq)
         cached = self.load_cached(key)
         if cached is not None:
@@ -216,12 +235,19 @@ class ResidualEngine:
         if len(bank) == 0 and feats.shape[0] and bank.components is None and 0 < self.cfg.pca_dim < feats.shape[1]:
             mean, comps = fit_pca(feats, self.cfg.pca_dim)
             bank = replace(bank, mean=mean, components=comps)  # never mutate the caller's bank
-        out = self._finish(bank, feats, keys, uniq, key, shape)
-        self._save(out)
+        read = set(keys)
+        uniq = list(bank.source_keys) + [h for h, _ in new if h in read]
+        skipped = list(bank.meta.get("skipped", ())) + [h for h, _ in new if h not in read]
+        out = self._finish(bank, feats, keys, uniq, key, shape, skipped)
+        if save:
+            self._save(out)
         return out
 
     def _finish(self, base: ReferenceBank, raw: torch.Tensor, keys: list[str], uniq: list[str],
-                key: str, shape: list[int]) -> ReferenceBank:
+                key: str, shape: list[int], skipped: Iterable[str] = ()) -> ReferenceBank:
+        """skipped: content hashes of input images that could not be read (kept in meta so that extending the
+        bank computes the same cache key as building it from all inputs at once)."""
+        skipped = list(skipped)
         proj = torch.cat([base.project(raw[i:i + 16]) for i in range(0, raw.shape[0], 16)]) if raw.shape[0] else raw
         proj = proj.half()
         if len(base):
@@ -233,7 +259,8 @@ class ResidualEngine:
             feats = proj
         if feats.shape[0] == 0:
             return ReferenceBank(torch.empty(0, 0, 0, 0, dtype=torch.float16), torch.empty(0, 0, 0, 0), [],
-                                 uniq, base.mean, base.components, key=key, meta={"image_shape": shape})
+                                 uniq, base.mean, base.components, key=key,
+                                 meta={"image_shape": shape, "skipped": skipped})
         desc = descriptors(feats, self.cfg.retrieval_cell)
         if feats.shape[0] > self.cfg.max_refs:
             keep = kcenter(desc, self.cfg.max_refs)
@@ -242,7 +269,8 @@ class ResidualEngine:
         rms = (sq / (feats.shape[0] * feats.shape[2] * feats.shape[3])) ** 0.5
         shape = base.meta.get("image_shape") or shape
         bank = ReferenceBank(feats, desc, keys, uniq, base.mean, base.components, rms, key,
-                             {"n_sources": len(uniq), "n_views": int(feats.shape[0]), "image_shape": shape})
+                             {"n_sources": len(uniq), "n_views": int(feats.shape[0]), "image_shape": shape,
+                              "skipped": skipped})
         self._calibrate(bank)
         return bank
 
@@ -271,7 +299,13 @@ class ResidualEngine:
         grid = None
         shape: list[int] = []
         for n, (h, item) in enumerate(sources):
-            img = load_image(item)
+            try:
+                img = load_image(item)
+            except InputError as exc:  # one bad file must not take the whole bank (and every click) down
+                logger.warning("reference image skipped: %s", exc)
+                if progress is not None:
+                    progress(n + 1, len(sources))
+                continue
             shape = shape or [int(img.shape[0]), int(img.shape[1])]
             views = augment_views(img) if augment else [img]
             f = ext.extract(views)

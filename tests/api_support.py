@@ -58,6 +58,7 @@ class TinyBank:
     mean: Optional[np.ndarray]  # mean RGB of the references, None = empty bank
     key: str
     n: int
+    nbytes: int = 0  # what the references' pixels take (a real bank holds their features)
 
     def __len__(self) -> int:
         return self.n
@@ -76,10 +77,13 @@ class TinyState:
 class TinyEngine:
     """Normal colour = mean colour of the reference images (or the image median without references)."""
 
-    def __init__(self, build_delay_s: float = 0.0):
+    def __init__(self, build_delay_s: float = 0.0, delay_per: int = 0):
+        """build_delay_s: seconds each bank build takes (per `delay_per` references when that is > 0)."""
         self.set_image_calls = 0
         self.banks_built = 0
+        self.bank_sizes: list[int] = []  # references of each bank built, in order
         self.build_delay_s = build_delay_s
+        self.delay_per = delay_per
         self.lock = threading.Lock()
         self.running = 0  # set_image calls in progress now
         self.max_running = 0
@@ -87,15 +91,19 @@ class TinyEngine:
     def config_hash(self) -> str:
         return "tiny0001"
 
-    def build_bank(self, images) -> TinyBank:
-        self.banks_built += 1
-        time.sleep(self.build_delay_s)
+    def build_bank(self, images, progress=None, augment=None, save=True) -> TinyBank:
+        """augment and save are accepted as the real engine's (this engine has neither views nor a disk cache)."""
+        images = list(images)
+        with self.lock:
+            self.banks_built += 1
+            self.bank_sizes.append(len(images))
+        time.sleep(self.build_delay_s * (len(images) / self.delay_per if self.delay_per else 1))
         arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in images]
         if not arrays:
             return TinyBank(None, "empty", 0)
         mean = np.mean([a.reshape(-1, 3).mean(0) for a in arrays], axis=0)
         key = hashlib.sha1(",".join(sorted(map(str, images))).encode()).hexdigest()[:12]
-        return TinyBank(mean, key, len(arrays))
+        return TinyBank(mean, key, len(arrays), sum(a.nbytes for a in arrays))
 
 
 class TinyPredictor:
@@ -263,12 +271,13 @@ CONTRACT_CONFIG = """<View>
 </View>"""
 
 
-def make_app(settings, delay_s: float = 0.0, start_jobs: bool = False, build_delay_s: float = 0.0):
+def make_app(settings, delay_s: float = 0.0, start_jobs: bool = False, build_delay_s: float = 0.0,
+             delay_per: int = 0):
     """(app, service, engine) with the tiny engine/predictor; no network weights."""
     from backend.app import create_app
     from backend.services import ModelService
 
-    engine = TinyEngine(build_delay_s)
+    engine = TinyEngine(build_delay_s, delay_per)
     service = ModelService(settings, engine_factory=lambda s: engine, predictor_chooser=tiny_chooser(delay_s))
     return create_app(settings, service, start_jobs=start_jobs), service, engine
 

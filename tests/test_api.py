@@ -284,9 +284,9 @@ def test_a_restarted_process_warms_known_projects_before_the_first_click(setting
     try:
         assert app.test_client().get("/health").status_code == 200
         deadline = time.monotonic() + 10
-        while "12" not in service._models and time.monotonic() < deadline:
+        while "12" not in service.reference_counts()["projects"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine.banks_built == 1 and "12" in service._models
+        assert engine.banks_built == 1 and "12" in service.reference_counts()["projects"]
     finally:
         service.jobs.stop()
 

@@ -3,6 +3,7 @@ with the real SDK client from a local stand-in Label Studio (paginated /api/task
 become references -> a new model_version that /setup, /versions and predictions report."""
 
 import json
+import time
 from dataclasses import replace
 from urllib.parse import parse_qs, urlparse
 
@@ -150,3 +151,40 @@ def test_a_failing_fit_is_reported_and_the_service_keeps_serving(world):
     state = client.get("/health").get_json()["training"]["jobs"]["2"]
     assert state["status"] == "failed" and state["reason"]
     assert client.get("/health").status_code == 200
+
+
+def test_ok_verdict_images_join_a_full_reference_folder(tmp_path, world):
+    """Issue 15 D9: with ADCLICK_NORMAL_DIR already holding ADCLICK_MAX_REFERENCES images, the OK-verdict images
+    a fit collects still join the bank (the folder fills the room they leave), so its key and version change."""
+    _, service, engine, ls, server = world
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"n{i}.png").write_bytes(encode(np.full((96, 128, 3), 120 + i, np.uint8)))
+    settings = replace(service.settings, normal_dir=str(folder), max_reference_images=4,
+                       model_dir=tmp_path / "m2")
+    app, service, engine = make_app(settings, start_jobs=True)
+    try:
+        client = app.test_client()
+        client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG})
+        before = service.model_for("1")
+        assert before.n_references == 4
+        ls.add(1, "OK", seed=1)
+        ls.add(2, "OK", seed=2)
+        client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+        assert service.jobs.wait_idle(20)
+        figures = service.jobs.snapshot("1")["figures"]
+        assert figures["references_added_from_tasks"] == 2 and figures["references_from_tasks_in_bank"] == 2
+        assert figures["reference_images"] == 4
+        images = service.projects.reference_images("1", 4)
+        assert sum(p.name.startswith("task-") for p in images) == 2 and len(images) == 4
+        img, _ = defect_image()
+        server.routes["/q.png"] = Route(encode(img))
+        body = interactive_body(f"{server.url}/q.png", [keypoint(62.5, 41.7)], project="1")
+        assert client.post("/predict", json=body).status_code == 200
+        deadline = time.monotonic() + 10
+        while service.model_for("1").bank.key == before.bank.key and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service.model_for("1").bank.key != before.bank.key and service.model_for("1").n_references == 4
+    finally:
+        service.jobs.stop()

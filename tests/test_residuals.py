@@ -166,3 +166,31 @@ def test_extend_from_empty_bank_fits_projection_without_mutating_it(normal_textu
     grown = eng.extend(empty, normal_textures[:3])
     assert len(empty) == 0 and empty.components is None
     assert len(grown) == 3 and grown.features.shape[1] == 16 and grown.components.shape[1] == 16
+
+
+def test_an_unreadable_reference_is_skipped_and_extend_keeps_the_build_key(tmp_path, normal_textures, caplog):
+    """A file that passes a header check but does not decode is skipped with a WARNING naming the file only;
+    a bank grown by extend() has the key (and cache file) of the bank built from all inputs at once."""
+    import logging
+
+    from PIL import Image
+
+    folder = tmp_path / "private" / "refs"
+    folder.mkdir(parents=True)
+    paths = []
+    for i, img in enumerate(normal_textures[:4]):
+        Image.fromarray(img).save(folder / f"r{i}.png")
+        paths.append(folder / f"r{i}.png")
+    whole = (folder / "r0.png").read_bytes()
+    (folder / "broken.png").write_bytes(whole[: len(whole) // 3])  # header fine, data cut
+    paths.insert(2, folder / "broken.png")
+    cfg = ResidualConfig(augment_below=0)
+    eng = ResidualEngine(BB, cfg, cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        full = eng.build_bank(paths, save=False)
+    assert len(full.source_keys) == 4 and len(full.meta["skipped"]) == 1
+    assert "broken.png" in caplog.text and "private" not in caplog.text
+    assert eng.cached_bank(paths) is None  # save=False: nothing written
+    grown = eng.extend(eng.build_bank(paths[:2], augment=False, save=False), paths[2:])
+    assert grown.key == full.key and len(grown.source_keys) == 4
+    assert eng.cached_bank(paths).key == full.key  # the grown bank is the cache entry of the whole set
