@@ -431,14 +431,25 @@ class ModelService:
             time.sleep(0.02)
 
     def warm_known_projects(self) -> None:
-        """Once per process (after a fork too): warm every project that called /setup before, so the first
-        click after a restart does not wait for the model and the reference bank."""
+        """Once per process (after a fork too): load the model in the background (the first /setup after
+        connecting then only waits for a small bank) and warm every project that called /setup before, so the
+        first click after a restart does not wait for the model and the reference bank."""
         with self._lock:
             if self._warmed_pid == os.getpid():
                 return
             self._warmed_pid = os.getpid()
-        for project in self.projects.known():
+        known = self.projects.known()
+        for project in known:
             self.warm(project)
+        if not known:
+            threading.Thread(target=self._load_quietly, name="warm-model", daemon=True).start()
+
+    def _load_quietly(self) -> None:
+        try:
+            engine, _ = self._ensure_loaded()
+            getattr(engine, "extractor", None)  # the backbone too (the residual engine builds it lazily)
+        except Exception:  # best effort; the first request that needs the model reports the error
+            logger.exception("loading the model in the background failed")
 
     def warm(self, project: str) -> None:
         """Load the model and the project's bank in a background thread (called by /setup)."""
