@@ -83,17 +83,19 @@ def test_bank_stages():
 
 
 def test_the_first_click_answers_before_the_full_bank_is_built(tmp_path, server):
-    """40 references at 0.1 s each: the whole bank takes 4 s; the first click must not wait for it."""
+    """40 references at 0.15 s each: the whole bank takes 6 s; the first mask after /setup must not wait for it."""
+    import model.versions  # noqa: F401  (imported by /setup; a cold torch import must not blur the timing)
+
     folder = normals(tmp_path / "good", 40)
     settings = replace(Settings(), model_dir=tmp_path / "m", normal_dir=str(folder), first_references=4)
-    app, service, engine = make_app(settings, build_delay_s=0.1, delay_per=1)
+    app, service, engine = make_app(settings, build_delay_s=0.15, delay_per=1)
     client = app.test_client()
-    assert client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG}).status_code == 200
     t0 = time.monotonic()
+    assert client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG}).status_code == 200
     resp = client.post("/predict", json=interactive_body(f"{server.url}/a.png", [CLICK]))
-    first_click_s = time.monotonic() - t0
+    first_mask_s = time.monotonic() - t0
     assert resp.status_code == 200, resp.get_json()
-    assert first_click_s < 2.0, first_click_s
+    assert first_mask_s < 3.0, first_mask_s  # the first bank: 4 x 0.15 s
     assert iou(decode_mask(resp.get_json()["results"][0]["result"][0]), server.truth) > 0.9
     bank = client.get("/health").get_json()["reference_banks"]["projects"]["1"]
     assert bank["size"] < 40 and bank["target"] == 40 and bank["building"] is True
