@@ -341,7 +341,9 @@ class ModelService:
         if build.latest is not None:
             return self._serve(project, build.latest)
         error = build.error
-        reason = error.message if isinstance(error, BackendError) else type(error).__name__
+        if isinstance(error, BackendError):  # its own status and message (e.g. 503 for a missing model), per request
+            raise type(error)(f"project {project}: {error.message}")
+        reason = type(error).__name__
         raise BankBuildFailed(
             f"project {project}: building its reference bank failed ({reason}); see the backend log. "
             f"It is retried by the first request after {BANK_RETRY_S:.0f} s"
