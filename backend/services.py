@@ -447,9 +447,16 @@ class ModelService:
             threading.Thread(target=self._load_quietly, name="warm-model", daemon=True).start()
 
     def _load_quietly(self) -> None:
+        """The model, and for the residual engine (it builds its backbone lazily) the backbone, one forward pass
+        (the first one pays for the kernels' set-up) and the predictor's weights, on an empty bank."""
         try:
-            engine, _ = self._ensure_loaded()
-            getattr(engine, "extractor", None)  # the backbone too (the residual engine builds it lazily)
+            engine, choice = self._ensure_loaded()
+            extractor = getattr(engine, "extractor", None)
+            if extractor is not None:
+                import numpy as np
+
+                extractor.extract([np.full((256, 256, 3), 128, np.uint8)])
+                choice.build(engine, engine.build_bank([], save=False))
         except Exception:  # best effort; the first request that needs the model reports the error
             logger.exception("loading the model in the background failed")
 
