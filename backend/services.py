@@ -7,10 +7,12 @@ bundled and ADCLICK_PREDICTOR allows it, else the zero-training residual click m
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -162,6 +164,20 @@ class _BankBuild:
 
 
 BANK_RETRY_S = 10.0  # a failed bank build is retried by the first request this long after the failure
+_SERVICES: "weakref.WeakSet[ModelService]" = weakref.WeakSet()
+
+
+class _BuildStopped(Exception):
+    """The process is exiting: a bank growth stops between two images."""
+
+
+@atexit.register
+def _stop_bank_builds() -> None:
+    """At exit, growing banks stop between two images and their threads are joined: a daemon thread still
+    inside torch when the interpreter finalizes aborts the process ("terminate called without an active
+    exception", exit status 134)."""
+    for service in list(_SERVICES):
+        service.stop_builds()
 
 class ModelService:
     def __init__(
@@ -199,6 +215,9 @@ class ModelService:
         self._wanted: dict[str, str] = {}  # project -> key of the bank its reference images give now
         self._refsets: dict[tuple, tuple[str, list[Path]]] = {}
         self._foreground = 0  # per-image computations of requests in progress (bank growth yields to them)
+        self._closing = threading.Event()
+        self._build_threads: set[threading.Thread] = set()
+        _SERVICES.add(self)
         self._warmed_pid: Optional[int] = None
         self._env_refs: Optional[int] = None
         self._compute = threading.BoundedSemaphore(max(1, settings.compute_concurrency))
@@ -360,8 +379,20 @@ class ModelService:
             if build is not None and (build.running or time.monotonic() - build.failed_at < BANK_RETRY_S):
                 return build
             build = self._builds[key] = _BankBuild(key, len(images))
-        threading.Thread(target=self._build, args=(build, images), name=f"bank-{key[:8]}", daemon=True).start()
+        thread = threading.Thread(target=self._build, args=(build, images), name=f"bank-{key[:8]}", daemon=True)
+        with self._lock:
+            self._build_threads.add(thread)
+        thread.start()
         return build
+
+    def stop_builds(self, timeout_s: float = 30.0) -> None:
+        """Stop the banks growing in the background (between two images) and wait for their threads."""
+        self._closing.set()
+        with self._lock:
+            threads = list(self._build_threads)
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _projects_of(self, key: str) -> list[str]:
         with self._lock:
@@ -378,6 +409,9 @@ class ModelService:
                 self._publish(build, engine, choice, bank, complete=True)
             else:
                 self._grow(build, engine, choice, images)
+        except _BuildStopped:
+            logger.info("reference bank %s: growth stopped, the process is exiting", build.key)
+            build.error, build.failed_at = NotReady("the backend is shutting down"), time.monotonic()
         except Exception as exc:  # every waiting request reads it (a JSON 500 naming it); retried later
             logger.exception("reference bank %s of project(s) %s: building failed", build.key,
                              ", ".join(self._projects_of(build.key)))
@@ -388,6 +422,7 @@ class ModelService:
             with self._lock:
                 if build.error is None and self._builds.get(build.key) is build:
                     del self._builds[build.key]
+                self._build_threads.discard(threading.current_thread())
 
     def _grow(self, build: _BankBuild, engine: Any, choice: PredictorChoice, images: list[Path]) -> None:
         """First bank: ADCLICK_FIRST_REFERENCES images spread over the (sorted) set, without augmented views;
@@ -400,6 +435,8 @@ class ModelService:
         bank, done = None, 0
         for i, size in enumerate(stages):
             final = i == len(stages) - 1
+            if i and self._closing.is_set():
+                raise _BuildStopped()
             if i and not self._projects_of(build.key):
                 logger.info("reference bank %s: no project uses it any more; growth stopped", build.key)
                 return
@@ -428,6 +465,8 @@ class ModelService:
         )
 
     def _yield_to_requests(self, *_: Any) -> None:
+        if self._closing.is_set():
+            raise _BuildStopped()
         deadline = time.monotonic() + 2.0
         while self._foreground > 0 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -97,7 +97,13 @@ class TinyEngine:
         with self.lock:
             self.banks_built += 1
             self.bank_sizes.append(len(images))
-        time.sleep(self.build_delay_s * (len(images) / self.delay_per if self.delay_per else 1))
+        if self.delay_per:  # per image, telling `progress` after each, as the real engine does
+            for i in range(0, len(images), self.delay_per):
+                time.sleep(self.build_delay_s)
+                if progress is not None:
+                    progress(min(i + self.delay_per, len(images)), len(images))
+        else:
+            time.sleep(self.build_delay_s)
         arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in images]
         if not arrays:
             return TinyBank(None, "empty", 0)

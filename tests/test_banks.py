@@ -172,6 +172,21 @@ def test_a_project_with_a_bank_keeps_it_while_a_larger_set_grows(tmp_path, serve
     assert engine.bank_sizes == [4, 8, 4, 16, 48]
 
 
+def test_growth_stops_between_two_images_when_the_process_exits(tmp_path):
+    """At exit the growing bank's thread must end before the interpreter finalizes (a thread inside torch then
+    aborts the process with status 134)."""
+    folder = normals(tmp_path / "good", 40)
+    settings = replace(Settings(), model_dir=tmp_path / "m", normal_dir=str(folder), first_references=4)
+    _, service, engine = make_app(settings, build_delay_s=0.1, delay_per=1)
+    assert service.model_for("1").n_references == 4
+    t0 = time.monotonic()
+    service.stop_builds(timeout_s=5)
+    assert time.monotonic() - t0 < 1.0
+    assert not [t for t in threading.enumerate() if t.name.startswith("bank-")]
+    assert service.bank_report()["projects"]["1"]["building"] is False
+    assert service.model_for("1").n_references == 4  # still served from what was built
+
+
 # ---- shared banks under a byte budget (issue 15 D6) --------------------------------------------------------
 
 
