@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -164,6 +165,7 @@ class _BankBuild:
 
 
 BANK_RETRY_S = 10.0  # a failed bank build is retried by the first request this long after the failure
+MAX_TRACKED_PROJECTS = 1024  # projects whose bank choice is remembered (and listed by /health)
 _SERVICES: "weakref.WeakSet[ModelService]" = weakref.WeakSet()
 
 
@@ -211,8 +213,10 @@ class ModelService:
         self._project_locks: dict[str, threading.Lock] = {}
         self.banks = BankLRU(settings.bank_cache_bytes)  # reference-set key -> ProjectModel, shared by projects
         self._builds: dict[str, _BankBuild] = {}  # reference-set key -> its build (running, or failed lately)
-        self._serving: dict[str, str] = {}  # project -> key of the bank it was last served
-        self._wanted: dict[str, str] = {}  # project -> key of the bank its reference images give now
+        # project -> key of the bank it was last served / its reference images give now; the most recently
+        # asked MAX_TRACKED_PROJECTS only (any request may name a new project id)
+        self._serving: OrderedDict[str, str] = OrderedDict()
+        self._wanted: OrderedDict[str, str] = OrderedDict()
         self._refsets: dict[tuple, tuple[str, list[Path]]] = {}
         self._foreground = 0  # per-image computations of requests in progress (bank growth yields to them)
         self._closing = threading.Event()
@@ -341,6 +345,10 @@ class ModelService:
         key, images = self._reference_set(project)
         with self._lock:
             self._wanted[project] = key
+            self._wanted.move_to_end(project)
+            while len(self._wanted) > MAX_TRACKED_PROJECTS:
+                old, _ = self._wanted.popitem(last=False)
+                self._serving.pop(old, None)
             previous_key = self._serving.get(project)
         model = self.banks.get(key)
         build = None if model is not None and model.complete else self._start_build(key, images)
@@ -370,7 +378,8 @@ class ModelService:
 
     def _serve(self, project: str, model: ProjectModel) -> ProjectModel:
         with self._lock:
-            self._serving[project] = model.signature
+            if project in self._wanted:
+                self._serving[project] = model.signature
         return model
 
     def _start_build(self, key: str, images: list[Path]) -> _BankBuild:

@@ -235,6 +235,21 @@ def test_banks_beyond_the_budget_are_freed_least_recently_used_first(tmp_path, s
     assert engine.banks_built == 4
 
 
+def test_many_project_ids_share_one_bank_and_are_not_all_remembered(tmp_path, server, monkeypatch):
+    import backend.services
+
+    monkeypatch.setattr(backend.services, "MAX_TRACKED_PROJECTS", 5)
+    settings = replace(Settings(), model_dir=tmp_path / "m", warm_on_setup=False)
+    app, service, engine = make_app(settings)
+    client = app.test_client()
+    for p in range(1, 21):  # /predict with a label config: any project id works without /setup
+        assert client.post("/predict", json=interactive_body(f"{server.url}/a.png", [CLICK],
+                                                             project=str(p))).status_code == 200
+    assert engine.banks_built == 1
+    report = service.bank_report()
+    assert sorted(report["projects"], key=int) == ["16", "17", "18", "19", "20"] and report["memory"]["banks"] == 1
+
+
 def test_bank_lru_keeps_the_newest_even_alone_over_budget():
     lru = BankLRU(100)
     assert lru.put("a", "A", 60) == [] and lru.put("b", "B", 60) == ["a"]
