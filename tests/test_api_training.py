@@ -173,11 +173,11 @@ def test_ok_verdict_images_join_a_full_reference_folder(tmp_path, world):
         ls.add(2, "OK", seed=2)
         client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
         assert service.jobs.wait_idle(20)
+        images = service.projects.reference_images("1", 4)
+        assert sum(p.name.startswith("task-") for p in images) == 2 and len(images) == 4
         figures = service.jobs.snapshot("1")["figures"]
         assert figures["references_added_from_tasks"] == 2 and figures["references_from_tasks_in_bank"] == 2
         assert figures["reference_images"] == 4
-        images = service.projects.reference_images("1", 4)
-        assert sum(p.name.startswith("task-") for p in images) == 2 and len(images) == 4
         img, _ = defect_image()
         server.routes["/q.png"] = Route(encode(img))
         body = interactive_body(f"{server.url}/q.png", [keypoint(62.5, 41.7)], project="1")
