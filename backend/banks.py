@@ -1,8 +1,8 @@
 """Reference banks of the service: which images, in which order they join a progressively built bank, and the
 memory they may hold.
 
-- `reference_set_key`: projects whose reference images are the same files (paths, sizes, mtimes) under the same
-  model share one bank (issue 15 D6).
+- `reference_set_key`: projects whose reference images are the same files (paths, sizes, mtimes) under the
+  same model share one bank (issue 15 D6).
 - `screen_references`: a file in a reference folder that is not an image, or a decompression bomb, is skipped
   with a WARNING from its header alone (nothing decoded), instead of failing every click of the project.
 - `spread_order` / `bank_stages`: a project's first bank holds a few references spread over the folder and is
@@ -74,13 +74,13 @@ def spread_order(n: int) -> list[int]:
 
 def bank_stages(n: int, first: int, augment_below: int = 0, factor: int = 4) -> list[int]:
     """Sizes of the successive banks of a progressive build over n references: `first`, then x`factor` each
-    step, then n. A set smaller than the engine's augmentation threshold gets a quick first bank of plain views
-    before the augmented one."""
+    step, then n. A set smaller than the engine's augmentation threshold gets a quick first bank of plain
+    views before the augmented one."""
     if n <= 0:
         return [0]
     first = max(1, first)
     if n < augment_below:
-        return [min(first, n), n] if n > 0 else [0]
+        return [min(first, n), n]
     stages, size = [], first
     while size < n:
         stages.append(size)

@@ -68,7 +68,8 @@ def list_images(folder: Path, limit: int) -> list[Path]:
     if not folder.is_dir():
         logger.warning("reference folder %s does not exist", folder)
         return []
-    return spread(sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), limit)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return spread(files, limit)
 
 
 class ProjectStore:
@@ -144,9 +145,9 @@ class ProjectStore:
         return out + [self.references_dir(project)]
 
     def reference_images(self, project: str, limit: int) -> list[Path]:
-        """At most `limit` reference images. The OK-verdict images the fits collected (references/) always join:
-        the folders (ADCLICK_NORMAL_DIR, extra_params.normal_dir) fill the room they leave, spread evenly over
-        their files, instead of taking all of it first (issue 15 D9)."""
+        """At most `limit` reference images. The OK-verdict images the fits collected (references/) always
+        join: the folders (ADCLICK_NORMAL_DIR, extra_params.normal_dir) fill the room they leave, spread
+        evenly over their files, instead of taking all of it first (issue 15 D9)."""
         own_dir = self.references_dir(project)
         own = list_images(own_dir, limit) if own_dir.exists() else []
         others: list[Path] = []

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from backend.cache import ByteLRU
-from backend.banks import BankLRU, bank_nbytes, bank_stages, reference_set_key, screen_references, spread_order
+from backend.banks import (
+    BankLRU,
+    bank_nbytes,
+    bank_stages,
+    reference_set_key,
+    screen_references,
+    spread_order,
+)
 from backend.errors import BackendError, NotReady
 from backend.images import ImageLoader
 from backend.jobs import JobManager
@@ -135,7 +142,7 @@ class ProjectModel:
     swapped in whole, so a request holds one consistent (bank, predictor) for all its work and the per-image
     cache, keyed by the bank's key, never mixes banks (the next click after a swap recomputes)."""
 
-    signature: str  # key of the reference set (backend.banks.reference_set_key); projects with one set share it
+    signature: str  # key of the reference set (banks.reference_set_key); projects with one set share it
     bank: Any
     predictor: Predictor
     n_references: int
@@ -211,7 +218,7 @@ class ModelService:
         self._engine: Any = None
         self._choice: Optional[PredictorChoice] = None
         self._project_locks: dict[str, threading.Lock] = {}
-        self.banks = BankLRU(settings.bank_cache_bytes)  # reference-set key -> ProjectModel, shared by projects
+        self.banks = BankLRU(settings.bank_cache_bytes)  # reference-set key -> ProjectModel, shared
         self._builds: dict[str, _BankBuild] = {}  # reference-set key -> its build (running, or failed lately)
         # project -> key of the bank it was last served / its reference images give now; the most recently
         # asked MAX_TRACKED_PROJECTS only (any request may name a new project id)
@@ -296,8 +303,8 @@ class ModelService:
         return {"normal_dir": self._env_refs, "projects": projects}
 
     def bank_report(self) -> dict:
-        """/health's reference banks: per project the bank it is served from (size now, target, whether it still
-        grows in the background, the reference-set key projects share it by) and the banks' memory."""
+        """/health's reference banks: per project the bank it is served from (size now, target, whether it
+        still grows in the background, the reference-set key projects share it by) and the banks' memory."""
         with self._lock:
             wanted, serving = dict(self._wanted), dict(self._serving)
             builds = {k: b for k, b in self._builds.items() if b.running}
@@ -336,11 +343,11 @@ class ModelService:
         return found
 
     def model_for(self, project: str, wait_s: Optional[float] = None) -> ProjectModel:
-        """The project's predictor over its reference bank. Banks are shared by projects with the same reference
-        set and built in a background thread, small first (ADCLICK_FIRST_REFERENCES spread over the folder,
-        ready in seconds), then grown and swapped in whole. A project with an older bank keeps it until the new
-        one is at least as large; a project with none waits up to BANK_WAIT_S for the first one, then gets
-        NotReady (503); once any bank is usable it is answered from it, never with a 503."""
+        """The project's predictor over its reference bank. Banks are shared by projects with the same
+        reference set and built in a background thread, small first (ADCLICK_FIRST_REFERENCES spread over the
+        folder, ready in seconds), then grown and swapped in whole. A project with an older bank keeps it
+        until the new one is at least as large; a project with none waits up to BANK_WAIT_S for the first
+        one, then gets NotReady (503); once any bank is usable it is answered from it, never with a 503."""
         self._ensure_loaded()
         key, images = self._reference_set(project)
         with self._lock:
@@ -355,12 +362,15 @@ class ModelService:
         previous = self.banks.peek(previous_key) if previous_key and previous_key != key else None
         if model is None and build is not None:
             model = build.latest
-        if model is not None and (previous is None or model.complete or model.n_references >= previous.n_references):
+        if model is not None and (
+            previous is None or model.complete or model.n_references >= previous.n_references
+        ):
             return self._serve(project, model)
         if previous is not None:
             return previous
         assert build is not None
-        if build.error is None and not build.first.wait(self.settings.bank_wait_s if wait_s is None else wait_s):
+        wait = self.settings.bank_wait_s if wait_s is None else wait_s
+        if build.error is None and not build.first.wait(wait):
             raise NotReady(
                 f"project {project}: the reference bank of {len(images)} images is still being built; "
                 "retry in a few seconds"
@@ -368,7 +378,7 @@ class ModelService:
         if build.latest is not None:
             return self._serve(project, build.latest)
         error = build.error
-        if isinstance(error, BackendError):  # its own status and message (e.g. 503 for a missing model), per request
+        if isinstance(error, BackendError):  # its own status and message (e.g. 503: no model), per request
             raise type(error)(f"project {project}: {error.message}")
         reason = type(error).__name__
         raise BankBuildFailed(
@@ -388,7 +398,9 @@ class ModelService:
             if build is not None and (build.running or time.monotonic() - build.failed_at < BANK_RETRY_S):
                 return build
             build = self._builds[key] = _BankBuild(key, len(images))
-        thread = threading.Thread(target=self._build, args=(build, images), name=f"bank-{key[:8]}", daemon=True)
+        thread = threading.Thread(
+            target=self._build, args=(build, images), name=f"bank-{key[:8]}", daemon=True
+        )
         with self._lock:
             self._build_threads.add(thread)
         thread.start()
@@ -458,7 +470,9 @@ class ModelService:
             done = size
             self._publish(build, engine, choice, bank, complete=final)
 
-    def _publish(self, build: _BankBuild, engine: Any, choice: PredictorChoice, bank: Any, complete: bool) -> None:
+    def _publish(
+        self, build: _BankBuild, engine: Any, choice: PredictorChoice, bank: Any, complete: bool
+    ) -> None:
         keys = getattr(bank, "source_keys", None)
         n = len(keys) if keys is not None else len(bank)
         model = ProjectModel(build.key, bank, choice.build(engine, bank), n, build.target, complete)
@@ -495,8 +509,8 @@ class ModelService:
             threading.Thread(target=self._load_quietly, name="warm-model", daemon=True).start()
 
     def _load_quietly(self) -> None:
-        """The model, and for the residual engine (it builds its backbone lazily) the backbone, one forward pass
-        (the first one pays for the kernels' set-up) and the predictor's weights, on an empty bank."""
+        """The model, and for the residual engine (it builds its backbone lazily) the backbone, one forward
+        pass (the first one pays for the kernels' set-up) and the predictor's weights, on an empty bank."""
         try:
             engine, choice = self._ensure_loaded()
             extractor = getattr(engine, "extractor", None)

@@ -90,7 +90,8 @@ def load_image(item: ImageLike) -> np.ndarray:
             with Image.open(item) as im:
                 arr = np.asarray(im.convert("RGB"))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            reason = "too many pixels" if isinstance(exc, Image.DecompressionBombError) else "not a readable image"
+            bomb = isinstance(exc, Image.DecompressionBombError)
+            reason = "too many pixels" if bomb else "not a readable image"
             raise InputError(f"cannot read image {Path(item).name}: {reason}") from exc
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise InputError(f"expected (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
@@ -183,7 +184,7 @@ class ResidualEngine:
             logger.info("saved reference bank %s (%d views, %.1f MB)", bank.key, len(bank), bank.nbytes / 2**20)
 
     def cached_bank(self, images: Iterable[ImageLike]) -> ReferenceBank | None:
-        """The bank `build_bank(images)` would return, when it is in the disk cache; else None (nothing built)."""
+        """The bank `build_bank(images)` would return, from the disk cache; None when not cached."""
         return self.load_cached(self._bank_key(dict.fromkeys(content_hash(it) for it in images)))
 
     def build_bank(self, images: Iterable[ImageLike], progress: Progress = None, augment: bool | None = None,
