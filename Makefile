@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 serve: install
-	$(VENV)/bin/gunicorn --bind 0.0.0.0:$(PORT) --workers $(WORKERS) --threads $(THREADS) \
+	$(VENV)/bin/gunicorn -c python:backend.gunicorn_conf --bind 0.0.0.0:$(PORT) --workers $(WORKERS) --threads $(THREADS) \
 		--timeout 300 --preload 'backend.wsgi:app'
 
 test: install-test

@@ -458,3 +458,25 @@ def test_batch_regions_take_the_label_whose_map_wins_else_the_first():
     unlearned = AnomalyResult(amap, 0.9, masks={"": blob | other}, label_scores={})
     names = [r["value"]["brushlabels"][0] for r in anomaly_regions(unlearned, cfg, (40, 60))]
     assert names == ["Scratch", "Scratch"]
+
+
+def test_a_gunicorn_worker_starts_loading_the_model_when_it_boots(tmp_path):
+    """Issue 12 req 7: the model load used to start with the worker's first request (Label Studio's Connect),
+    so the first click after connecting waited for it. backend.gunicorn_conf.post_worker_init starts it at boot."""
+    import time as _time
+
+    from backend import gunicorn_conf
+
+    settings = replace(Settings(), model_dir=tmp_path / "models", warm_on_setup=True)
+    app, service, _ = make_app(settings)
+    assert not service.loaded
+    gunicorn_conf.post_worker_init(type("Worker", (), {"wsgi": app})())
+    deadline = _time.monotonic() + 20
+    while not service.loaded and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert service.loaded
+    off = replace(settings, warm_on_setup=False, model_dir=tmp_path / "m2")
+    app2, service2, _ = make_app(off)
+    gunicorn_conf.post_worker_init(type("Worker", (), {"wsgi": app2})())
+    _time.sleep(0.3)
+    assert not service2.loaded

@@ -200,8 +200,9 @@ def start_backend(env_extra: Mapping[str, str], log: Path, timeout_s: float = 12
     url = f"http://127.0.0.1:{port}"
     env = _clean_env({"LOG_LEVEL": "INFO", **env_extra})
     env["PYTHONPATH"] = str(REPO_ROOT)
-    cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "8",
-           "--timeout", "300", "--preload", "backend.wsgi:app"]  # as `make serve` runs it
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:backend.gunicorn_conf", "--bind", f"127.0.0.1:{port}",
+           "--workers", "1", "--threads", "32", "--timeout", "300", "--preload",
+           "backend.wsgi:app"]  # as `make serve` runs it
     server = _spawn("backend", cmd, env, log, url, cwd=REPO_ROOT)
     try:
         server.wait_ready("/health", timeout_s, lambda r: r.status_code == 200)
