@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
-from model.clicks import box_level, distance_to_other_label
+from model.clicks import distance_to_other_label
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)
@@ -212,8 +212,6 @@ class RefinedPredictor:
             prob = respect_clicks(prob, clicks, self.cfg.click_radius)
             if box is not None:
                 prob = np.where(box_mask(box, prob.shape), prob, 0.0).astype(np.float32)
-        if box is not None and not any(c.positive for c in clicks):
-            prob = fit_to_box(prob, box)
         mask = prob > THRESHOLD
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
         return ClickResult(prob=prob, mask=mask, score=score)
@@ -221,15 +219,3 @@ class RefinedPredictor:
     def detect(self, state, labels: Optional[list[str]] = None) -> AnomalyResult:
         return self.base.detect(state, labels)
 
-
-def fit_to_box(prob: np.ndarray, box: Box) -> np.ndarray:
-    """A box with no positive click: the mask is the box's pixels above min(THRESHOLD, Otsu level of the
-    probabilities inside it), so a map that is only lukewarm over a defect the box encloses still fills it.
-    Returned as a probability remapped piecewise-linearly (monotone) so that the level lands on THRESHOLD."""
-    inside = box_mask(box, prob.shape)
-    level = box_level(prob[inside])
-    if level is None or level >= THRESHOLD or level <= 0.0:
-        return prob
-    low = prob * (THRESHOLD / level)
-    high = THRESHOLD + (prob - level) * ((1.0 - THRESHOLD) / (1.0 - level))
-    return np.where(inside, np.where(prob > level, high, low), prob).astype(np.float32)

@@ -163,28 +163,3 @@ def test_the_refined_predictor_respects_clicks_unless_told_not_to():
     assert not on.mask[26, 30] and off.mask[26, 30]
     assert on.mask[30, 30] and on.mask.sum() < off.mask.sum()
 
-
-def test_a_box_alone_fills_with_a_lukewarm_map():
-    """Issue 12 item 8: a smart box over a defect whose map is only lukewarm (0.3-0.45) gave a small central blob.
-    With no positive click the box is split at min(0.49, its Otsu level); the remap is monotone and keeps
-    prob > 0.49 == mask; outside the box nothing changes; with a positive click nothing changes either."""
-    from model.refine import fit_to_box
-
-    prob = np.full((60, 80), 0.05, np.float32)
-    prob[20:40, 20:50] = 0.35
-    prob[25:35, 30:40] = 0.6  # the central blob the base predictor found
-    box = (15, 15, 55, 45)
-    fitted = fit_to_box(prob, box)
-    assert (fitted[20:40, 20:50] > 0.49).all() and not (fitted[15:20, 15:55] > 0.49).any()
-    assert np.array_equal(fitted[:, 60:], prob[:, 60:])
-    order = np.argsort(prob[15:45, 15:55].ravel(), kind="stable")
-    assert (np.diff(fitted[15:45, 15:55].ravel()[order]) >= 0).all()
-    confident = np.where(prob > 0.3, 0.9, 0.05).astype(np.float32)  # already split: the same mask
-    assert np.array_equal(fit_to_box(confident, box) > 0.49, confident > 0.49)
-
-    pred = RefinedPredictor(_Blob(prob), RefineConfig())
-    state = type("S", (), {"image": np.zeros((60, 80, 3), np.uint8)})()
-    boxed = pred.predict(state, [], box=box)
-    assert boxed.mask[30, 24] and boxed.mask[36, 46] and np.array_equal(boxed.mask, boxed.prob > 0.49)
-    clicked = pred.predict(state, [Click(35, 30, True)], box=box)
-    assert not clicked.mask[30, 24]
