@@ -1,8 +1,8 @@
 """The malformed requests of the fuzz tier, generated from a seed: every route and method, bad JSON, wrong
 types, huge numbers, deep nesting, odd content types, bad project ids, bad click contexts, odd image
-references, broken transfers. Each case says whether the application must answer it ("app": a JSON
-{"error": ...} for any 4xx/5xx) or gunicorn's HTTP parser may answer it first ("protocol": gunicorn's own
-400 page); either way never a 500."""
+references, broken transfers. Each case says whether the application must answer it ("app") or gunicorn's HTTP
+parser may answer it first ("protocol"); either way a 4xx/5xx is a JSON {"error": ...} (gunicorn's own refusals
+through backend/gunicorn_conf.py) and never a 500."""
 
 from __future__ import annotations
 

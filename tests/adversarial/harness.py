@@ -64,6 +64,8 @@ class Gunicorn:
                 sys.executable,
                 "-m",
                 "gunicorn",
+                "-c",
+                "python:backend.gunicorn_conf",  # as make serve: JSON for gunicorn's own refusals, boot-time load
                 "--bind",
                 f"127.0.0.1:{self.port}",
                 "--workers",

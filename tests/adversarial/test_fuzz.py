@@ -75,7 +75,7 @@ def _check(case, resp, secrets: tuple[str, ...]) -> list[str]:
     for word in FORBIDDEN + secrets:
         if word in text:
             problems.append(f"answer holds {word!r}")
-    if resp.status >= 400 and case.kind == "app" and case.method != "HEAD":
+    if resp.status >= 400 and case.method != "HEAD":  # gunicorn's own refusals too (backend.gunicorn_conf)
         if not resp.headers.get("content-type", "").startswith("application/json"):
             problems.append(f"{resp.status} answer is {resp.headers.get('content-type')!r}, not JSON")
         else:
