@@ -20,14 +20,6 @@ class BadRequest(BackendError):
     status = 400
 
 
-class Unauthorized(BackendError):
-    status = 401
-
-
-class NotFound(BackendError):
-    status = 404
-
-
 class LabelConfigError(BackendError):
     """The project's label config lacks what the backend needs, or a request names an unknown label."""
 

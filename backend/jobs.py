@@ -171,9 +171,6 @@ class JobManager:
         done = [s for s in self._read().values() if s["finished_at"]]
         return max(done, key=lambda s: s["finished_at"]) if done else None
 
-    def is_training(self) -> bool:
-        return any(s["status"] == "running" for s in self._read().values())
-
     def ensure_started(self) -> None:
         """Start the worker thread in this process (idempotent; safe after a fork: gunicorn --preload)."""
         with self._cond:

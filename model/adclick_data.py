@@ -117,10 +117,6 @@ def load_samples(path: Path) -> list[Sample]:
     return [Sample(**{f: payload[f][i] for f in Sample.__dataclass_fields__}) for i in range(n)]
 
 
-def prompt_words(kind: str) -> tuple[str, ...]:
-    return KIND_WORDS[kind]
-
-
 def _interior_points(region: np.ndarray, k: int, rng: np.random.Generator, interior: float) -> list[tuple]:
     if k <= 0 or not region.any():
         return []

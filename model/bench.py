@@ -407,13 +407,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "fit":
-        try:
-            fit = importlib.import_module("model.bench_fit")
-        except ModuleNotFoundError as exc:
-            if exc.name != "model.bench_fit":
-                raise
-            sys.stderr.write("model.bench fit: model/bench_fit.py does not exist yet (learning-loop bench)\n")
-            return 2
+        fit = importlib.import_module("model.bench_fit")  # lazily: model.bench_fit imports this module
         return int(fit.main(argv[1:]) or 0)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

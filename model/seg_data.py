@@ -52,10 +52,6 @@ class SegExample:
         return seg_tokens(self.residual, self.features)
 
     @property
-    def has_masks(self) -> bool:
-        return bool(self.masks)
-
-    @property
     def usable(self) -> bool:
         return bool(self.masks or self.boxes or self.verdict is not None)
 

@@ -230,6 +230,3 @@ class AdClickNet(nn.Module):
     def forward(self, residual, grid, clicks, prompt=None, features=None, image=None) -> torch.Tensor:
         return self.decode(self.encode_image(residual, grid, features, image), clicks, prompt)
 
-
-def build_adclick(cfg: AdClickConfig) -> AdClickNet:
-    return AdClickNet(cfg)
