@@ -6,8 +6,8 @@ the same click is sent until it answers 200 (each 503 retried after 0.2 s). Then
     python scripts/bench_first_click.py --dataset ../shared/datasets/mvtec3d_tire --refs 200 [--hog 2] [--preload]
 
 --hog N runs N busy-loop processes all along (a busy 2-core machine); --preload loads the model and the backbone
-before /setup, as a serving process does in the background after its first request (a backend started before the
-user connects); without it the first bank also waits for them; --quality N compares, on N defect images, the click IoU (2
+before /setup, as every gunicorn worker does in the background when it boots (backend/gunicorn_conf.py: a backend
+started before the user connects); without it the first bank also waits for them; --quality N compares, on N defect images, the click IoU (2
 positive + 1 negative click) of the first small bank against the same number of references taken first by name
 and against the whole bank. Prints JSON."""
 
