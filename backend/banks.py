@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Optional
 
 from PIL import Image
+
+from backend.cache import ByteLRU
 
 logger = logging.getLogger(__name__)
 
@@ -94,53 +94,22 @@ def bank_nbytes(bank: Any) -> int:
     return int(size) if isinstance(size, int) else 64
 
 
-class BankLRU:
+class BankLRU(ByteLRU):
     """Thread-safe map key -> value (a project model over one bank), bounded by the banks' bytes: beyond the
     budget the least recently used values are dropped (freed once no request holds them). The value just put
     is never dropped, even alone over the budget: a project must be able to serve."""
 
     def __init__(self, budget_bytes: int):
-        self.budget = int(budget_bytes)
-        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.evictions = 0
+        super().__init__(budget_bytes, keep_newest=True)
 
-    def get(self, key: Hashable) -> Optional[Any]:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            self._items.move_to_end(key)
-            return item[0]
-
-    def peek(self, key: Hashable) -> Optional[Any]:
-        """The value without making it recently used (for /health)."""
-        with self._lock:
-            item = self._items.get(key)
-            return None if item is None else item[0]
-
-    def put(self, key: Hashable, value: Any, nbytes: int) -> list[Hashable]:
-        """Store (replacing the key's previous value); returns the keys dropped to stay within the budget."""
-        dropped = []
-        with self._lock:
-            self._items.pop(key, None)
-            self._items[key] = (value, int(nbytes))
-            total = sum(size for _, size in self._items.values())
-            while total > self.budget and len(self._items) > 1:
-                old, (_, size) = self._items.popitem(last=False)
-                total -= size
-                dropped.append(old)
-                self.evictions += 1
+    def put(self, key: Hashable, value: Any, size: Optional[int] = None) -> list[Hashable]:
+        dropped = super().put(key, value, size)
         for old in dropped:
             logger.info("reference bank %s freed (bank memory over its budget of %d MB)", old,
                         self.budget >> 20)
         return dropped
 
-    def keys(self) -> list[Hashable]:
-        with self._lock:
-            return list(self._items)
-
     def snapshot(self) -> dict:
         with self._lock:
-            return {"banks": len(self._items), "bytes": sum(s for _, s in self._items.values()),
-                    "budget_bytes": self.budget, "evictions": self.evictions}
+            return {"banks": len(self._items), "bytes": self._bytes, "budget_bytes": self.budget,
+                    "evictions": self.stats.evictions}

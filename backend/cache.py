@@ -40,9 +40,13 @@ class CacheStats:
 
 
 class ByteLRU:
-    def __init__(self, budget_bytes: int, sizeof: Callable[[object], int] = nbytes_of):
+    """`keep_newest`: the value just put is never dropped, even alone over the budget (a value that must be
+    served, e.g. a reference bank); otherwise a value larger than the whole budget is returned but not kept."""
+
+    def __init__(self, budget_bytes: int, sizeof: Callable[[object], int] = nbytes_of, keep_newest: bool = False):
         self.budget = int(budget_bytes)
         self._sizeof = sizeof
+        self.keep_newest = keep_newest
         self._items: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -66,25 +70,40 @@ class ByteLRU:
             self._items.move_to_end(key)
             return item[0]
 
-    def put(self, key: Hashable, value: object) -> None:
-        size = self._sizeof(value)
+    def peek(self, key: Hashable) -> Optional[object]:
+        """The value without making it recently used (for reports)."""
         with self._lock:
-            self._put_locked(key, value, size)
+            item = self._items.get(key)
+            return None if item is None else item[0]
 
-    def _put_locked(self, key: Hashable, value: object, size: int) -> None:
+    def keys(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._items)
+
+    def put(self, key: Hashable, value: object, size: Optional[int] = None) -> list[Hashable]:
+        """Store (replacing the key's previous value); `size` defaults to `sizeof(value)`. Returns the keys
+        dropped to stay within the budget."""
+        size = self._sizeof(value) if size is None else int(size)
+        with self._lock:
+            return self._put_locked(key, value, size)
+
+    def _put_locked(self, key: Hashable, value: object, size: int) -> list[Hashable]:
         old = self._items.pop(key, None)
         if old is not None:
             self._bytes -= old[1]
-        if size > self.budget:
+        if size > self.budget and not self.keep_newest:
             self.stats.oversize += 1
             logger.warning("cache: value of %d bytes exceeds the budget of %d; not cached", size, self.budget)
-            return
+            return []
         self._items[key] = (value, size)
         self._bytes += size
-        while self._bytes > self.budget and self._items:
-            _, (_, evicted) = self._items.popitem(last=False)
+        dropped = []
+        while self._bytes > self.budget and len(self._items) > (1 if self.keep_newest else 0):
+            evicted_key, (_, evicted) = self._items.popitem(last=False)
             self._bytes -= evicted
             self.stats.evictions += 1
+            dropped.append(evicted_key)
+        return dropped
 
     def get_or_set(self, key: Hashable, factory: Callable[[], object]) -> object:
         while True:
