@@ -9,6 +9,7 @@ ones. What the user waits for is written to <tmp>/browser-figures.json and print
 asserted)."""
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import threading
@@ -21,6 +22,7 @@ from scipy import ndimage
 
 from tests.browser.conftest import docs_screenshot
 from tests.e2e.ls_api import decode_mask
+from tests.e2e.processes import wait_for
 from tests.fixtures.images import DEFECT, NEGATIVE_CLICK, POSITIVE_CLICKS
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
@@ -44,15 +46,7 @@ def _backend_json(servers, path: str, **params) -> dict:
     return resp.json()
 
 
-def _wait_for(what: str, probe, timeout_s: float, every_s: float = 0.5):
-    end = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
+_wait_for = functools.partial(wait_for, every_s=0.5)
 
 
 def _overlap(mask: np.ndarray, truth: np.ndarray) -> dict:

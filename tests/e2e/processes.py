@@ -31,6 +31,18 @@ _DROP = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "DJANGO_SETTINGS_MODULE", "L
          "REDIS_URL")
 
 
+def wait_for(what: str, probe, timeout_s: float, every_s: float = 1.0):
+    """probe() until it returns something truthy (returned); an AssertionError naming `what` after timeout_s."""
+    end = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -4,29 +4,18 @@ editor and its project pages make (connect, smart clicks, annotations -> webhook
 Tests run in file order and share one project; each one states what it needs from the earlier ones."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.e2e.ls_api import decode_mask, keypoint
+from tests.e2e.processes import wait_for
 from tests.fixtures.images import NEGATIVE_CLICK, POSITIVE_CLICKS, H, W
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 LABEL = "Dent"
-
-
-def wait_for(what: str, probe, timeout_s: float, every_s: float = 1.0):
-    end = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
 
 
 LS_SETUP_TIMEOUT_S = 3.0  # Label Studio 1.23's ML_TIMEOUT_SETUP: a slower /setup fails "Validate and Save"
