@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model.clicks import encode_clicks
-from model.synth import KIND_WORDS, KINDS, synthesize
+from model.synth import KINDS, synthesize
 from model.types import Click
 
 logger = logging.getLogger(__name__)
