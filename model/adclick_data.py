@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from model.clicks import encode_clicks
+from model.clicks import half
 from model.synth import KINDS, synthesize
 from model.types import Click
 
@@ -40,12 +40,6 @@ class Sample:
     masks: torch.Tensor  # (n, H/2, W/2) bool, one per defect instance
     kinds: list[str]
     product: str
-
-
-def half(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (ceil(H/2), ceil(W/2), 3) by area averaging (the network's stem input)."""
-    h, w = image.shape[:2]
-    return cv2.resize(image, ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA)
 
 
 def half_mask(mask: np.ndarray) -> np.ndarray:
@@ -140,14 +134,3 @@ def initial_clicks(target: np.ndarray, others: np.ndarray, rng: np.random.Genera
             pool = pools[int(rng.choice(3, p=[0.5, 0.3, 0.2]))]
             clicks += [Click(x, y, False) for x, y in _interior_points(pool, 1, rng, 0.0)]
     return clicks
-
-
-def click_maps(clicks: Sequence[Click], prev: Optional[np.ndarray], shape: tuple[int, int],
-               src_shape: tuple[int, int], radius: float = 1.0) -> np.ndarray:
-    """(3, h2, w2) float32: positive disks, negative disks, previous mask (area-resized), click grid."""
-    disks = encode_clicks(list(clicks), shape, radius=radius, src_shape=src_shape)
-    if prev is None:
-        p = np.zeros(shape, np.float32)
-    else:
-        p = cv2.resize(prev.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-    return np.concatenate([disks, p[None]], 0)

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 PredictorBuilder = Callable[[Any, Any, argparse.Namespace], Predictor]
 PREDICTORS: dict[str, PredictorBuilder] = {}  # name -> builder(engine, bank, args)
-PLUGIN_MODULES = ("model.predictor",)  # imported on demand; they call register_predictor on import
+PLUGIN_MODULES = ("model.predictor",)  # imported on demand; each offers bench_builders() -> {name: builder}
 
 
 def register_predictor(name: str) -> Callable[[PredictorBuilder], PredictorBuilder]:
@@ -81,10 +81,13 @@ def get_builder(name: str) -> PredictorBuilder:
         if name in PREDICTORS:
             break
         try:
-            importlib.import_module(module)
+            plugin = importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+            continue
+        for key, builder in plugin.bench_builders().items():
+            PREDICTORS.setdefault(key, builder)
     if name not in PREDICTORS:
         raise ConfigError(f"unknown predictor {name!r}; known: {sorted(PREDICTORS)}")
     return PREDICTORS[name]
@@ -420,8 +423,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    # run the imported module's main: plugins (model.predictor) register into `model.bench.PREDICTORS`,
-    # which under `python -m` is a different module object from this __main__
-    from model.bench import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -231,3 +231,21 @@ class ClickHistory:
             previous = np.asarray(result.mask, bool)
             self._put(self._key(clicks[:k], box, prompt), previous)
         return result
+
+
+# ---- the interactive network's inputs (shared by serving and training) ----------------------------------
+def half(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (ceil(H/2), ceil(W/2), 3) by area averaging (the network's stem input)."""
+    h, w = image.shape[:2]
+    return cv2.resize(image, ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA)
+
+
+def click_maps(clicks: Sequence[Click], prev: Optional[np.ndarray], shape: tuple[int, int],
+               src_shape: tuple[int, int], radius: float = 1.0) -> np.ndarray:
+    """(3, h2, w2) float32: positive disks, negative disks, previous mask (area-resized), click grid."""
+    disks = encode_clicks(list(clicks), shape, radius=radius, src_shape=src_shape)
+    if prev is None:
+        p = np.zeros(shape, np.float32)
+    else:
+        p = cv2.resize(prev.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return np.concatenate([disks, p[None]], 0)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.adclick_data import click_maps, half
+from model.clicks import click_maps, half
 from model.errors import CheckpointError, InputError
 from model.modeling.adclick import ImageEmbedding
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
@@ -262,12 +262,9 @@ def load_interactive_predictor(engine, settings=None, weights_dir: Optional[Path
     return InteractiveChoice("adclick", version, build, reason + blend)
 
 
-def _register_bench() -> None:
-    try:
-        from model.bench import register_predictor
-    except ImportError:  # pragma: no cover - the benchmark is optional here
-        return
-
+def bench_builders() -> dict[str, Callable[[Any, Any, Any], Any]]:
+    """The learned predictors for `python -m model.bench` (name -> builder(engine, bank, args)); the benchmark
+    imports this module and asks, so serving never imports the benchmark."""
     def builder(name: str, use_prompt: bool = True, learned_weight: float = 1.0):
         def make(engine, bank, args):
             choice = load_interactive_predictor(engine, weights_dir=getattr(args, "weights_dir", None),
@@ -277,12 +274,11 @@ def _register_bench() -> None:
             return choice.build(engine, bank)
         return make
 
-    register_predictor("adclick")(builder("adclick"))
-    register_predictor("adclick-blend")(builder("adclick", use_prompt=False, learned_weight=0.5))
-    register_predictor("adclick-blend-prompt")(builder("adclick", learned_weight=0.5))
-    register_predictor("adclick-blend-nores")(builder("adclick_nores", use_prompt=False, learned_weight=0.5))
-    register_predictor("adclick-noprompt")(builder("adclick", use_prompt=False))
-    register_predictor("adclick-nores")(builder("adclick_nores"))
-
-
-_register_bench()
+    return {
+        "adclick": builder("adclick"),
+        "adclick-blend": builder("adclick", use_prompt=False, learned_weight=0.5),
+        "adclick-blend-prompt": builder("adclick", learned_weight=0.5),
+        "adclick-blend-nores": builder("adclick_nores", use_prompt=False, learned_weight=0.5),
+        "adclick-noprompt": builder("adclick", use_prompt=False),
+        "adclick-nores": builder("adclick_nores"),
+    }

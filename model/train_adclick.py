@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from model import distributed
-from model.adclick_data import Sample, click_maps, initial_clicks
+from model.adclick_data import Sample, initial_clicks
+from model.clicks import click_maps
 from model.checkpoint import atomic_save, make_checkpoint
 from model.clicks import next_click
 from model.modeling.adclick import ARCH, AdClickConfig, AdClickNet

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.adclick_data import build_samples, click_maps
+from model.adclick_data import build_samples
+from model.clicks import click_maps
 from model.modeling.adclick import AdClickConfig, AdClickNet
 from model.synth import KIND_WORDS
 from model.train_adclick import LoopConfig, batch_click_maps, build_net, make_batch, seg_loss, train
