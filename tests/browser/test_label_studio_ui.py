@@ -112,6 +112,13 @@ def test_edit_the_model_with_the_normal_images(browser_page, servers, ui_project
     """Card menu > Edit, type {"normal_dir": ...} into Extra params, Validate and Save: Label Studio sends the
     typed text as a string; the backend builds the project's reference bank from that folder."""
     ui = browser_page
+    # the backend renames its card to the served version right after connecting (Label Studio shows no version
+    # otherwise); the page is opened again once that happened, as a user coming back to the page sees it
+    served = _backend_json(servers, "/versions", project=ui_project["id"])["model_version"]
+    _wait_for("the model card renamed to the served version",
+              lambda: servers.api.call("GET", f"/api/ml/{_run['ml']}")["title"] == served, 30)
+    ui.model_settings(ui_project["id"])
+    ui.page.get_by_text(served, exact=True).first.wait_for()
     form = ui.open_edit_form()
     figures.set("edit_form_extra_params_shown", form.locator("[name=extra_params]").input_value())
     typed = json.dumps({"normal_dir": str(browser_dataset.normal_dir), "seg_fit_steps": SEG_FIT_STEPS})
