@@ -124,6 +124,7 @@ def test_edit_the_model_with_the_normal_images(browser_page, servers, ui_project
     typed = json.dumps({"normal_dir": str(browser_dataset.normal_dir), "seg_fit_steps": SEG_FIT_STEPS})
     form.locator("[name=extra_params]").fill(typed)
     docs_screenshot(ui, "ui_edit_extra_params.png")
+    assert form.locator("[name=extra_params]").input_value() == typed, "the Edit form lost the typed Extra params"
     answer = ui.save_ml_form(form)
     _run["connected_at"] = t0 = time.monotonic()
     assert answer.status == 200, f"Edit > Validate and Save -> {answer.status}: {answer.text()[:800]}"

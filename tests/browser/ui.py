@@ -80,10 +80,19 @@ class LabelStudioUI:
         return form
 
     def open_edit_form(self):
-        """The model card's menu > Edit; returns the form as Label Studio fills it from the stored model."""
+        """The model card's menu > Edit; returns the form once Label Studio filled it from the stored model.
+
+        Label Studio's form fills its fields from the stored model in timers that fire up to 50 ms after the form
+        mounts (`Form.componentDidMount`), overwriting anything typed before: a person never types that fast,
+        a script does (the Extra params typed right away were sent as the stored "" once in five runs). So this
+        waits until the Name field holds the stored title, then a little longer than those timers."""
         self.card_menu("Edit")
         form = self._ml_form()
         form.wait_for()
+        self.page.wait_for_function(
+            "() => [...document.querySelectorAll('form input[name=title]')].some(e => e.value.length > 0)",
+            timeout=10_000)
+        self.page.wait_for_timeout(300)
         return form
 
     def save_ml_form(self, form) -> Response:
