@@ -18,7 +18,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backend.errors import LabelConfigError
 from backend.ls_format import LabelConfig
-from model.seg_data import ANY, SegExample
+from model.seg.data import ANY, SegExample
 from model.types import Box
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from backend.jobs import JobManager
 from backend.locks import ProjectLock
 from backend.projects import ProjectStore, is_project_id, list_images
 from backend.settings import Settings
-from model.clicks import ClickHistory
+from model.interactive.clicks import ClickHistory
 from model.types import Predictor
 
 logger = logging.getLogger(__name__)
@@ -68,12 +68,12 @@ def lower_priority(nice: int) -> int:
 
 def choose_predictor(settings: Settings, engine: Any) -> PredictorChoice:
     """The served interactive predictor; unless ADCLICK_REFINE=off its maps get the full-resolution boundary
-    refinement of model/refine.py (guided filter by default, or GrabCut)."""
+    refinement of model/interactive/refine.py (guided filter by default, or GrabCut)."""
     choice = _choose_base(settings, engine)
     method = getattr(settings, "refine", "off")
     if method == "off":
         return choice
-    from model.refine import RefineConfig, RefinedPredictor
+    from model.interactive.refine import RefineConfig, RefinedPredictor
 
     cfg, base_build = RefineConfig(method=method), choice.build
 
@@ -91,11 +91,11 @@ def _choose_base(settings: Settings, engine: Any) -> PredictorChoice:
     reason = "zero-training click mode: ADCLICK_PREDICTOR=residual"
     if settings.predictor in ("auto", "learned"):
         try:
-            from model.predictor import check_weights, load_interactive_predictor
+            from model.interactive.learned import check_weights, load_interactive_predictor
         except ImportError:
             if settings.predictor == "learned":
-                raise NotReady("ADCLICK_PREDICTOR=learned but model.predictor is not available") from None
-            reason = "zero-training click mode: the learned predictor (model.predictor) is not available"
+                raise NotReady("ADCLICK_PREDICTOR=learned but model.interactive.learned is not available") from None
+            reason = "zero-training click mode: the learned predictor (model.interactive.learned) is not available"
         else:
             choice = load_interactive_predictor(engine=engine, settings=settings)
             if choice is not None:
@@ -103,7 +103,7 @@ def _choose_base(settings: Settings, engine: Any) -> PredictorChoice:
             if settings.predictor == "learned":
                 raise NotReady("ADCLICK_PREDICTOR=learned but no learned ADClick weights are bundled")
             reason = f"zero-training click mode: {check_weights(engine, getattr(settings, 'weights_dir', None))[1]}"
-    from model.clickmode import ResidualClickPredictor
+    from model.interactive.clickmode import ResidualClickPredictor
 
     return PredictorChoice(
         "residual-click",
@@ -114,8 +114,8 @@ def _choose_base(settings: Settings, engine: Any) -> PredictorChoice:
 
 
 def build_engine(settings: Settings) -> Any:
-    from model.features import BackboneConfig
-    from model.residuals import ResidualConfig, ResidualEngine
+    from model.engine.features import BackboneConfig
+    from model.engine.residuals import ResidualConfig, ResidualEngine
 
     return ResidualEngine(
         BackboneConfig(device=settings.device), ResidualConfig(), cache_dir=settings.model_dir / "banks"
@@ -267,7 +267,7 @@ class ModelService:
 
     # -- versions --------------------------------------------------------------------------------------------
     def trained_version(self, project: str) -> Optional[Any]:
-        from model.versions import project_store
+        from model.seg.versions import project_store
 
         return project_store(self.settings.model_dir, project).latest()
 
@@ -283,7 +283,7 @@ class ModelService:
     def versions(self, project: Optional[str]) -> list[str]:
         """The interactive model's version and the published versions of `project` (of every project that
         called /setup when none is named: Label Studio's GET /versions names none)."""
-        from model.versions import project_store
+        from model.seg.versions import project_store
 
         names = [self.choice.version]
         for key in [project] if project else self.projects.known():
@@ -566,8 +566,8 @@ class ModelService:
         key = (project, trained.name)
         with self._project_lock(project):
             if key not in self._detectors:
-                from model.seg_predict import SegDetector
-                from model.versions import project_store
+                from model.seg.predict import SegDetector
+                from model.seg.versions import project_store
 
                 ckpt, info = project_store(self.settings.model_dir, project).load(trained.name)
                 self._detectors = {k: v for k, v in self._detectors.items() if k[0] != project}

@@ -9,7 +9,7 @@ it (references.json).
 Learning loop: when at least one annotation locates a defect (a brush mask or a rectangle), ADClick-Seg is
 trained on the project's labels (backend/seg_labels.py: newest annotation per task, masks per label, boxes,
 verdicts; images through the service's loader, residuals against the new bank) and published atomically as
-`adclick-seg-v<N>` (model/train_seg.py, model/versions.py); that version then serves batch predictions.
+`adclick-seg-v<N>` (model/seg/train.py, model/seg/versions.py); that version then serves batch predictions.
 Knobs (Settings, from the SEG_* environment variables in docs/SETTINGS.md; per-project `extra_params` override
 them): seg_keep_versions (3), seg_fit_steps (60), seg_holdout (0.2), seg_max_ok_images (20)."""
 
@@ -45,7 +45,7 @@ class TrainingContext:
     progress: Callable[[float, str], None]
     client_factory: Callable[[], Any]  # -> label_studio_sdk.client.LabelStudio
     image_loader: Any  # backend.images.ImageLoader
-    engine: Any  # model.residuals.ResidualEngine
+    engine: Any  # model.engine.residuals.ResidualEngine
     projects: ProjectStore
     base_version: str = (
         ""  # the interactive model's version (a references-only fit derives its version from it)
@@ -195,9 +195,9 @@ def seg_examples(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, ba
 def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank: Any, ctx: TrainingContext,
               event: dict) -> dict | None:
     """Train and publish a new ADClick-Seg version; None when no annotation locates a defect yet."""
-    from model.seg_fit import FitConfig
-    from model.train_seg import SegTrainConfig, prompt_matrix, train_version
-    from model.versions import project_store
+    from model.seg.fit import FitConfig
+    from model.seg.train import SegTrainConfig, prompt_matrix, train_version
+    from model.seg.versions import project_store
 
     examples, figures = seg_examples(project, tasks, cfg, bank, ctx)
     if not any(e.masks or e.boxes for e in examples):

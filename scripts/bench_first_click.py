@@ -31,9 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # as backend/wsgi.py does when gunicorn loads the app: the heavy imports happen at boot, not in a request
-import model.clickmode  # noqa: E402,F401
-import model.predictor  # noqa: E402,F401
-import model.residuals  # noqa: E402,F401
+import model.interactive.clickmode  # noqa: E402,F401
+import model.interactive.learned  # noqa: E402,F401
+import model.engine.residuals  # noqa: E402,F401
 from backend.bench import CONFIG, _clicks, _decode, _serve  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def quality(service, dataset: Path, normals: list[Path], tests: list[Path], first: int, seed: int) -> dict:
     """Click IoU with a first bank of `first` references spread over the folder, `first` taken by name, all."""
     from backend.banks import spread_order
-    from model.clicks import ClickHistory
+    from model.interactive.clicks import ClickHistory
     from model.types import Click
 
     engine, choice = service.engine, service.choice

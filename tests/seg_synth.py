@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.seg_data import SegExample
+from model.seg.data import SegExample
 
 C, GRID, BLOCK = 12, (24, 32), 8  # channels, token grid, pixels per block
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.adclick_data import build_samples
-from model.clicks import click_maps
+from model.training.samples import build_samples
+from model.interactive.clicks import click_maps
 from model.modeling.adclick import AdClickConfig, AdClickNet
-from model.synth import KIND_WORDS
-from model.train_adclick import LoopConfig, batch_click_maps, build_net, make_batch, seg_loss, train
+from model.training.synth import KIND_WORDS
+from model.training.train_adclick import LoopConfig, batch_click_maps, build_net, make_batch, seg_loss, train
 from model.types import Click
 
 torch.set_num_threads(1)
@@ -161,7 +161,7 @@ class FakeText:
 
 @pytest.fixture(scope="module")
 def predictor():
-    from model.predictor import AdClickPredictor
+    from model.interactive.learned import AdClickPredictor
 
     torch.manual_seed(0)
     net = AdClickNet(AdClickConfig(res_channels=6, text_dim=8, **tiny_cfg())).eval()
@@ -203,9 +203,9 @@ def test_predictor_prompt_and_detect(predictor):
 def test_shipped_weights_follow_positive_and_negative_clicks():
     """With the shipped weights and the real engine: a positive click on a synthetic defect marks it, and a
     negative click on it removes the region around it."""
-    from model.features import BackboneConfig
-    from model.predictor import load_interactive_predictor
-    from model.residuals import ResidualConfig, ResidualEngine
+    from model.engine.features import BackboneConfig
+    from model.interactive.learned import load_interactive_predictor
+    from model.engine.residuals import ResidualConfig, ResidualEngine
 
     engine = ResidualEngine(BackboneConfig(device="cpu"), ResidualConfig())
     choice = load_interactive_predictor(engine)

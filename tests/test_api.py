@@ -105,7 +105,7 @@ def test_setup_returns_the_version_and_keeps_extra_params(api):
 def test_setup_never_overwrites_a_trained_version(api, settings):
     import torch
 
-    from model.versions import project_store
+    from model.seg.versions import project_store
 
     client, _, _ = api
     project_store(settings.model_dir, "4").commit(

@@ -49,7 +49,7 @@ def test_real_model_click_masks_the_painted_defect(setup):
     resp = client.post("/predict", json=body)
     assert resp.status_code == 200, resp.get_json()
     pred = resp.get_json()["results"][0]
-    from model.predictor import check_weights
+    from model.interactive.learned import check_weights
 
     learned = service.settings.predictor == "auto" and check_weights(service.engine)[0] is not None
     assert pred["model_version"].startswith("adclick-" if learned else "residual-click-")

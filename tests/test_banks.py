@@ -84,7 +84,7 @@ def test_bank_stages():
 
 def test_the_first_click_answers_before_the_full_bank_is_built(tmp_path, server):
     """40 references at 0.15 s each: the whole bank takes 6 s; the first mask after /setup must not wait for it."""
-    import model.versions  # noqa: F401  (imported by /setup; a cold torch import must not blur the timing)
+    import model.seg.versions  # noqa: F401  (imported by /setup; a cold torch import must not blur the timing)
 
     folder = normals(tmp_path / "good", 40)
     settings = replace(Settings(), model_dir=tmp_path / "m", normal_dir=str(folder), first_references=4)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import bench
-from model.baselines import GrabCutPredictor
-from model.clicks import simulate
-from model.data import DatasetError, limit_per_defect, load_mask, load_mvtec, load_rgb
+from model.cli import bench
+from model.evaluation.baselines import GrabCutPredictor
+from model.interactive.clicks import simulate
+from model.training.datasets import DatasetError, limit_per_defect, load_mask, load_mvtec, load_rgb
 from model.errors import ConfigError
 from model.types import Click, ClickResult
 
@@ -163,7 +163,7 @@ def test_clicks_cli_with_a_registered_predictor_and_grabcut(dataset, tmp_path, m
 def test_refine_suffix_and_dev_split(dataset, tmp_path, monkeypatch):
     """NAME+refine wraps a predictor in the boundary refinement (RefineConfig from --refine-opt); --split even /
     odd gives complementary halves of every defect type."""
-    from model.refine import RefinedPredictor
+    from model.interactive.refine import RefinedPredictor
 
     made = []
 
@@ -198,7 +198,7 @@ def test_python_m_bench_finds_the_learned_predictors(dataset, tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "model.bench", "clicks", "--dataset", str(dataset), "--predictor", "adclick",
+        [sys.executable, "-m", "model.cli.bench", "clicks", "--dataset", str(dataset), "--predictor", "adclick",
          "--no-grabcut", "--weights-dir", str(tmp_path), "--threads", "1", "--cache-dir", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -208,9 +208,9 @@ def test_python_m_bench_finds_the_learned_predictors(dataset, tmp_path):
 
 def test_fit_subcommand_dispatches_to_bench_fit(monkeypatch):
     seen = {}
-    fake = types.ModuleType("model.bench_fit")
+    fake = types.ModuleType("model.cli.bench_fit")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "model.bench_fit", fake)
+    monkeypatch.setitem(sys.modules, "model.cli.bench_fit", fake)
     assert bench.main(["fit", "--dataset", "x"]) == 0
     assert seen["argv"] == ["--dataset", "x"]
 

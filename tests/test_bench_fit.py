@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model import bench, train
-from model.bench_fit import as_boxes
-from model.seg_data import SegExample
-from model.versions import VersionStore
+from model.cli import bench, train
+from model.cli.bench_fit import as_boxes
+from model.seg.data import SegExample
+from model.seg.versions import VersionStore
 
 torch.set_num_threads(1)
 H, W = 64, 80

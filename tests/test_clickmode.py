@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.clickmode import ClickModeConfig, ResidualClickPredictor, bounded_score
+from model.interactive.clickmode import ClickModeConfig, ResidualClickPredictor, bounded_score
 from model.errors import InputError
-from model.features import BackboneConfig
+from model.engine.features import BackboneConfig
 from model.metrics import iou
-from model.residuals import ResidualConfig, ResidualEngine, ResidualState
+from model.engine.residuals import ResidualConfig, ResidualEngine, ResidualState
 from model.types import Click
 
 H, W = 80, 120

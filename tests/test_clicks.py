@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from model.clicks import encode_clicks, next_click, simulate
+from model.interactive.clicks import encode_clicks, next_click, simulate
 from model.types import Click, ClickResult
 
 
@@ -115,7 +115,7 @@ class _Recorder:
 
 
 def test_click_history_replays_previous_masks_and_costs_one_call_per_new_click():
-    from model.clicks import ClickHistory
+    from model.interactive.clicks import ClickHistory
 
     clicks = [Click(10, 10, True), Click(30, 20, True), Click(11, 10, False), Click(40, 30, True)]
     fresh, rec = ClickHistory(), _Recorder()

@@ -1,4 +1,4 @@
-"""model/distributed.py under torchrun: 2 CPU processes (gloo) train one model; both ranks end with identical
+"""model/training/distributed.py under torchrun: 2 CPU processes (gloo) train one model; both ranks end with identical
 weights, equal to single-process training on the full batch (the gradients really are averaged)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.distributed import (
+from model.training.distributed import (
     DistContext,
     all_reduce_mean,
     any_rank,
@@ -35,7 +35,7 @@ STEPS, N, LR = 5, 32, 0.1
 SCRIPT = textwrap.dedent(f"""
     import sys, torch
     from torch import nn
-    from model import distributed as d
+    from model.training import distributed as d
     torch.set_num_threads(1)
     ctx = d.init(torch.device(sys.argv[2]), backend=sys.argv[3])
     torch.manual_seed(0)
@@ -193,12 +193,12 @@ def test_fingerprint_sees_any_weight_change():
 
 ADCLICK_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch
-    from model import distributed as d
-    from model.adclick_data import build_samples
-    from model.train_adclick import LoopConfig, build_net, train
+    from model.training import distributed as d
+    from model.training.samples import build_samples
+    from model.training.train_adclick import LoopConfig, build_net, train
     from tests.test_adclick import fake_residual, tiny_cfg
     import torch.nn.functional as F
-    from model.synth import KIND_WORDS
+    from model.training.synth import KIND_WORDS
     torch.set_num_threads(1)
     import os
     auto = sys.argv[4] == "auto"  # train() joins torchrun's group itself
@@ -252,8 +252,8 @@ def test_torchrun_adclick_training_loop_keeps_ranks_identical(tmp_path, device, 
 def test_torchrun_train_cli_writes_one_model(tmp_path):
     """The documented command, `torchrun --nproc_per_node=2 -m model.train adclick --config ...`, on a tiny
     cached training set: both ranks train, rank 0 writes the final weights and the resumable checkpoint."""
-    from model.adclick_data import build_samples, save_samples
-    from model.synth import KIND_WORDS
+    from model.training.samples import build_samples, save_samples
+    from model.training.synth import KIND_WORDS
     from tests.test_adclick import fake_residual, tiny_cfg
 
     clean = np.full((128, 160, 3), 120, np.uint8)
@@ -278,7 +278,7 @@ def test_torchrun_train_cli_writes_one_model(tmp_path):
         "loop": {"steps": 4, "batch": 4, "lr": 3e-3, "warmup": 1, "max_rounds": 1, "log_every": 2},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    result = _run_two_ranks("-m", "model.train", "adclick", "--config", str(tmp_path / "config.json"),
+    result = _run_two_ranks("-m", "model.cli.train", "adclick", "--config", str(tmp_path / "config.json"),
                             "--prompts", str(tmp_path / "prompts.pt"), "--device", "cpu")
     weights = torch.load(tmp_path / "adclick.pt", weights_only=True)
     assert weights["meta"]["samples"] == len(samples) and weights["meta"]["final_loss"] > 0

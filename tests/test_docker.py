@@ -245,7 +245,7 @@ def test_project_wheel_bundles_code_and_weights(tmp_path):
     ]
     subprocess.run([*cmd, str(src)], check=True, capture_output=True, timeout=300)
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
-    for module in ("backend/wsgi.py", "backend/worker.py", "backend/queue.py", "model/distributed.py"):
+    for module in ("backend/wsgi.py", "backend/worker.py", "backend/queue.py", "model/training/distributed.py"):
         assert module in names
     for path in (ROOT / "weights").iterdir():
         if path.suffix in (".pt", ".json"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.errors import ConfigError, InputError
-from model.features import BackboneConfig, build_extractor, input_hw
+from model.engine.features import BackboneConfig, build_extractor, input_hw
 from tests.conftest import texture
 
 CFG = BackboneConfig(input_size=128, device="cpu")
@@ -82,7 +82,7 @@ def test_unknown_backbone_and_bad_levels():
 
 
 def test_open_clip_is_imported_lazily():
-    code = ("import sys, model.features as f, model.residuals, model.clickmode; "
+    code = ("import sys, model.engine.features as f, model.engine.residuals, model.interactive.clickmode; "
             "f.build_extractor(f.BackboneConfig(input_size=64, device='cpu')); "
             "print('open_clip' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -269,8 +269,8 @@ def test_two_servers_share_one_model_dir(cluster):
         assert body["model_version"] == trained and trained in body["versions"]
 
     # a checkpoint published by another process (an RQ worker, another replica) is served at once by both,
-    # each version appearing whole (model/versions.py: temp dir + rename)
-    from model.versions import project_store
+    # each version appearing whole (model/seg/versions.py: temp dir + rename)
+    from model.seg.versions import project_store
 
     store = project_store(model_dir, PROJECT)
     for expected in ("adclick-seg-v1", "adclick-seg-v2"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.references import (
+from model.engine.references import (
     ReferenceBank,
     descriptors,
     fit_pca,

@@ -1,11 +1,11 @@
-"""Full-resolution boundary refinement (model/refine.py): a coarse blob on a sharp defect snaps to its edges."""
+"""Full-resolution boundary refinement (model/interactive/refine.py): a coarse blob on a sharp defect snaps to its edges."""
 from dataclasses import replace
 
 import cv2
 import numpy as np
 import pytest
 
-from model.refine import RefineConfig, RefinedPredictor, refine_prob, state_image
+from model.interactive.refine import RefineConfig, RefinedPredictor, refine_prob, state_image
 from model.types import AnomalyResult, Click, ClickResult
 from tests.conftest import texture
 
@@ -123,7 +123,7 @@ def test_refined_predictor_wraps_any_predictor(scene):
 
 
 def test_a_click_always_gets_its_own_label_and_the_disk_stops_at_the_mask():
-    from model.refine import respect_clicks
+    from model.interactive.refine import respect_clicks
 
     prob = np.zeros((60, 80), np.float32)
     prob[20:40, 20:40] = 0.9  # the mask: a 20 px square

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model.modeling.adclick import AdClickConfig, AdClickNet
 from model.modeling.adclick_seg import AdClickSeg, SegConfig, SegEnsemble, build_seg
-from model.seg_data import (
+from model.seg.data import (
     ANY,
     IGNORE,
     UNLABELLED,
@@ -20,10 +20,10 @@ from model.seg_data import (
     boxes_from_mask,
     build_targets,
 )
-from model.seg_fit import FitConfig, fit_seg
-from model.seg_predict import SegDetector, evaluate, make_checkpoint
-from model.train_seg import SegTrainConfig, init_from_adclick, train_version
-from model.versions import VersionStore
+from model.seg.fit import FitConfig, fit_seg
+from model.seg.predict import SegDetector, evaluate, make_checkpoint
+from model.seg.train import SegTrainConfig, init_from_adclick, train_version
+from model.seg.versions import VersionStore
 from tests.seg_synth import C, make_set
 
 torch.set_num_threads(1)  # the CI machine is shared: one thread avoids oversubscription stalls

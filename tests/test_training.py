@@ -18,9 +18,9 @@ from backend.ls_format import brush_region, parse_label_config
 from backend.projects import ProjectStore
 from backend.seg_labels import newest_annotation, task_labels
 from backend.settings import Settings
-from model.seg_data import ANY
-from model.seg_predict import SegDetector
-from model.versions import project_store
+from model.seg.data import ANY
+from model.seg.predict import SegDetector
+from model.seg.versions import project_store
 from tests.api_support import CONTRACT_CONFIG, RecordingServer, Route, encode
 
 torch.set_num_threads(1)
@@ -90,8 +90,8 @@ class FakeText:
 def world(tmp_path, monkeypatch):
     from label_studio_sdk.client import LabelStudio
 
-    from model.features import BackboneConfig
-    from model.residuals import ResidualEngine
+    from model.engine.features import BackboneConfig
+    from model.engine.residuals import ResidualEngine
 
     monkeypatch.setattr(training, "text_encoder", lambda: FakeText())
     with RecordingServer() as server:

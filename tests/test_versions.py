@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.versions import VersionNotFound, VersionStore, project_store
+from model.seg.versions import VersionNotFound, VersionStore, project_store
 
 
 def _ckpt(value: float) -> dict:
@@ -55,7 +55,7 @@ def test_process_killed_mid_write_leaves_last_good_version(tmp_path: Path) -> No
     script = textwrap.dedent(
         f"""
         import os, torch
-        from model.versions import VersionStore
+        from model.seg.versions import VersionStore
         def die(tmp, name):
             (tmp / "report.png").write_bytes(b"half")
             os._exit(9)  # no cleanup handlers: like a kill -9 in the middle of the write

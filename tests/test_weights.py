@@ -85,9 +85,9 @@ def test_manifest_detects_corruption(tmp_path):
 
 
 def test_choice_checks_engine_compatibility(tmp_path):
-    from model.features import BackboneConfig
-    from model.predictor import check_weights, load_interactive_predictor
-    from model.residuals import ResidualConfig, ResidualEngine
+    from model.engine.features import BackboneConfig
+    from model.interactive.learned import check_weights, load_interactive_predictor
+    from model.engine.residuals import ResidualConfig, ResidualEngine
 
     _tiny_weights(tmp_path)
     ok = ResidualEngine(BackboneConfig(device="cpu"), ResidualConfig())

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.modeling.adclick_seg import AdClickSeg
-from model.seg_data import IGNORE, UNLABELLED, BlockRule, SegExample, Targets, build_targets
+from model.seg.data import IGNORE, UNLABELLED, BlockRule, SegExample, Targets, build_targets
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 For a query image: backbone features -> bank projection (PCA) -> global retrieval of the `k_refs` most similar
 reference views -> position-constrained nearest-neighbour matching (hard window or soft positional embedding,
-see model/references.py) -> residual = matched reference feature - query feature (signed, (C, h, w)).
+see model/engine/references.py) -> residual = matched reference feature - query feature (signed, (C, h, w)).
 grid_map = L2 norm of the residual per patch; anomaly_map = grid_map resized to the image (bilinear) and
 smoothed with a Gaussian (`smooth_sigma` px); score = maximum of anomaly_map.
 
@@ -29,8 +29,8 @@ from PIL import Image
 
 from model.checkpoint import atomic_save
 from model.errors import BankError, ConfigError, InputError
-from model.features import BackboneConfig, FeatureExtractor, build_extractor
-from model.references import ReferenceBank, descriptors, fit_pca, match, retrieve, with_position
+from model.engine.features import BackboneConfig, FeatureExtractor, build_extractor
+from model.engine.references import ReferenceBank, descriptors, fit_pca, match, retrieve, with_position
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Training loop of the learned ADClick network over cached synthetic samples (see model/adclick_data.py).
+"""Training loop of the learned ADClick network over cached synthetic samples (see model/training/samples.py).
 
 Each step: a batch of samples, one target defect kind per sample (its instances = the target, other defects =
 background), a prompt vector for that kind (dropped with `prompt_dropout`), RITM-style initial clicks, then
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import distributed
-from model.adclick_data import Sample, initial_clicks
-from model.clicks import click_maps
+from model.training import distributed
+from model.training.samples import Sample, initial_clicks
+from model.interactive.clicks import click_maps
 from model.checkpoint import atomic_save, make_checkpoint
-from model.clicks import next_click
+from model.interactive.clicks import next_click
 from model.modeling.adclick import ARCH, AdClickConfig, AdClickNet
 from model.types import Click
 
@@ -205,7 +205,7 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
         rs, gs = input_scales(samples)
         net.res_scale.fill_(rs)
         net.grid_scale.fill_(gs)
-    # --- torchrun (model/distributed.py): same start weights everywhere, per-rank data, averaged grads ---
+    # --- torchrun (model/training/distributed.py): same start weights everywhere, per-rank data, averaged grads ---
     distributed.broadcast_module(net, ctx)
     pool = np.asarray(distributed.shard(range(len(samples)), ctx)) if ctx.distributed else len(samples)
     sync = (lambda: distributed.average_gradients(net, ctx)) if ctx.distributed else None
@@ -270,7 +270,7 @@ def _parse(argv: Optional[Sequence[str]]):
 
 
 def _prompts(args, cfg: dict, cache: Path) -> dict[str, torch.Tensor]:
-    from model.adclick_prepare import prompt_table
+    from model.training.prepare import prompt_table
     from model.modeling.text import TextConfig, build_text_encoder
 
     path = Path(args.prompts) if args.prompts else cache.with_suffix(".prompts.pt")
@@ -284,11 +284,11 @@ def _prompts(args, cfg: dict, cache: Path) -> dict[str, torch.Tensor]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import json
 
-    from model.adclick_data import load_samples, save_samples
-    from model.adclick_prepare import build_training_set
+    from model.training.samples import load_samples, save_samples
+    from model.training.prepare import build_training_set
     from model.device import resolve_device
-    from model.features import BackboneConfig
-    from model.residuals import ResidualConfig, ResidualEngine
+    from model.engine.features import BackboneConfig
+    from model.engine.residuals import ResidualConfig, ResidualEngine
 
     args = _parse(argv)
     cfg = json.loads(Path(args.config).read_text())

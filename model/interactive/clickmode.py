@@ -7,9 +7,9 @@ Negative clicks carve: a negative click inside a grown region raises that region
 at the negative click (if that leaves the positive click's peak, the region is split between the clicks by
 nearest-click assignment); a `click_radius` disk around every negative click is removed, one around every
 positive click is kept. A box restricts everything to its inside; with no positive click, the region is the
-part of the box above the level that splits its map values in two (Otsu, `model.clicks.box_level`): an
+part of the box above the level that splits its map values in two (Otsu, `model.interactive.clicks.box_level`): an
 annotator's box holds the whole defect, also when it is several pieces, and the defect fills much of it.
-`box_seeds` gives the learned network one click per anomalous part of such a box. prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5. (Boundary refinement at full resolution is model/refine.py, applied by the service.)
+`box_seeds` gives the learned network one click per anomalous part of such a box. prob > 0.5 exactly on the mask; outside it prob is the map scaled below 0.5. (Boundary refinement at full resolution is model/interactive/refine.py, applied by the service.)
 
 detect(): regions of the map above an adaptive threshold, kept when larger than `min_area` px; possibly none.
 The threshold is `detect_margin` x the highest leave-one-out score of defect-free references (bank calibration,
@@ -26,9 +26,9 @@ import numpy as np
 from scipy import ndimage
 
 from model.errors import InputError
-from model.references import ReferenceBank
-from model.residuals import ResidualEngine, ResidualState
-from model.clicks import box_level, distance_to_other_label
+from model.engine.references import ReferenceBank
+from model.engine.residuals import ResidualEngine, ResidualState
+from model.interactive.clicks import box_level, distance_to_other_label
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)

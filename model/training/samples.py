@@ -1,6 +1,6 @@
 """Training data of the learned ADClick network: synthetic defects + their residuals, and click sampling.
 
-`build_samples` draws synthetic defects (model/synth.py) over defect-free source images and runs a
+`build_samples` draws synthetic defects (model/training/synth.py) over defect-free source images and runs a
 residual-producing function on each (the residual engine against a bank that excludes the source image),
 keeping what training needs at reduced size: residual tokens and grid (float16), optional image features,
 the half-size image and half-size instance masks. `save_samples`/`load_samples` cache them on disk as one
@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 import torch
 
-from model.clicks import half
-from model.synth import KINDS, synthesize
+from model.interactive.clicks import half
+from model.training.synth import KINDS, synthesize
 from model.types import Click
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.clicks import click_maps, half
+from model.interactive.clicks import click_maps, half
 from model.errors import CheckpointError, InputError
 from model.modeling.adclick import ImageEmbedding
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
@@ -36,7 +36,7 @@ THRESHOLD = 0.49
 class AdClickState:
     """Per-image cache: the engine's residual state and the network's click-free image embedding."""
 
-    residual: Any  # model.residuals.ResidualState
+    residual: Any  # model.engine.residuals.ResidualState
     emb: ImageEmbedding
     image_shape: tuple[int, int]  # (H, W)
 
@@ -254,7 +254,7 @@ def load_interactive_predictor(engine, settings=None, weights_dir: Optional[Path
         learned = AdClickPredictor(eng, bank, net, text, version, obj, use_prompt)
         if learned_weight >= 1:
             return learned
-        from model.clickmode import ResidualClickPredictor
+        from model.interactive.clickmode import ResidualClickPredictor
 
         return BlendPredictor(learned, ResidualClickPredictor(eng, bank), learned_weight)
 

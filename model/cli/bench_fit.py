@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from model import metrics
-from model.data import limit_per_defect, load_mask, load_mvtec, load_rgb
-from model.seg_data import SegExample, boxes_from_mask
-from model.seg_fit import FitConfig
-from model.seg_predict import SegDetector
-from model.versions import VersionStore
+from model.training.datasets import limit_per_defect, load_mask, load_mvtec, load_rgb
+from model.seg.data import SegExample, boxes_from_mask
+from model.seg.fit import FitConfig
+from model.seg.predict import SegDetector
+from model.seg.versions import VersionStore
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def load_examples(args) -> tuple[list[SegExample], list[str], Any]:
 
 def load_set(args) -> LoadedSet:
     """Residual examples of every test image of the dataset (bank from its defect-free images)."""
-    from model.bench import build_bank, make_engine, select_refs
+    from model.cli.bench import build_bank, make_engine, select_refs
     from model.modeling.text import CachedTextEncoder, TextConfig, build_text_encoder
 
     data = load_mvtec(args.dataset, include_validation=not args.no_validation)
@@ -123,7 +123,7 @@ def evaluate(maps: Sequence[np.ndarray], examples: Sequence[SegExample]) -> dict
 
 def run_one(train: list[SegExample], test: list[SegExample], loaded: LoadedSet, fit: FitConfig,
             store_dir: Path, init: str | None = None, use_features: bool = True) -> dict[str, float]:
-    from model.train_seg import SegTrainConfig, prompt_matrix, train_version
+    from model.seg.train import SegTrainConfig, prompt_matrix, train_version
 
     prompts = prompt_matrix(loaded.encoder, loaded.labels)
     cfg = SegTrainConfig(fit=fit, holdout=0.0, init_weights=init, use_features=use_features)
@@ -155,7 +155,7 @@ def _table(result: dict) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from model.bench import _common
+    from model.cli.bench import _common
 
     p = argparse.ArgumentParser(prog="python -m model.bench fit", description=__doc__.split("\n\n")[0])
     _common(p, "window | softpos (matching of the residual engine)")
@@ -172,7 +172,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model.bench import _overrides
+    from model.cli.bench import _overrides
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

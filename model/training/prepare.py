@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 import torch
 
-from model.adclick_data import Sample, synth_one, to_sample
-from model.residuals import ResidualEngine, load_image
-from model.synth import KIND_WORDS
+from model.training.samples import Sample, synth_one, to_sample
+from model.engine.residuals import ResidualEngine, load_image
+from model.training.synth import KIND_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Product:
 
 
 def tire_product(dataset: Path, object_name: str = "tire") -> Product:
-    from model.data import list_images
+    from model.training.datasets import list_images
 
     train = [load_image(p) for p in list_images(dataset / "train" / "good")]
     val = [load_image(p) for p in list_images(dataset / "validation" / "good")]
@@ -143,7 +143,7 @@ def build_training_set(engine: ResidualEngine, dataset: Optional[Path], n_tire: 
                        seed: int, device: torch.device, workers: int = 1,
                        object_name: str = "tire") -> list[Sample]:
     rng = np.random.default_rng(seed)
-    from model.synth import skimage_textures
+    from model.training.synth import skimage_textures
 
     textures = skimage_textures()
     products = texture_products(rng) if n_texture > 0 else []

@@ -1,8 +1,8 @@
 """ADClick-Seg training pipeline: labelled examples -> a new published version.
 
 `train_version(examples, labels, prompts, store, cfg)` splits off a held-out part of the labels, trains
-(model/seg_fit.py), chooses per-label thresholds on the training labels, evaluates on the held-out part,
-and publishes checkpoint + metrics + PNG report atomically as `adclick-seg-v<N>` (model/versions.py).
+(model/seg/fit.py), chooses per-label thresholds on the training labels, evaluates on the held-out part,
+and publishes checkpoint + metrics + PNG report atomically as `adclick-seg-v<N>` (model/seg/versions.py).
 Both the service's fit (backend/training.py) and the CLI below use it.
 
 CLI: `python -m model.train seg --dataset DIR --out DIR [--n-train 20] [--labels masks|boxes]` trains on
@@ -23,16 +23,16 @@ import numpy as np
 import torch
 
 from model.modeling.adclick_seg import AdClickSeg, SegConfig, SegEnsemble, build_seg, load_matching
-from model.report import Overlay, write_report
-from model.seg_data import ANY, SegExample
-from model.seg_fit import FitConfig, Progress, fit_seg
-from model.seg_predict import choose_thresholds, evaluate_maps, make_checkpoint, predict_grid, to_image
-from model.versions import VersionInfo, VersionStore
+from model.seg.report import Overlay, write_report
+from model.seg.data import ANY, SegExample
+from model.seg.fit import FitConfig, Progress, fit_seg
+from model.seg.predict import choose_thresholds, evaluate_maps, make_checkpoint, predict_grid, to_image
+from model.seg.versions import VersionInfo, VersionStore
 
 logger = logging.getLogger(__name__)
 
 ANY_PROMPT = "defect"  # the text behind the any-defect map
-ADCLICK_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "adclick.pt"
+ADCLICK_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "adclick.pt"
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
 
 # ---- CLI ----------------------------------------------------------------------------------------------
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    from model.bench import _common  # the shared --dataset/--device/--backbone-opt/... flags
+    from model.cli.bench import _common  # the shared --dataset/--device/--backbone-opt/... flags
 
     p = argparse.ArgumentParser(prog="python -m model.train seg", description=__doc__.split("\n\n")[0])
     _common(p, "window | softpos (matching of the residual engine)")
@@ -180,14 +180,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model.bench_fit import load_examples  # dataset -> residual examples, shared with the benchmark
+    from model.cli.bench_fit import load_examples  # dataset -> residual examples, shared with the benchmark
 
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     examples, labels, encoder = load_examples(args)
     train = [e for e in examples if e.masks][: args.n_train]
     if args.labels == "boxes":
-        from model.bench_fit import as_boxes
+        from model.cli.bench_fit import as_boxes
 
         train = [as_boxes(e) for e in train]
     cfg = SegTrainConfig(fit=dataclasses.replace(FitConfig(), steps=args.steps), holdout=0.0)

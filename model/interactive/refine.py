@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
-from model.clicks import distance_to_other_label
+from model.interactive.clicks import distance_to_other_label
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
 logger = logging.getLogger(__name__)

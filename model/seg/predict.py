@@ -12,14 +12,14 @@ from sklearn.metrics import precision_recall_curve
 
 from model import metrics
 from model.modeling.adclick_seg import ARCH, AdClickSeg, SegConfig, SegEnsemble, build_seg
-from model.seg_data import ANY, SegExample, seg_tokens
+from model.seg.data import ANY, SegExample, seg_tokens
 from model.types import AnomalyResult
 
 logger = logging.getLogger(__name__)
 
 
 class HasResidual(Protocol):
-    """What `detect` needs of a residual-engine state (`model.residuals.ResidualState` has it)."""
+    """What `detect` needs of a residual-engine state (`model.engine.residuals.ResidualState` has it)."""
 
     residual: Any  # (C, h, w) signed residual tokens, torch tensor or numpy array
 
