@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from backend.locks import ProjectLock
+from backend.projects import project_key
 from model.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class JobManager:
     # -- public API ------------------------------------------------------------------------------------------
     def submit(self, project: str, action: str) -> dict:
         """Record a training event; returns the project's job state. Other actions change nothing."""
-        project = str(project)
+        project = project_key(project)
         if action not in TRAINING_EVENTS:
             return self.snapshot(project)
         with self._transaction() as states:

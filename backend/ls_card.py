@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from backend.projects import label_studio_id
+
 logger = logging.getLogger(__name__)
 
 _WANTED: dict[str, tuple[str, tuple[str, ...]]] = {}  # project -> (version, our versions) for its sync thread
@@ -38,7 +40,7 @@ def sync_card_title(client: Any, project: str, version: str, known: tuple[str, .
     of our versions (`version` or `known`) as its model version or its title. Polls a few times: on the first
     *Validate and Save* Label Studio creates the card only after our /setup answered."""
     try:
-        project_id = int(project)
+        project_id = label_studio_id(project)
     except ValueError:
         return None  # a project key that is not a Label Studio id (a test's "default" project)
     ours_names = {version, *known}

@@ -1,33 +1,63 @@
-"""Per-project settings kept by the service under MODEL_DIR/projects/<id>/: the label config and extra_params
-last sent to /setup (project.json, written atomically), and the folder of reference images the training job
-collects from OK-verdict tasks (references/). Reference images of a project = ADCLICK_NORMAL_DIR +
-extra_params.normal_dir + that folder."""
+"""The one owner of project ids and of what the service keeps per project under MODEL_DIR.
+
+Ids: `parse_project(raw)` turns what Label Studio sends ("12.1700000000", 12, {"id": 12}) into the project's key
+"12" or raises BadRequest (the HTTP boundary); `project_key(project)` is the same check for keys inside the
+service (it also accepts plain names such as "default", used by tests and tools, and raises ValueError);
+`label_studio_id(key)` is the integer Label Studio's API wants. Nothing else parses a project id.
+
+Layout (`project_dir`, `lock_path`, `jobs_state_path`, and `ProjectStore`'s methods spell every path):
+
+    MODEL_DIR/projects/<id>/project.json      label config + extra_params last sent to /setup (a record)
+    MODEL_DIR/projects/<id>/references/       reference images the training job collects from OK-verdict tasks
+    MODEL_DIR/projects/<id>/references.json   what the last fit published for them (a record)
+    MODEL_DIR/projects/<id>/adclick-seg/      the trained ADClick-Seg versions (model/seg/versions.py) and their
+                                              published.json record
+    MODEL_DIR/locks/<id>.<name>.lock          per-project cross-process locks (backend/locks.py)
+    MODEL_DIR/jobs/state.json                 every project's training job (backend/jobs.py)
+
+Records are small JSON files written atomically and read through model.atomic.read_record: a process sees what
+another one published within model.atomic.RECORD_REFRESH_S, without listing folders or comparing mtimes.
+Reference images of a project = ADCLICK_NORMAL_DIR + extra_params.normal_dir + its references/ folder."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from backend.errors import BadRequest
-from model.atomic import write_json_atomic
+from model.atomic import publish_record, read_record
+
+if TYPE_CHECKING:
+    from model.seg.versions import VersionStore
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
-
+PROJECTS_DIR = "projects"
+LOCKS_DIR = "locks"
+SEG_VERSIONS_DIR = "adclick-seg"
 MAX_PROJECT_ID = 2**63 - 1  # Label Studio's ids are database integers
-_PROJECT_ID = re.compile(r"([1-9][0-9]{0,18})(?:\.[0-9]{1,20})?")
+_PROJECT_ID = re.compile(r"([1-9][0-9]{0,18})(?:\.[0-9]{1,20})?")  # "12" or "12.1700000000" (id.timestamp)
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # keys that are no Label Studio id ("default"): never "..", "/", ""
+MAX_VERSION_STORES = 1024  # per-project version stores a ProjectStore keeps (their cached published record)
+
+
+def _label_studio_key(text: str) -> Optional[str]:
+    match = _PROJECT_ID.fullmatch(text[:64]) if len(text) <= 64 else None
+    if match is None or int(match.group(1)) > MAX_PROJECT_ID:
+        return None
+    return match.group(1)
 
 
 def is_project_id(key: str) -> bool:
     """True for the canonical form `parse_project` returns (a positive integer in decimal)."""
-    return bool(re.fullmatch(r"[1-9][0-9]{0,18}", key)) and int(key) <= MAX_PROJECT_ID
+    return isinstance(key, str) and "." not in key and _label_studio_key(key) == key
 
 
 def parse_project(raw: object) -> str:
@@ -46,13 +76,50 @@ def parse_project(raw: object) -> str:
         text = "not finite"
     else:
         text = raw.strip() if isinstance(raw, str) else str(raw)
-    match = _PROJECT_ID.fullmatch(text[:64])
-    if match is None or len(text) > 64 or int(match.group(1)) > MAX_PROJECT_ID:
+    key = _label_studio_key(text)
+    if key is None:
         raise BadRequest(
             f"project must be a Label Studio project id (a positive integer, or 'id.timestamp'), "
             f"got {str(raw)[:40]!r}"
         )
-    return match.group(1)
+    return key
+
+
+def project_key(project: str | int) -> str:
+    """The key a project's state is kept under: a Label Studio id as `parse_project` reads it ("12.1700000000"
+    and 12 mean "12"), or a plain name of letters, digits, "_" and "-" ("default"). ValueError otherwise, so no
+    key can leave MODEL_DIR/projects or MODEL_DIR/locks."""
+    if isinstance(project, bool) or not isinstance(project, (str, int)):
+        raise ValueError(f"invalid project id {project!r}")
+    text = str(project)
+    key = _label_studio_key(text)
+    if key is not None:
+        return key
+    if _NAME.fullmatch(text):
+        return text
+    raise ValueError(f"invalid project id {str(project)[:80]!r}")
+
+
+def label_studio_id(project: str | int) -> int:
+    """The project's id for Label Studio's API; ValueError for a key that is no Label Studio id ("default")."""
+    key = project_key(project)
+    if not is_project_id(key):
+        raise ValueError(f"project {key!r} is not a Label Studio project id")
+    return int(key)
+
+
+def project_dir(model_dir: str | Path, project: str | int) -> Path:
+    return Path(model_dir) / PROJECTS_DIR / project_key(project)
+
+
+def lock_path(model_dir: str | Path, project: str | int, name: str) -> Path:
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"invalid lock name {name!r}")
+    return Path(model_dir) / LOCKS_DIR / f"{project_key(project)}.{name}.lock"
+
+
+def jobs_state_path(model_dir: str | Path) -> Path:
+    return Path(model_dir) / "jobs" / "state.json"
 
 
 def spread(files: list, limit: int) -> list:
@@ -73,14 +140,17 @@ def list_images(folder: Path, limit: int) -> list[Path]:
 
 
 class ProjectStore:
+    """Per-project settings and paths under MODEL_DIR/projects (see the module's docstring)."""
+
     def __init__(self, model_dir: Path, env_normal_dir: str = ""):
-        self.root = Path(model_dir) / "projects"
+        self.model_dir = Path(model_dir)
+        self.root = self.model_dir / PROJECTS_DIR
         self.env_normal_dir = env_normal_dir
         self._lock = threading.Lock()
-        self._memo: dict[str, dict] = {}
+        self._stores: "OrderedDict[str, VersionStore]" = OrderedDict()
 
     def dir(self, project: str) -> Path:
-        return self.root / project
+        return project_dir(self.model_dir, project)
 
     def known(self) -> list[str]:
         """Projects that called /setup before (they have a project.json)."""
@@ -93,32 +163,44 @@ class ProjectStore:
     def references_dir(self, project: str) -> Path:
         return self.dir(project) / "references"
 
-    def get(self, project: str) -> dict:
+    def versions_dir(self, project: str) -> Path:
+        return self.dir(project) / SEG_VERSIONS_DIR
+
+    def version_store(self, project: str, keep: Optional[int] = None) -> "VersionStore":
+        """The project's ADClick-Seg version store. Without `keep`, the one this ProjectStore keeps per project
+        (serving: its published record is compared in memory); with `keep` (a training run's pruning), a new
+        store over the same folder."""
+        from model.seg.versions import VersionStore
+
+        key = project_key(project)
+        if keep is not None:
+            return VersionStore(self.versions_dir(key), keep=keep)
         with self._lock:
-            if project not in self._memo:
-                path = self.dir(project) / "project.json"
-                try:
-                    self._memo[project] = json.loads(path.read_text())
-                except FileNotFoundError:
-                    self._memo[project] = {}
-                except (OSError, ValueError) as exc:
-                    logger.error("unreadable %s (%s); using defaults", path, exc)
-                    self._memo[project] = {}
-            return dict(self._memo[project])
+            store = self._stores.get(key)
+            if store is None:
+                store = self._stores[key] = VersionStore(self.versions_dir(key))
+                while len(self._stores) > MAX_VERSION_STORES:
+                    self._stores.popitem(last=False)
+            self._stores.move_to_end(key)
+            return store
+
+    def get(self, project: str) -> dict:
+        """project.json as a record: a /setup answered by another worker is seen within RECORD_REFRESH_S."""
+        return read_record(self.dir(project) / "project.json") or {}
 
     def update(
         self, project: str, label_config: Optional[str] = None, extra_params: Optional[dict] = None
     ) -> dict:
         """Keep what is given; the rest stays as it was (extra_params survive a /setup without them)."""
-        current = self.get(project)
-        if label_config:
-            current["label_config"] = label_config
-        if extra_params is not None:
-            current["extra_params"] = dict(extra_params)
-        write_json_atomic(self.dir(project) / "project.json", current)
+        path = self.dir(project) / "project.json"
         with self._lock:
-            self._memo[project] = dict(current)
-        return current
+            current = read_record(path, refresh=True) or {}
+            if label_config:
+                current["label_config"] = label_config
+            if extra_params is not None:
+                current["extra_params"] = dict(extra_params)
+            publish_record(path, current)
+        return dict(current)
 
     def extra_params(self, project: str) -> dict:
         return dict(self.get(project).get("extra_params") or {})
@@ -128,16 +210,10 @@ class ProjectStore:
 
     def references_info(self, project: str) -> Optional[dict]:
         """What the last fit published for the project's references (model_version, bank_key, counts)."""
-        try:
-            return json.loads((self.dir(project) / "references.json").read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            logger.error("unreadable references.json of project %s: %s", project, exc)
-            return None
+        return read_record(self.dir(project) / "references.json")
 
     def set_references_info(self, project: str, info: dict) -> None:
-        write_json_atomic(self.dir(project) / "references.json", info)
+        publish_record(self.dir(project) / "references.json", info)
 
     def reference_folders(self, project: str) -> list[Path]:
         folders = [self.env_normal_dir, str(self.extra_params(project).get("normal_dir") or "")]

@@ -30,7 +30,7 @@ from backend.banks import (
 from backend.errors import BackendError, NotReady
 from backend.images import ImageLoader
 from backend.jobs import JobManager
-from backend.locks import ProjectLock
+from backend.locks import ProjectLock, local_lock
 from backend.projects import ProjectStore, is_project_id, list_images
 from backend.settings import Settings
 from model.interactive.clicks import ClickHistory
@@ -262,14 +262,14 @@ class ModelService:
         return self._choice is not None
 
     def _project_lock(self, project: str) -> threading.Lock:
-        with self._lock:
-            return self._project_locks.setdefault(project, threading.Lock())
+        """The process's lock for loading the project's detector (backend/locks.py's registry)."""
+        return local_lock(self.settings.model_dir, project, "detector")
 
     # -- versions --------------------------------------------------------------------------------------------
     def trained_version(self, project: str) -> Optional[Any]:
-        from model.seg.versions import project_store
-
-        return project_store(self.settings.model_dir, project).latest()
+        """The project's published ADClick-Seg version, compared in memory (its record is re-read at most
+        every model.atomic.RECORD_REFRESH_S seconds): no folder is listed on a click."""
+        return self.projects.version_store(project).latest()
 
     def project_version(self, project: str) -> str:
         """The project's model_version, cheap (no model load): its latest trained ADClick-Seg version,
@@ -283,13 +283,11 @@ class ModelService:
     def versions(self, project: Optional[str]) -> list[str]:
         """The interactive model's version and the published versions of `project` (of every project that
         called /setup when none is named: Label Studio's GET /versions names none)."""
-        from model.seg.versions import project_store
-
         names = [self.choice.version]
         for key in [project] if project else self.projects.known():
             refs = self.projects.references_info(key)
             names += [str(refs["model_version"])] if refs and refs.get("model_version") else []
-            names += [v.name for v in project_store(self.settings.model_dir, key).list()]
+            names += self.projects.version_store(key).published_names()
         return list(dict.fromkeys(names))
 
     def reference_counts(self) -> dict:
@@ -567,9 +565,7 @@ class ModelService:
         with self._project_lock(project):
             if key not in self._detectors:
                 from model.seg.predict import SegDetector
-                from model.seg.versions import project_store
-
-                ckpt, info = project_store(self.settings.model_dir, project).load(trained.name)
+                ckpt, info = self.projects.version_store(project).load(trained.name)
                 self._detectors = {k: v for k, v in self._detectors.items() if k[0] != project}
                 self._detectors[key] = SegDetector(ckpt, info.name)
             return self._detectors[key]

@@ -17,24 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from backend import ls_format
 from backend.banks import screen_references
 from backend.errors import BackendError, LabelConfigError
-from backend.projects import ProjectStore
+from backend.projects import ProjectStore, label_studio_id
 from backend.seg_labels import task_labels, to_example
 from backend.settings import Settings
+from model.atomic import write_image_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +60,7 @@ def _label_config(project: str, ctx: TrainingContext, client: Any) -> str:
     saved = ctx.projects.label_config(project)
     if saved:
         return saved
-    config = getattr(client.projects.get(id=int(project)), "label_config", None)
+    config = getattr(client.projects.get(id=label_studio_id(project)), "label_config", None)
     if not config:
         raise LabelConfigError(f"project {project} has no label config")
     return config
@@ -73,7 +68,7 @@ def _label_config(project: str, ctx: TrainingContext, client: Any) -> str:
 
 def annotated_tasks(client: Any, project: str) -> Iterable[dict]:
     """Every task of the project that has an annotation (the SDK pager walks all pages)."""
-    for task in client.tasks.list(project=int(project), fields="all", only_annotated=True, page_size=100):
+    for task in client.tasks.list(project=label_studio_id(project), fields="all", only_annotated=True, page_size=100):
         task = _as_dict(task)
         if task.get("annotations"):
             yield task
@@ -97,17 +92,6 @@ def is_normal(task: dict, cfg: ls_format.LabelConfig) -> bool:
     return not any(r.get("type") == "brushlabels" for r in result)
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def sync_references(
     project: str, tasks: list[dict], cfg: ls_format.LabelConfig, ctx: TrainingContext
 ) -> dict:
@@ -122,7 +106,7 @@ def sync_references(
         wanted.add(name)
         if not (folder / name).exists():
             try:
-                _write_png(folder / name, ctx.image_loader.load(ref, task.get("id")).array)
+                write_image_atomic(folder / name, ctx.image_loader.load(ref, task.get("id")).array)
             except BackendError as exc:
                 wanted.discard(name)
                 failed.append({"task": task.get("id"), "error": exc.message})
@@ -135,7 +119,6 @@ def sync_references(
         if stale.name not in wanted:
             stale.unlink(missing_ok=True)
             removed += 1
-    os.utime(folder)  # the service notices the change by the folder's mtime
     return {
         "annotated_tasks": len(tasks),
         "ok_tasks": len(normal),
@@ -197,8 +180,6 @@ def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank:
     """Train and publish a new ADClick-Seg version; None when no annotation locates a defect yet."""
     from model.seg.fit import FitConfig
     from model.seg.train import SegTrainConfig, prompt_matrix, train_version
-    from model.seg.versions import project_store
-
     examples, figures = seg_examples(project, tasks, cfg, bank, ctx)
     if not any(e.masks or e.boxes for e in examples):
         logger.info("project %s: no located defect label yet, ADClick-Seg not trained", project)
@@ -208,7 +189,7 @@ def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank:
     prompts = prompt_matrix(text_encoder(), labels, obj)
     fit_cfg = FitConfig(steps=int(_seg_knob(project, ctx, "seg_fit_steps")))
     train_cfg = SegTrainConfig(fit=fit_cfg, holdout=_seg_knob(project, ctx, "seg_holdout"))
-    store = project_store(ctx.settings.model_dir, project, keep=int(_seg_knob(project, ctx, "seg_keep_versions")))
+    store = ctx.projects.version_store(project, keep=int(_seg_knob(project, ctx, "seg_keep_versions")))
     info, seg = train_version(
         examples, labels, prompts, store, train_cfg,
         progress=lambda f, m: ctx.progress(0.8 + 0.18 * f, m),

@@ -105,10 +105,10 @@ def test_setup_returns_the_version_and_keeps_extra_params(api):
 def test_setup_never_overwrites_a_trained_version(api, settings):
     import torch
 
-    from model.seg.versions import project_store
+    from backend.projects import ProjectStore
 
     client, _, _ = api
-    project_store(settings.model_dir, "4").commit(
+    ProjectStore(settings.model_dir).version_store("4").commit(
         {"arch": "x", "config": {}, "state_dict": {"w": torch.zeros(1)}}, {"kind": "test"}
     )
     resp = client.post("/setup", json={"project": "4.1", "schema": CONTRACT_CONFIG})

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from backend.jobs import JobManager
-from backend.locks import ProjectLock, project_key
+from backend.locks import ProjectLock, local_lock
+from backend.projects import project_key
+from model.atomic import FileLock, thread_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +82,48 @@ def test_lock_excludes_threads_of_one_process(tmp_path):
     for t in threads:
         t.join(timeout=30)
     assert not overlaps
+
+
+def test_one_registry_of_per_project_locks(tmp_path):
+    """ProjectLock, ModelService._project_lock and the version store's writers' lock all take their thread lock
+    from model.atomic's one registry: the same project and name is the same lock, whoever asks."""
+    from dataclasses import replace
+
+    from backend.services import ModelService
+    from backend.settings import Settings
+
+    lock = ProjectLock(tmp_path, "12.1700000000", "detector")
+    assert local_lock(tmp_path, 12, "detector") is local_lock(tmp_path / ".", "12", "detector")
+    assert local_lock(tmp_path, 12, "detector") is not local_lock(tmp_path, 12, "train")
+    service = ModelService(replace(Settings(), model_dir=tmp_path))
+    other = ModelService(replace(Settings(), model_dir=tmp_path))
+    assert service._project_lock("12") is other._project_lock("12") is local_lock(tmp_path, "12", "detector")
+    with lock:  # a ProjectLock held in this process holds the service's lock of that project and name
+        assert not service._project_lock("12").acquire(blocking=False)
+    assert service._project_lock("12").acquire(blocking=False)
+    service._project_lock("12").release()
+
+    from model.seg.versions import VersionStore
+
+    store = VersionStore(tmp_path / "v")
+    writers = store._locked()
+    assert isinstance(writers, FileLock) and writers._thread_lock is thread_lock((tmp_path / "v" / ".lock").resolve())
+    published = threading.Event()
+    with FileLock(tmp_path / "v" / ".lock"):  # e.g. another writer: a commit waits for it
+        worker = threading.Thread(
+            target=lambda: (store.commit({"arch": "x", "config": {}, "state_dict": {}}, {}), published.set())
+        )
+        worker.start()
+        assert not published.wait(0.5)
+    assert published.wait(30)
+    worker.join()
+
+
+def test_lock_names_cannot_leave_the_locks_folder(tmp_path):
+    for project, name in (("../x", "train"), ("3", "../train"), ("3", "a/b"), ("", "train")):
+        with pytest.raises(ValueError):
+            ProjectLock(tmp_path, project, name)
+    assert ProjectLock(tmp_path, "default").path == (tmp_path / "locks" / "default.train.lock").resolve()
 
 
 def test_lock_misuse_is_an_error(tmp_path):

@@ -229,6 +229,19 @@ def wait_training_finished(server: Server, timeout: float = 240) -> dict:
     raise AssertionError(f"training still running after {timeout} s: {training}")
 
 
+def served_version(server: Server, expected: str) -> dict:
+    """/versions of the project once it serves `expected`: a version another process published is seen within
+    model.atomic.RECORD_REFRESH_S (the last answer after twice that, for the assertion to show)."""
+    from model.atomic import RECORD_REFRESH_S
+
+    deadline = time.monotonic() + 2 * RECORD_REFRESH_S + 1.0
+    while True:
+        body = server.get("/versions", params={"project": PROJECT})
+        if body["model_version"] == expected or time.monotonic() > deadline:
+            return body
+        time.sleep(0.1)
+
+
 def _wait(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -265,19 +278,19 @@ def test_two_servers_share_one_model_dir(cluster):
     trained = jobs[PROJECT]["model_version"]
     assert trained and trained != first
     for server in (a, b):
-        body = server.get("/versions", params={"project": PROJECT})
+        body = served_version(server, trained)
         assert body["model_version"] == trained and trained in body["versions"]
 
-    # a checkpoint published by another process (an RQ worker, another replica) is served at once by both,
-    # each version appearing whole (model/seg/versions.py: temp dir + rename)
-    from model.seg.versions import project_store
+    # a checkpoint published by another process (an RQ worker, another replica) is served by both within
+    # RECORD_REFRESH_S (its published.json record), each version appearing whole (temp dir + rename)
+    from backend.projects import ProjectStore
 
-    store = project_store(model_dir, PROJECT)
+    store = ProjectStore(model_dir).version_store(PROJECT)
     for expected in ("adclick-seg-v1", "adclick-seg-v2"):
         info = store.commit({"arch": "adclick-seg", "config": {}, "state_dict": {}}, {"labels": ["Scratch"]})
         assert info.name == expected
         for server in (a, b):
-            body = server.get("/versions", params={"project": PROJECT})
+            body = served_version(server, expected)
             assert body["model_version"] == expected, (server.name, body)
         assert a.post("/setup", {"project": PROJECT, "schema": CONTRACT_CONFIG})["model_version"] == expected
     assert [a.proc.pid, b.proc.pid] == pids and all(s.proc.poll() is None for s in (a, b)), "no restart"

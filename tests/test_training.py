@@ -20,7 +20,6 @@ from backend.seg_labels import newest_annotation, task_labels
 from backend.settings import Settings
 from model.seg.data import ANY
 from model.seg.predict import SegDetector
-from model.seg.versions import project_store
 from tests.api_support import CONTRACT_CONFIG, RecordingServer, Route, encode
 
 torch.set_num_threads(1)
@@ -131,7 +130,7 @@ def test_fit_trains_and_publishes_from_the_newest_labels(world) -> None:
     assert out["seg_located_defects"] == 5 and out["seg_examples"] == 9
     assert out["ok_tasks"] == 4  # 6 (newest annotation), 8, 9, 10
     assert progress == sorted(progress) and progress[-1] == 1.0
-    store = project_store(ctx.settings.model_dir, "1")
+    store = ProjectStore(ctx.settings.model_dir).version_store("1")
     info = store.latest()
     assert info.name == "adclick-seg-v1" and (info.path / "report.png").is_file()
     assert info.meta["n_masks"] + info.meta["n_heldout"] >= 4 and info.meta["n_boxes"] == 1
@@ -159,7 +158,7 @@ def test_fit_without_located_defects_keeps_the_reference_version(world) -> None:
     out = training.fit("1", {"action": "START_TRAINING", "project": {"id": 1}}, ctx)
     assert out["model_version"].startswith("test-refs-")
     assert "seg_metrics" not in out  # an anomalous verdict alone does not locate a defect
-    assert project_store(ctx.settings.model_dir, "1").latest() is None
+    assert ProjectStore(ctx.settings.model_dir).version_store("1").latest() is None
 
 
 # ---- annotation parsing (pure) ------------------------------------------------------------------------------

@@ -1,36 +1,44 @@
 """Per-project checkpoint store for trained ADClick-Seg models.
 
-Layout under `root` (one store per project, e.g. MODEL_DIR/projects/<project>/adclick-seg):
+Layout under `root` (the folder is given by the caller: the service's is backend/projects.py's
+`ProjectStore.versions_dir(project)`; this module knows nothing of MODEL_DIR):
 
     adclick-seg-v1/ model.pt meta.json [report.png ...]
     adclick-seg-v2/ ...
     counter.json            highest number ever issued (versions stay monotonic after pruning)
+    published.json          the published version: {"version", "number", "sequence", "time", "versions"}
+    .lock                   the writers' lock (model.atomic.FileLock)
     .tmp-*/                 a write in progress; removed on the next commit if a crash left one behind
 
 A version is written entirely inside a temporary directory and published with one `os.rename`, so a
 reader sees either the complete directory or nothing: a crash mid-write leaves the last good version
 serving. Only the last `keep` versions are kept.
+
+What is served is the published record, not the folders: `commit` writes published.json (temp file + rename,
+model.atomic.publish_record) after the version's folder is in place and before older ones are pruned;
+`sequence` grows by one at least with every publication. Readers (`published`, `latest`, `published_names`)
+compare the record in memory and re-read it at most every model.atomic.RECORD_REFRESH_S seconds (or at once
+with refresh=True), so a version published by another process (an RQ worker) is served within that time and
+a click never lists the version folders. A store written before records existed gets its record from its
+folders once (`latest`).
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from model.atomic import write_json_atomic
+from model.atomic import FileLock, publish_record, read_record, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +46,7 @@ PREFIX = "adclick-seg"
 CHECKPOINT_FILE = "model.pt"
 META_FILE = "meta.json"
 _COUNTER = "counter.json"
-_LOCKS: dict[str, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
+PUBLISHED = "published.json"
 
 
 class VersionNotFound(LookupError):
@@ -62,17 +69,11 @@ def version_name(number: int, prefix: str = PREFIX) -> str:
     return f"{prefix}-v{number}"
 
 
-def project_store(model_dir: str | Path, project: str | int, keep: int = 3) -> VersionStore:
-    """The store of one Label Studio project under MODEL_DIR (project ids like "12.1700000000" -> "12")."""
-    pid = str(project).split(".")[0]
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", pid):
-        raise ValueError(f"invalid project id {project!r}")
-    return VersionStore(Path(model_dir) / "projects" / pid / PREFIX, keep=keep)
-
-
-def _thread_lock(root: Path) -> threading.Lock:
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(str(root.resolve()), threading.Lock())
+def _sequence(record: dict | None) -> int:
+    try:
+        return int((record or {}).get("sequence") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,6 +94,12 @@ class VersionStore:
         self.keep = keep
         self.prefix = prefix
         self._pattern = re.compile(rf"{re.escape(prefix)}-v(\d+)")
+        self._latest: tuple[Optional[tuple], Optional[VersionInfo]] = (None, None)  # (record identity, info)
+        self._adopted: Optional[dict] = None  # set once a store without a record was checked for old versions
+
+    @property
+    def record_path(self) -> Path:
+        return self.root / PUBLISHED
 
     # ---- reading -------------------------------------------------------------------------------
     def list(self) -> list[VersionInfo]:
@@ -106,9 +113,55 @@ class VersionStore:
                 found.append((int(m.group(1)), child))
         return [self._info(n, p) for n, p in sorted(found)]
 
-    def latest(self) -> VersionInfo | None:
-        versions = self.list()
-        return versions[-1] if versions else None
+    def published(self, refresh: bool = False) -> dict | None:
+        """The published record ({"version", "number", "sequence", "time", "versions"}) or None, from memory
+        unless it is older than RECORD_REFRESH_S or `refresh` is set."""
+        return read_record(self.record_path, refresh=refresh)
+
+    def latest(self, refresh: bool = False) -> VersionInfo | None:
+        """The published version (what serving uses); its meta.json is read once per publication."""
+        record = self.published(refresh)
+        if record is None:
+            if self._adopted is None:
+                self._adopted = self._adopt() or {}
+            record = self._adopted
+        if record is None or not record.get("version"):
+            return None
+        identity = (record.get("sequence"), record.get("version"))
+        cached_identity, info = self._latest
+        if cached_identity != identity:
+            try:
+                info = self.get(str(record["version"]))
+            except VersionNotFound:
+                logger.error("%s names %s, which is not in the store", self.record_path, record["version"])
+                info = None
+            self._latest = (identity, info)
+        return info
+
+    def published_names(self, refresh: bool = False) -> list[str]:
+        """The kept versions as the last publication listed them, oldest first (no folder listing)."""
+        self.latest(refresh)  # adopts a store written before records existed
+        record = self.published() or self._adopted
+        return [str(v) for v in (record or {}).get("versions") or []]
+
+    def _adopt(self) -> dict | None:
+        """A store whose versions were written before records existed: publish its newest version once."""
+        if not self.root.is_dir() or not self.list():
+            return None
+        try:
+            with self._locked():
+                record = self.published(refresh=True)
+                if record is None:
+                    versions = self.list()
+                    if not versions:
+                        return None
+                    record = self._publish(versions[-1], [v.name for v in versions], sequence=versions[-1].number)
+                return record
+        except OSError as exc:  # a read-only MODEL_DIR: serve the newest folder without a record
+            logger.warning("cannot write %s (%s); serving the newest version folder", self.record_path, exc)
+            versions = self.list()
+            return {"version": versions[-1].name, "number": versions[-1].number, "sequence": 0,
+                    "versions": [v.name for v in versions]} if versions else None
 
     def get(self, name: str) -> VersionInfo:
         m = self._pattern.fullmatch(name)
@@ -118,7 +171,7 @@ class VersionStore:
         return self._info(int(m.group(1)), path)
 
     def load(self, name: str | None = None) -> tuple[dict[str, Any], VersionInfo]:
-        """The checkpoint dict ({arch, config, state_dict, meta}) of `name` (default: latest)."""
+        """The checkpoint dict ({arch, config, state_dict, meta}) of `name` (default: the published one)."""
         info = self.get(name) if name else self.latest()
         if info is None:
             raise VersionNotFound(f"no model version in {self.root}")
@@ -134,15 +187,16 @@ class VersionStore:
         return VersionInfo(name=version_name(number, self.prefix), number=number, path=path, meta=meta)
 
     # ---- writing -------------------------------------------------------------------------------
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> FileLock:
         self.root.mkdir(parents=True, exist_ok=True)
-        with _thread_lock(self.root), open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return FileLock(self.root / ".lock")
+
+    def _publish(self, info: VersionInfo, kept: list[str], sequence: int) -> dict:
+        record = {"version": info.name, "number": info.number, "sequence": sequence, "time": time.time(),
+                  "versions": kept}
+        publish_record(self.record_path, record)
+        self._latest = ((sequence, info.name), info)
+        return record
 
     def _next_number(self) -> int:
         issued = 0
@@ -193,13 +247,18 @@ class VersionStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             write_json_atomic(self.root / _COUNTER, {"issued": number})
-            self._prune()
-            logger.info("published %s in %s", name, self.root)
-            return self.get(name)
+            info = self.get(name)
+            versions = self.list()
+            cut = max(0, len(versions) - self.keep)
+            sequence = max(_sequence(self.published(refresh=True)) + 1, number)
+            # the record names the new version before the oldest ones go: a reader never meets a pruned name
+            self._publish(info, [v.name for v in versions[cut:]], sequence)
+            self._prune(versions[:cut])
+            logger.info("published %s in %s (sequence %d)", name, self.root, sequence)
+            return info
 
-    def _prune(self) -> None:
-        versions = self.list()
-        for old in versions[: max(0, len(versions) - self.keep)]:
+    def _prune(self, versions: list[VersionInfo]) -> None:
+        for old in versions:
             trash = self.root / f".tmp-trash-{old.name}"
             os.rename(old.path, trash)
             shutil.rmtree(trash, ignore_errors=True)
