@@ -565,6 +565,7 @@ class ModelService:
         with self._project_lock(project):
             if key not in self._detectors:
                 from model.seg.predict import SegDetector
+
                 ckpt, info = self.projects.version_store(project).load(trained.name)
                 self._detectors = {k: v for k, v in self._detectors.items() if k[0] != project}
                 self._detectors[key] = SegDetector(ckpt, info.name)
