@@ -1,4 +1,4 @@
-# The two commands: `make serve` and `make test`.
+# The two commands: `make serve` and `make test` (and `make lint`: ruff + mypy).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,6 +28,14 @@ serve: install
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (rules and line length: [tool.ruff] in pyproject.toml) and mypy ([tool.mypy]: the modules not checked yet
+# are listed there)
+LINT_PATHS ?= backend model tests scripts weights
+
+lint: install-test
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy backend model
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import statistics
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -31,10 +31,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # as backend/wsgi.py does when gunicorn loads the app: the heavy imports happen at boot, not in a request
-import model.interactive.clickmode  # noqa: E402,F401
-import model.interactive.learned  # noqa: E402,F401
-import model.engine.residuals  # noqa: E402,F401
-from backend.bench import CONFIG, _clicks, _decode, _serve  # noqa: E402
+import model.engine.residuals
+import model.interactive.clickmode
+import model.interactive.learned  # noqa: F401
+from backend.bench import CONFIG, _clicks, _decode, _serve
 
 
 def _hog() -> None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model.cli import bench, train
-from model.cli.bench_fit import as_boxes
+from model.evaluation.seg_runs import as_boxes
 from model.seg.data import SegExample
 from model.seg.versions import VersionStore
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from model.interactive.clicks import encode_clicks, next_click, simulate
+from model.evaluation.simulate import simulate
+from model.interactive.clicks import encode_clicks, next_click
 from model.types import Click, ClickResult
 
 

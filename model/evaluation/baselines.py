@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -76,7 +75,7 @@ class GrabCutPredictor:
             raise InputError(f"expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
         return GrabCutState(np.ascontiguousarray(image))
 
-    def _roi(self, shape, clicks: list[Click], box: Optional[Box]) -> tuple[int, int, int, int]:
+    def _roi(self, shape, clicks: list[Click], box: Box | None) -> tuple[int, int, int, int]:
         h, w = shape
         if box is not None:
             x0, y0, x1, y1 = box
@@ -89,15 +88,16 @@ class GrabCutPredictor:
         return (max(int(x0) - m, 0), max(int(y0) - m, 0), min(int(np.ceil(x1)) + m + 1, w),
                 min(int(np.ceil(y1)) + m + 1, h))
 
-    def _seed_mask(self, roi, clicks: list[Click], box: Optional[Box]) -> np.ndarray:
+    def _seed_mask(self, roi, clicks: list[Click], box: Box | None) -> np.ndarray:
         x0, y0, x1, y1 = roi
         seeds = np.full((y1 - y0, x1 - x0), cv2.GC_PR_BGD, dtype=np.uint8)
         if box is not None:
-            bx0, by0, bx1, by1 = (int(round(v)) for v in box)
+            bx0, by0, bx1, by1 = (int(round(v)) for v in box)  # noqa: RUF046 (numpy floats round to floats)
             seeds[max(by0 - y0, 0):by1 - y0 + 1, max(bx0 - x0, 0):bx1 - x0 + 1] = cv2.GC_PR_FGD
         seeds[[0, -1], :] = cv2.GC_BGD
         seeds[:, [0, -1]] = cv2.GC_BGD
-        points = [(int(round(c.x)) - x0, int(round(c.y)) - y0, c.positive) for c in clicks]
+        points = [(int(round(c.x)) - x0, int(round(c.y)) - y0, c.positive)  # noqa: RUF046 (numpy floats)
+                  for c in clicks]
         for x, y, positive in points:
             if positive:
                 _disk(seeds, x, y, self.cfg.grow_radius, cv2.GC_PR_FGD)
@@ -112,9 +112,9 @@ class GrabCutPredictor:
         self,
         state: GrabCutState,
         clicks: list[Click],
-        box: Optional[Box] = None,
+        box: Box | None = None,
         prompt: str = "",
-        previous_mask: Optional[np.ndarray] = None,
+        previous_mask: np.ndarray | None = None,
     ) -> ClickResult:
         h, w = state.image.shape[:2]
         prob = np.zeros((h, w), dtype=np.float32)
@@ -146,5 +146,5 @@ class GrabCutPredictor:
         logit = _gmm_loglik(fgd, pixels) - _gmm_loglik(bgd, pixels)
         return (1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))).reshape(fg.shape).astype(np.float32)
 
-    def detect(self, state: GrabCutState, labels: Optional[list[str]] = None) -> AnomalyResult:
+    def detect(self, state: GrabCutState, labels: list[str] | None = None) -> AnomalyResult:
         raise ConfigError("GrabCut is a click-only baseline; it has no anomaly detection (use it with clicks)")

@@ -5,8 +5,9 @@ import json
 import math
 import resource
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def clean_json(value: Any) -> Any:
     return value
 
 
-def write_json(report: dict, path: Optional[str]) -> None:
+def write_json(report: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(clean_json(report), indent=2, sort_keys=False) + "\n")
@@ -67,7 +68,7 @@ def _fmt(value: Any) -> str:
 
 
 def print_table(title: str, sections: dict[str, dict], keys: Sequence[str],
-                out: Optional[TextIO] = None) -> None:
+                out: TextIO | None = None) -> None:
     """One row per section (e.g. overall + each defect type), one column per key."""
     out = out or sys.stdout
     name_w = max([len(title)] + [len(s) for s in sections]) + 2
@@ -79,6 +80,6 @@ def print_table(title: str, sections: dict[str, dict], keys: Sequence[str],
     out.write("\n")
 
 
-def print_config(config: dict, keys: Sequence[str], out: Optional[TextIO] = None) -> None:
+def print_config(config: dict, keys: Sequence[str], out: TextIO | None = None) -> None:
     out = out or sys.stdout
     out.write("  ".join(f"{k}={_fmt(config.get(k))}" for k in keys if k in config) + "\n\n")

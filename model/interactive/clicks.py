@@ -1,27 +1,24 @@
-"""Click encoding and the standard click simulator (RITM / SimpleClick protocol).
+"""Click encoding and the next click of the standard simulated annotator (RITM / SimpleClick protocol).
 
 Clicks are `Click(x, y, positive)` with x = column, y = row in pixels of the image; the simulator
 places clicks on pixel indices (integer-valued x, y).
 
-Simulator: the false-negative and false-positive regions of the current prediction are
+Next click: the false-negative and false-positive regions of the current prediction are
 distance-transformed with a 1-pixel zero border (so the image edge counts as a region edge); the
 next click goes to the interior-most point (maximum distance) of the region with the larger maximum,
-positive when that region is a false negative. Points already clicked are excluded. The prediction
-is `prob > thr` with thr = 0.49, at most 20 clicks.
+positive when that region is a false negative. Points already clicked are excluded. The whole simulated
+session (prediction `prob > thr`, thr = 0.49, at most 20 clicks) is model/evaluation/simulate.py.
 """
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
 
-from model.metrics import iou
 from model.types import Click, ImageState, Predictor
 
 logger = logging.getLogger(__name__)
@@ -116,57 +113,6 @@ def encode_clicks(
         channel = 0 if click.positive else 1
         maps[channel, y0:y1, x0:x1] = np.maximum(maps[channel, y0:y1, x0:x1], disk)
     return maps
-
-
-@dataclass
-class SimResult:
-    """One simulated annotation session on one image."""
-
-    ious: list[float] = field(default_factory=list)  # IoU after click 1, 2, ...
-    clicks: list[Click] = field(default_factory=list)
-    predict_ms: list[float] = field(default_factory=list)  # time of each predict call
-    probs: dict[int, np.ndarray] = field(default_factory=dict)  # click number -> soft map kept
-
-
-def simulate(
-    predictor: Predictor,
-    state: ImageState,
-    gt: np.ndarray,
-    max_clicks: int = 20,
-    thr: Optional[float] = 0.49,
-    keep_probs: Optional[Iterable[int]] = None,
-    stop_iou: Optional[float] = None,
-    min_clicks: int = 5,
-    prompt: str = "",
-) -> SimResult:
-    """Click on `state` like an annotator until `max_clicks` (or `stop_iou` after `min_clicks`).
-
-    The prediction after each click is `prob > thr` (thr None: the predictor's own mask); the previous
-    mask is passed back to the predictor. keep_probs: click numbers whose soft maps are returned
-    (None: all). prompt: the defect-type text sent with every click ("" = none).
-    """
-    gt = np.asarray(gt, dtype=bool)
-    keep = None if keep_probs is None else set(keep_probs)
-    out = SimResult()
-    pred = np.zeros_like(gt)
-    previous: Optional[np.ndarray] = None
-    for k in range(1, max_clicks + 1):
-        click = next_click(gt, pred, out.clicks)
-        if click is None:  # already perfect: nothing left to click
-            break
-        out.clicks.append(click)
-        start = time.perf_counter()
-        result = predictor.predict(state, list(out.clicks), prompt=prompt, previous_mask=previous)
-        out.predict_ms.append((time.perf_counter() - start) * 1000.0)
-        pred = result.mask.astype(bool) if thr is None else result.prob > thr
-        previous = pred
-        out.ious.append(iou(pred, gt))
-        if keep is None or k in keep:
-            out.probs[k] = result.prob
-        if stop_iou is not None and k >= min_clicks and out.ious[-1] >= stop_iou:
-            break
-    logger.debug("simulated %d clicks, final IoU %.3f", len(out.ious), out.ious[-1] if out.ious else 1.0)
-    return out
 
 
 class ClickHistory:

@@ -3,14 +3,11 @@
 `train_version(examples, labels, prompts, store, cfg)` splits off a held-out part of the labels, trains
 (model/seg/fit.py), chooses per-label thresholds on the training labels, evaluates on the held-out part,
 and publishes checkpoint + metrics + PNG report atomically as `adclick-seg-v<N>` (model/seg/versions.py).
-Both the service's fit (backend/training.py) and the CLI below use it.
-
-CLI: `python -m model.train seg --dataset DIR --out DIR [--n-train 20] [--labels masks|boxes]` trains on
-the first N defective test images of an MVTec-style folder (seeded shuffle) and publishes into --out.
+Both the service's fit (backend/training.py) and the command line `python -m model.train seg`
+(model/cli/train_seg.py) use it.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import time
@@ -163,35 +160,3 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
     logger.info("%s: %d train / %d held-out images, metrics %s, %.0f s", info.name, len(train), len(held),
                 {k: round(v, 4) for k, v in metrics.items()}, figures["fit_seconds"])
     return info, figures
-
-
-# ---- CLI ----------------------------------------------------------------------------------------------
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    from model.cli.bench import _common  # the shared --dataset/--device/--backbone-opt/... flags
-
-    p = argparse.ArgumentParser(prog="python -m model.train seg", description=__doc__.split("\n\n")[0])
-    _common(p, "window | softpos (matching of the residual engine)")
-    p.add_argument("--out", required=True, help="version store folder (adclick-seg-v<N> are written here)")
-    p.add_argument("--n-train", type=int, default=20, help="defective images used for training")
-    p.add_argument("--labels", choices=("masks", "boxes"), default="masks")
-    p.add_argument("--steps", type=int, default=FitConfig.steps)
-    p.add_argument("--keep", type=int, default=3)
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from model.cli.bench_fit import load_examples  # dataset -> residual examples, shared with the benchmark
-
-    args = _parse(argv)
-    torch.set_num_threads(args.threads)
-    examples, labels, encoder = load_examples(args)
-    train = [e for e in examples if e.masks][: args.n_train]
-    if args.labels == "boxes":
-        from model.cli.bench_fit import as_boxes
-
-        train = [as_boxes(e) for e in train]
-    cfg = SegTrainConfig(fit=dataclasses.replace(FitConfig(), steps=args.steps), holdout=0.0)
-    info, figures = train_version(train, labels, prompt_matrix(encoder, labels), VersionStore(args.out, args.keep),
-                                  cfg, progress=lambda f, m: logger.info("%3.0f%% %s", 100 * f, m))
-    print(f"{info.name} -> {info.path}  fit {figures['fit_seconds']} s  train metrics {figures['metrics']}")
-    return 0

@@ -7,9 +7,9 @@ Images load as (H, W, 3) uint8 RGB, masks as (H, W) bool.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -30,7 +30,7 @@ class DatasetError(ModelError):
 class TestItem:
     path: Path
     defect: str  # "good" for defect-free test images
-    mask_path: Optional[Path]  # None for good images
+    mask_path: Path | None  # None for good images
 
     @property
     def is_anomalous(self) -> bool:
@@ -64,7 +64,7 @@ def _mask_for(root: Path, defect: str, image: Path) -> Path:
     raise DatasetError(f"no ground-truth mask for {image} (looked for {folder / (image.stem + '_mask.png')})")
 
 
-def load_mvtec(root: Union[str, Path], include_validation: bool = True) -> MvtecDataset:
+def load_mvtec(root: str | Path, include_validation: bool = True) -> MvtecDataset:
     """Index an MVTec-AD-style folder (paths only; nothing is decoded)."""
     root = Path(root)
     if not (root / "train").is_dir() or not (root / "test").is_dir():
@@ -84,7 +84,7 @@ def load_mvtec(root: Union[str, Path], include_validation: bool = True) -> Mvtec
     return MvtecDataset(root, normals, test)
 
 
-def limit_per_defect(items: Sequence[TestItem], n: Optional[int]) -> list[TestItem]:
+def limit_per_defect(items: Sequence[TestItem], n: int | None) -> list[TestItem]:
     """The first `n` items of each defect type (good included), order kept; all when n is None."""
     if n is None:
         return list(items)
@@ -97,7 +97,7 @@ def limit_per_defect(items: Sequence[TestItem], n: Optional[int]) -> list[TestIt
     return kept
 
 
-def load_rgb(path: Union[str, Path]) -> np.ndarray:
+def load_rgb(path: str | Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 

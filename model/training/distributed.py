@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Sequence, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = ""  # "" when not distributed
 
     @property
@@ -44,12 +45,12 @@ class DistContext:
         return self.rank == 0
 
 
-def launched_by_torchrun(env: Optional[Mapping[str, str]] = None) -> bool:
+def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     return int(env.get("WORLD_SIZE", "1")) > 1
 
 
-def init(device: torch.device, env: Optional[Mapping[str, str]] = None, backend: str = "") -> DistContext:
+def init(device: torch.device, env: Mapping[str, str] | None = None, backend: str = "") -> DistContext:
     """Join the process group torchrun set up. `device` is the resolved training device (model/device.py):
     on CUDA each rank takes GPU LOCAL_RANK and NCCL; on CPU, gloo. `backend="gloo"` on CUDA lets several
     ranks share one GPU (NCCL refuses that): slower, meant for checks on a one-GPU machine."""

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-from model.training.samples import Sample, synth_one, to_sample
 from model.engine.residuals import ResidualEngine, load_image
+from model.training.samples import Sample, synth_one, to_sample
 from model.training.synth import KIND_WORDS
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def prompt_table(encoder, objects: Sequence[str]) -> dict[str, torch.Tensor]:
     return table
 
 
-def build_training_set(engine: ResidualEngine, dataset: Optional[Path], n_tire: int, n_texture: int,
+def build_training_set(engine: ResidualEngine, dataset: Path | None, n_tire: int, n_texture: int,
                        seed: int, device: torch.device, workers: int = 1,
                        object_name: str = "tire") -> list[Sample]:
     rng = np.random.default_rng(seed)

@@ -13,9 +13,9 @@ error-driven clicks by the standard simulator fed with the previous prediction (
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -28,14 +28,14 @@ from model.types import Click
 logger = logging.getLogger(__name__)
 
 # image (H, W, 3) uint8 -> residual (C, h, w), grid (h, w), features (C_f, h, w) or None
-ResidualFn = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+ResidualFn = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
 class Sample:
     residual: torch.Tensor  # (C, h, w) float16
     grid: torch.Tensor  # (h, w) float16
-    features: Optional[torch.Tensor]  # (C_f, h, w) float16 or None
+    features: torch.Tensor | None  # (C_f, h, w) float16 or None
     image: torch.Tensor  # (3, H/2, W/2) uint8
     masks: torch.Tensor  # (n, H/2, W/2) bool, one per defect instance
     kinds: list[str]
@@ -57,7 +57,7 @@ def synth_one(source: np.ndarray, rng: np.random.Generator, textures: Sequence[n
 
 
 def to_sample(image: np.ndarray, masks: Sequence[np.ndarray], kinds: Sequence[str], residual_fn: ResidualFn,
-              product: str = "") -> Optional[Sample]:
+              product: str = "") -> Sample | None:
     """The training sample of one synthetic image (its residuals computed here); None when every defect
     vanished at half size."""
     keep = [j for j, m in enumerate(masks) if m.any()]

@@ -13,8 +13,8 @@ masks (H, W) bool. Everything is driven by the given numpy Generator (reproducib
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -78,7 +78,7 @@ def blob(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _place(mask_small: np.ndarray, shape: tuple[int, int], rng: np.random.Generator,
-           where: Optional[np.ndarray] = None) -> np.ndarray:
+           where: np.ndarray | None = None) -> np.ndarray:
     """Paste a small mask into an empty (H, W) mask, centred on a random pixel of `where` (or anywhere)."""
     h, w = shape
     s0, s1 = mask_small.shape
@@ -138,7 +138,7 @@ def discoloration(img: np.ndarray, rng: np.random.Generator, textures: Textures,
     return _blend(img, np.clip(shifted, 0, 255), _soft(region, 1.5)), region
 
 
-def _point(shape: tuple[int, int], rng: np.random.Generator, where: Optional[np.ndarray]) -> np.ndarray:
+def _point(shape: tuple[int, int], rng: np.random.Generator, where: np.ndarray | None) -> np.ndarray:
     if where is not None and where.any():
         ys, xs = np.nonzero(where)
         i = int(rng.integers(len(ys)))
@@ -231,7 +231,7 @@ def synthesize(
     image: np.ndarray,
     rng: np.random.Generator,
     textures: Sequence[np.ndarray] = (),
-    n_defects: Optional[int] = None,
+    n_defects: int | None = None,
     kinds: Sequence[str] = KINDS,
     on_object: float = 0.85,
 ) -> SynthSample:

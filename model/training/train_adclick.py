@@ -11,20 +11,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.checkpoint import atomic_save, make_checkpoint
+from model.interactive.clicks import click_maps, next_click
+from model.modeling.adclick import ARCH, AdClickConfig, AdClickNet
 from model.training import distributed
 from model.training.samples import Sample, initial_clicks
-from model.interactive.clicks import click_maps
-from model.checkpoint import atomic_save, make_checkpoint
-from model.interactive.clicks import next_click
-from model.modeling.adclick import ARCH, AdClickConfig, AdClickNet
 from model.types import Click
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,13 @@ class LoopConfig:
 class Batch:
     residual: torch.Tensor
     grid: torch.Tensor
-    features: Optional[torch.Tensor]
+    features: torch.Tensor | None
     image: torch.Tensor
     target: torch.Tensor  # (B, 1, H/4, W/4) soft
     gt: list[np.ndarray] = field(default_factory=list)  # (H/4, W/4) bool
     clicks: list[list[Click]] = field(default_factory=list)
-    prompt: Optional[torch.Tensor] = None  # (B, D)
-    has_prompt: Optional[torch.Tensor] = None  # (B,) bool
+    prompt: torch.Tensor | None = None  # (B, D)
+    has_prompt: torch.Tensor | None = None  # (B,) bool
 
 
 def _flip(t: torch.Tensor, h: bool, v: bool) -> torch.Tensor:
@@ -90,7 +90,7 @@ def make_batch(samples: Sequence[Sample], prompts: dict[str, torch.Tensor], rng:
         imgs.append(_flip(s.image, hflip, vflip))
         targets.append(t4[None])
         gts.append(gt4)
-    to = dict(device=device, dtype=torch.float32)
+    to: dict[str, Any] = {"device": device, "dtype": torch.float32}
     return Batch(
         residual=torch.stack(res).to(**to), grid=torch.stack(grid).to(**to),
         features=torch.stack(feats).to(**to) if len(feats) == len(samples) else None,
@@ -99,7 +99,7 @@ def make_batch(samples: Sequence[Sample], prompts: dict[str, torch.Tensor], rng:
     )
 
 
-def batch_click_maps(batch: Batch, prev: Optional[list[np.ndarray]], grid_hw: tuple[int, int],
+def batch_click_maps(batch: Batch, prev: list[np.ndarray] | None, grid_hw: tuple[int, int],
                      device: torch.device) -> torch.Tensor:
     shape = (2 * grid_hw[0], 2 * grid_hw[1])
     maps = [click_maps(c, None if prev is None else prev[i], shape, batch.gt[i].shape)
@@ -113,7 +113,7 @@ def prompt_tensor(net: AdClickNet, batch: Batch) -> torch.Tensor:
 
 
 def run_rounds(net: AdClickNet, batch: Batch, emb, prompt: torch.Tensor, rounds: int,
-               device: torch.device) -> Optional[list[np.ndarray]]:
+               device: torch.device) -> list[np.ndarray] | None:
     """Error-driven click rounds without gradient; returns the previous masks (None when no round ran)."""
     prev = None
     grid_hw = tuple(batch.residual.shape[-2:])
@@ -145,7 +145,7 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, dice_weig
 
 
 def train_step(net: AdClickNet, opt, batch: Batch, rounds: int, cfg: LoopConfig, device,
-               sync: Optional[Callable[[], None]] = None) -> float:
+               sync: Callable[[], None] | None = None) -> float:
     """One optimiser step; `sync` runs between backward and the step (torchrun: average the gradients)."""
     net.train()
     prompt = prompt_tensor(net, batch)
@@ -183,9 +183,9 @@ def input_scales(samples: Sequence[Sample]) -> tuple[float, float]:
 
 
 def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.Tensor], cfg: LoopConfig,
-          seed: int, device: torch.device, ckpt_path: Optional[Path] = None, resume: bool = False,
-          meta: Optional[dict] = None,
-          dist: Optional[distributed.DistContext] = None) -> list[float]:
+          seed: int, device: torch.device, ckpt_path: Path | None = None, resume: bool = False,
+          meta: dict | None = None,
+          dist: distributed.DistContext | None = None) -> list[float]:
     """Train `net` in place; returns the per-step losses. Resumes from `ckpt_path` when asked and present.
     Under torchrun (`dist` from model/distributed.init, or joined here when `dist` is None): each rank
     samples batches from its own shard, gradients are averaged every step, rank 0 alone saves checkpoints."""
@@ -247,88 +247,3 @@ def build_net(model_cfg: dict, samples: Sequence[Sample], text_dim: int) -> AdCl
                                        feat_channels=0 if s.features is None or not model_cfg.get(
                                            "use_features", True) else int(s.features.shape[0])))
     return AdClickNet(cfg)
-
-
-# ---- CLI: python -m model.train adclick --config FILE --seed N [--resume] ----------------------------
-def _parse(argv: Optional[Sequence[str]]):
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m model.train adclick", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="JSON training config (configs/adclick.json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from --ckpt when it exists")
-    p.add_argument("--dataset", default=None, help="MVTec-style folder of the product (overrides config)")
-    p.add_argument("--cache", default=None, help="training-set cache file (built when missing)")
-    p.add_argument("--prompts", default=None, help="precomputed prompt table (.pt); else encode")
-    p.add_argument("--ckpt", default=None, help="resumable training checkpoint (default: <out>.ckpt)")
-    p.add_argument("--out", default=None, help="final weights file (overrides config)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=1, help="synthesis worker processes")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and steps (smoke runs)")
-    p.add_argument("--max-minutes", type=float, default=None)
-    return p.parse_args(argv)
-
-
-def _prompts(args, cfg: dict, cache: Path) -> dict[str, torch.Tensor]:
-    from model.training.prepare import prompt_table
-    from model.modeling.text import TextConfig, build_text_encoder
-
-    path = Path(args.prompts) if args.prompts else cache.with_suffix(".prompts.pt")
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    table = prompt_table(build_text_encoder(TextConfig(**cfg.get("text", {}))), cfg["data"]["objects"])
-    atomic_save(table, path)
-    return table
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import json
-
-    from model.training.samples import load_samples, save_samples
-    from model.training.prepare import build_training_set
-    from model.device import resolve_device
-    from model.engine.features import BackboneConfig
-    from model.engine.residuals import ResidualConfig, ResidualEngine
-
-    args = _parse(argv)
-    cfg = json.loads(Path(args.config).read_text())
-    ctx = distributed.init(resolve_device(args.device))  # torchrun: join its group (else a world of one)
-    device = ctx.device
-    torch.manual_seed(args.seed)
-    data = cfg["data"]
-    out = Path(args.out or cfg["out"])
-    cache = Path(args.cache or data["cache"])
-    with distributed.main_first(ctx):  # under torchrun rank 0 builds the caches, the other ranks load them
-        prompts = _prompts(args, cfg, cache)
-        if cache.is_file():
-            samples = load_samples(cache)
-            logger.info("loaded %d cached samples from %s", len(samples), cache)
-        else:
-            bb = dict(cfg.get("backbone", {}), device=str(device))
-            engine = ResidualEngine(BackboneConfig(**bb), ResidualConfig(**cfg.get("residual", {})),
-                                    cache_dir=cache.parent / "banks")
-            dataset = Path(args.dataset or data["dataset"]) if (args.dataset or data.get("dataset")) else None
-            samples = build_training_set(engine, dataset, int(data["tire_samples"] * args.scale),
-                                         int(data["texture_samples"] * args.scale), args.seed, device,
-                                         args.workers)
-            save_samples(samples, cache)
-    loop = LoopConfig(**dict(cfg.get("loop", {}), steps=max(1, int(cfg["loop"]["steps"] * args.scale))))
-    if args.max_minutes is not None:
-        loop = LoopConfig(**dict(asdict(loop), max_minutes=args.max_minutes))
-    text_dim = int(next(iter(prompts.values())).shape[1])
-    net = build_net(cfg.get("model", {}), samples, text_dim)
-    meta = {"seed": args.seed, "samples": len(samples), "config_file": Path(args.config).name,
-            "products": sorted({s.product for s in samples}),
-            "backbone": {k: v for k, v in BackboneConfig(**cfg.get("backbone", {})).to_dict().items()
-                         if k not in ("device", "batch_size")},
-            "residual": cfg.get("residual", {}), "text": cfg.get("text", {})}
-    ckpt = Path(args.ckpt) if args.ckpt else out.with_suffix(".ckpt")
-    losses = train(net, samples, prompts, loop, args.seed, device, ckpt, args.resume, meta, dist=ctx)
-    meta["final_loss"] = distributed.all_reduce_mean(float(np.mean(losses[-50:])), ctx) if losses else None
-    meta["steps"] = len(losses)
-    net.cpu()
-    if ctx.is_main:
-        atomic_save(make_checkpoint(ARCH, net.cfg.to_dict(), net.state_dict(), meta), out)
-        logger.info("wrote %s (%d steps, final loss %s)", out, len(losses), meta["final_loss"])
-    distributed.cleanup(ctx)
-    return 0
