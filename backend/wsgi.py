@@ -1,8 +1,16 @@
-"""gunicorn entry point: `gunicorn backend.wsgi:app`. Logging is configured here, once."""
+"""gunicorn entry point: `gunicorn -c python:backend.gunicorn_conf backend.wsgi:app` (as `make serve` and the
+Docker image run it). Logging is configured here, once.
+
+Background threads (training jobs, warming the model and the known projects) start once per serving process,
+never in the process that only loads the app before forking: with --preload the app is built in gunicorn's
+master, so they start in each worker right after its fork (an at-fork hook, for workers forked by this
+process); gunicorn_conf.post_worker_init starts them too (a worker that loaded the app itself, without
+--preload). Both are idempotent per process."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 # The heavy imports (torch, the backbone and predictor modules, ~4-5 s on 2 cores) happen here, when gunicorn
 # loads the app: once in the master with --preload (before forking; nothing here starts a thread pool), or in
@@ -18,4 +26,15 @@ logging.basicConfig(
     level=getattr(logging, settings.log_level, logging.INFO),
     format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
 )
-app = create_app(settings)
+app = create_app(settings, start_jobs=False)
+_LOADED_IN = os.getpid()
+
+
+def _start_in_forked_worker() -> None:
+    # only in the direct children of the process that loaded the app (gunicorn's workers), not in processes
+    # those workers fork themselves
+    if os.getppid() == _LOADED_IN:
+        app.extensions["adclick"]["services"].start_background()
+
+
+os.register_at_fork(after_in_child=_start_in_forked_worker)
