@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from backend.banks import (
     BankLRU,
-    bank_nbytes,
     bank_stages,
     reference_set_key,
     screen_references,
@@ -440,7 +439,7 @@ class ServingService:
         build.latest = model
         current = self.banks.peek(build.key)
         if current is None or complete or current.n_references <= n:  # a retried growth never shrinks a bank
-            self.banks.put(build.key, model, bank_nbytes(bank))
+            self.banks.put(build.key, model, int(bank.nbytes))
         build.first.set()
         logger.info(
             "reference bank %s of project(s) %s: %d of %d references ready after %.1f s%s",

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-if TYPE_CHECKING:  # the heavy modules only for the type checker
-    from model.engine.references import ReferenceBank
-    from model.engine.residuals import ResidualEngine
-    from model.types import Predictor
+if TYPE_CHECKING:
+    from model.types import Engine, Predictor, ReferenceSet
 
 REFINE_METHODS = ("guided", "grabcut", "off")
 
@@ -47,14 +45,14 @@ class PredictorChoice:
 
     kind: str
     version: str
-    build: Callable[["ResidualEngine", "ReferenceBank"], "Predictor"]
+    build: Callable[["Engine", "ReferenceSet"], "Predictor"]
     reason: str = ""
 
 
-def residual_choice(engine: "ResidualEngine", reason: str = "") -> PredictorChoice:
+def residual_choice(engine: "Engine", reason: str = "") -> PredictorChoice:
     """The zero-training click mode (model/interactive/clickmode.py) over the engine's residuals."""
 
-    def build(eng: "ResidualEngine", bank: "ReferenceBank") -> "Predictor":
+    def build(eng, bank):  # the residual engine and one of its banks
         from model.interactive.clickmode import ResidualClickPredictor
 
         return ResidualClickPredictor(eng, bank)
@@ -71,7 +69,7 @@ def with_refinement(choice: PredictorChoice, method: str) -> PredictorChoice:
 
     cfg, base_build = RefineConfig(method=method), choice.build
 
-    def build(eng: "ResidualEngine", bank: "ReferenceBank") -> "Predictor":
+    def build(eng: "Engine", bank: "ReferenceSet") -> "Predictor":
         return RefinedPredictor(base_build(eng, bank), cfg)
 
     suffix = "" if method == "guided" else f"-{method}"

@@ -236,7 +236,7 @@ def load_interactive_predictor(engine: ResidualEngine, config: InteractiveConfig
                + ("" if learned_weight >= 1 else f"-blend{learned_weight:g}"))
     obj = config.object_name
 
-    def build(eng: ResidualEngine, bank: ReferenceBank) -> AdClickPredictor | BlendPredictor:
+    def build(eng, bank):  # the residual engine and one of its banks -> AdClickPredictor | BlendPredictor
         net = _load_net(path, entry["sha256"])
         text = text_encoder
         if text is None and use_prompt:
