@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 from typing import Optional
 
@@ -141,3 +142,17 @@ def create_app(
     if start_jobs:
         services.start_background()
     return app
+
+
+def start_in_forked_workers(services: Services) -> None:
+    """For an app loaded before the process forks its workers (gunicorn --preload loads it in the master): start
+    the background threads in each direct child right after its fork, never in the loading process itself (its
+    threads would not survive the fork, and the master must not run training jobs). Processes the workers fork
+    themselves start nothing."""
+    parent = os.getpid()
+
+    def start() -> None:
+        if os.getppid() == parent:
+            services.start_background()
+
+    os.register_at_fork(after_in_child=start)

@@ -10,7 +10,6 @@ process); gunicorn_conf.post_worker_init starts them too (a worker that loaded t
 from __future__ import annotations
 
 import logging
-import os
 
 # The heavy imports (torch, the backbone and predictor modules, ~4-5 s on 2 cores) happen here, when gunicorn
 # loads the app: once in the master with --preload (before forking; nothing here starts a thread pool), or in
@@ -18,7 +17,7 @@ import os
 import model.interactive.clickmode  # noqa: F401
 import model.interactive.learned  # noqa: F401
 import model.engine.residuals  # noqa: F401
-from backend.app import create_app
+from backend.app import create_app, start_in_forked_workers
 from backend.settings import Settings
 
 settings = Settings.from_env()
@@ -27,14 +26,4 @@ logging.basicConfig(
     format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
 )
 app = create_app(settings, start_jobs=False)
-_LOADED_IN = os.getpid()
-
-
-def _start_in_forked_worker() -> None:
-    # only in the direct children of the process that loaded the app (gunicorn's workers), not in processes
-    # those workers fork themselves
-    if os.getppid() == _LOADED_IN:
-        app.extensions["adclick"]["services"].start_background()
-
-
-os.register_at_fork(after_in_child=_start_in_forked_worker)
+start_in_forked_workers(app.extensions["adclick"]["services"])

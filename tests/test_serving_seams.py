@@ -153,3 +153,39 @@ def test_one_set_of_interactive_defaults():
                                                                             refine="off")
     with pytest.raises(ValueError):
         InteractiveConfig(refine="sharpen")
+
+
+FORK_SCRIPT = r"""
+import os, sys
+from pathlib import Path
+from dataclasses import replace
+from backend.app import start_in_forked_workers
+from backend.settings import Settings
+from tests.api_support import make_app
+
+settings = replace(Settings(), model_dir=Path(sys.argv[1]), warm_on_setup=False)
+app, services, _ = make_app(settings, start_jobs=False)
+start_in_forked_workers(services)
+assert services.jobs._thread is None  # the loading process (gunicorn's master with --preload) starts nothing
+pid = os.fork()
+if pid == 0:  # a worker: its threads run
+    ok = services.jobs._thread is not None and services.jobs._thread.is_alive()
+    grandchild = os.fork()
+    if grandchild == 0:  # a process the worker forks itself: nothing is started there
+        os._exit(0 if not services.jobs._thread.is_alive() else 3)
+    _, status = os.waitpid(grandchild, 0)
+    os._exit(0 if ok and os.waitstatus_to_exitcode(status) == 0 else 2)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status) or (services.jobs._thread is not None))
+"""
+
+
+def test_a_preloaded_app_starts_its_threads_in_each_forked_worker_only(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(tmp_path / "m")], cwd=root, timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
