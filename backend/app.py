@@ -1,10 +1,13 @@
-"""Flask application factory: `create_app(settings, services=None)`. No import-time side effects; typed
-exceptions become JSON {"error": "..."} answers here, tracebacks only go to the log."""
+"""Flask application factory: `create_app(settings, services=None, start_jobs=True)`. No import-time side effects;
+typed exceptions become JSON {"error": "..."} answers here, tracebacks only go to the log. The process's
+background threads (training jobs, warming the model and the known projects) start here once the services
+exist (`start_jobs`), or in each gunicorn worker after its fork (backend/wsgi.py), never per request."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 from typing import Optional
 
@@ -12,7 +15,7 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backend.errors import BackendError
-from backend.services import ModelService
+from backend.services import Services, build_services
 from backend.settings import Settings
 from backend.stats import RequestStats
 
@@ -72,16 +75,10 @@ def _register_errors(app: Flask, settings: Settings) -> None:
         return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), 500
 
 
-def _register_auth_and_stats(
-    app: Flask, settings: Settings, stats: RequestStats, services: ModelService, start_jobs: bool
-) -> None:
+def _register_auth_and_stats(app: Flask, settings: Settings, stats: RequestStats) -> None:
     @app.before_request
     def before():
         g.t0 = time.perf_counter()
-        if start_jobs:
-            services.jobs.ensure_started()
-            if settings.warm_on_setup:
-                services.warm_known_projects()
         if not settings.auth_enabled or request.path in OPEN_ROUTES:
             return None
         try:
@@ -126,18 +123,36 @@ def _log_refusal(response) -> None:
 
 
 def create_app(
-    settings: Optional[Settings] = None, services: Optional[ModelService] = None, start_jobs: bool = True
+    settings: Optional[Settings] = None, services: Optional[Services] = None, start_jobs: bool = True
 ) -> Flask:
+    """`start_jobs`: start this process's background threads now (services.start_background); False where the
+    process forks its workers after loading the app (gunicorn --preload), which start them after the fork."""
     settings = settings or Settings.from_env()
-    services = services or ModelService(settings)
+    services = services or build_services(settings)
     app = Flask("adclick-backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     stats = RequestStats()
     app.extensions["adclick"] = {"settings": settings, "services": services, "stats": stats}
     _register_errors(app, settings)
-    _register_auth_and_stats(app, settings, stats, services, start_jobs)
+    _register_auth_and_stats(app, settings, stats)
     from backend.routes import blueprint
 
     app.register_blueprint(blueprint)
+    if start_jobs:
+        services.start_background()
     return app
+
+
+def start_in_forked_workers(services: Services) -> None:
+    """For an app loaded before the process forks its workers (gunicorn --preload loads it in the master): start
+    the background threads in each direct child right after its fork, never in the loading process itself (its
+    threads would not survive the fork, and the master must not run training jobs). Processes the workers fork
+    themselves start nothing."""
+    parent = os.getpid()
+
+    def start() -> None:
+        if os.getppid() == parent:
+            services.start_background()
+
+    os.register_at_fork(after_in_child=start)

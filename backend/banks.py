@@ -88,12 +88,6 @@ def bank_stages(n: int, first: int, augment_below: int = 0, factor: int = 4) -> 
     return stages + [n]
 
 
-def bank_nbytes(bank: Any) -> int:
-    """Bytes a bank holds (its `nbytes`, else a nominal 64)."""
-    size = getattr(bank, "nbytes", None)
-    return int(size) if isinstance(size, int) else 64
-
-
 class BankLRU(ByteLRU):
     """Thread-safe map key -> value (a project model over one bank), bounded by the banks' bytes: beyond the
     budget the least recently used values are dropped (freed once no request holds them). The value just put

@@ -79,7 +79,7 @@ def _concurrent(app, service, bodies: list[dict], masks: list[np.ndarray]) -> di
     close every mask is to the one computed alone (IoU)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    service.cache.clear()
+    service.serving.cache.clear()
 
     def one(i: int) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -98,20 +98,20 @@ def _concurrent(app, service, bodies: list[dict], masks: list[np.ndarray]) -> di
         "wall_s": round(time.perf_counter() - t0, 2),
         "latency": _ms([r[0] for r in results]),
         "mask_iou_vs_alone_min": round(min(r[1] for r in results), 4),  # 1.0 = same masks as computed alone
-        "cache_bytes": service.cache.bytes_used,
-        "cache_budget": service.cache.budget,
+        "cache_bytes": service.serving.cache.bytes_used,
+        "cache_budget": service.serving.cache.budget,
     }
 
 
 def _health_under_load(client, service, dataset: Path, image_path: Path, seconds: float = 6.0) -> dict:
     """/health latency while other threads keep the CPU busy with backbone passes (as training does)."""
     image = np.asarray(Image.open(image_path).convert("RGB"))
-    bank = service.model_for("1").bank
+    bank = service.serving.model_for("1").bank
     stop = threading.Event()
 
     def burn() -> None:
         while not stop.is_set():
-            service.engine.compute(image, bank)
+            service.model.engine.compute(image, bank)
 
     workers = [threading.Thread(target=burn, daemon=True) for _ in range(2)]
     for w in workers:
@@ -130,7 +130,7 @@ def _health_under_load(client, service, dataset: Path, image_path: Path, seconds
 
 def run(dataset: Path, n_refs: int, n_images: int, seed: int) -> dict:
     from backend.app import create_app
-    from backend.services import ModelService
+    from backend.services import build_services
     from backend.settings import Settings
 
     rng = np.random.default_rng(seed)
@@ -145,14 +145,14 @@ def run(dataset: Path, n_refs: int, n_images: int, seed: int) -> dict:
     settings = replace(
         Settings(), model_dir=work / "models", normal_dir=str(normals), warm_on_setup=False, bank_wait_s=3600
     )
-    service = ModelService(settings)
+    service = build_services(settings)
     client = create_app(settings, service, start_jobs=False).test_client()
     out: dict = {"dataset": str(dataset), "references": n_refs, "images": len(tests)}
     t0 = time.perf_counter()
     client.get("/versions")
     out["model_load_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    service.model_for("1")
+    service.serving.model_for("1")
     out["bank_build_s"] = round(time.perf_counter() - t0, 2)
     first, again, batch, ious = [], [], [], []
     bodies: list[dict] = []
@@ -188,7 +188,7 @@ def run(dataset: Path, n_refs: int, n_images: int, seed: int) -> dict:
         cached_click=_ms(again),
         batch_per_task=_ms(batch),
         click_iou_mean=round(float(np.mean(ious)), 3),
-        state_cache=service.cache.snapshot(),
+        state_cache=service.serving.cache.snapshot(),
     )
     return out
 

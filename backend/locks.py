@@ -7,12 +7,12 @@ exclude two threads of one process). The kernel drops the lock when its holder d
 leaves a stale lock. On NFS, Linux emulates flock with POSIX byte-range locks, so replicas on different hosts
 exclude each other too (the volume must support locking).
 
-Uses. "train": every fit runs inside it (`ModelService.run_training`, in a gunicorn worker or an RQ worker), so
+Uses. "train": every fit runs inside it (`TrainingService.run_training`, in a gunicorn worker or an RQ worker), so
 even a job queued twice (a worker presumed dead, a replayed Redis job) trains after the other, never beside it.
 "job": backend/jobs.py holds it while a process owns a project's job, so a job whose owner died (any host, any
 container) is recognised by its free lock and queued again. `local_lock(model_dir, project, name)` is the
 in-process half alone (the same thread lock a ProjectLock of that name takes): for work each process does for
-itself, such as loading a project's trained detector once (`ModelService._project_lock`).
+itself, such as loading a project's trained detector once (`DetectorCache._project_lock`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """/predict: interactive (one task + a context of smart regions -> one brush mask) and batch (context null ->
 one prediction per task: anomalous regions, the verdict choice, the image anomaly score). Mirrors the upstream
-`predict(tasks, context)` of label-studio-ml-backend."""
+`predict(tasks, context)` of label-studio-ml-backend.
+
+An interactive request is checked whole (the task's image reference, the context's clicks, box and label)
+before its image is downloaded or any model work starts: a malformed context costs no computation."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from scipy import ndimage
@@ -13,8 +16,12 @@ from scipy import ndimage
 from backend import ls_format
 from backend.errors import BackendError, BadRequest
 from backend.ls_format import LabelConfig
-from backend.services import ModelService
-from model.types import AnomalyResult
+from backend.serving import ProjectModel
+from backend.services import Services
+from model.types import AnomalyResult, ImageState
+
+if TYPE_CHECKING:
+    from model.engine.residuals import ResidualState
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +41,7 @@ def _task_image_ref(task: Any, cfg: LabelConfig) -> tuple[str, Optional[int]]:
     return ref, task_id if isinstance(task_id, int) else None
 
 
-def predict(service: ModelService, project: str, tasks: list, cfg: LabelConfig, context: Any) -> list[dict]:
+def predict(service: Services, project: str, tasks: list, cfg: LabelConfig, context: Any) -> list[dict]:
     """`context` None (batch, Retrieve Predictions / prelabeling) -> one prediction per task; an object
     (a smart tool's request) -> one prediction for the first task."""
     if not tasks:
@@ -54,24 +61,24 @@ def predict(service: ModelService, project: str, tasks: list, cfg: LabelConfig, 
 
 
 def predict_interactive(
-    service: ModelService, project: str, task: Any, cfg: LabelConfig, context: Any
+    service: Services, project: str, task: Any, cfg: LabelConfig, context: Any
 ) -> dict:
-    ref, task_id = _task_image_ref(task, cfg)
     # everything in the request is checked before the image is downloaded or any model work starts
+    ref, task_id = _task_image_ref(task, cfg)
     extra = service.projects.extra_params(project)
     fallback = draft_text(task, cfg) or str(extra.get("prompt") or "")
     request = ls_format.parse_context(
         context, cfg, extra_prompt=fallback, max_clicks=service.settings.max_clicks
     )
     if request is None:  # the editor's context after a submit: nothing to segment, nothing to fail
-        return ls_format.prediction([], 0.0, service.project_version(project))
-    model, cached = service.image_state(project, ref, task_id)
+        return ls_format.prediction([], 0.0, service.versions.project_version(project))
+    model, cached = service.serving.image_state(project, ref, task_id)
     clicks, box = request.clicks_px(cached.width, cached.height), request.box_px(cached.width, cached.height)
     # the clicks replayed one by one with the previous mask, as the network is trained (cached per prefix)
     out = cached.history.predict(model.predictor, cached.state, clicks, box, request.prompt)
     score = float(np.clip(out.score, 0.0, 1.0))
     region = ls_format.brush_region(np.asarray(out.mask, dtype=bool), request.label, cfg, score)
-    return ls_format.prediction([region], score, service.project_version(project))
+    return ls_format.prediction([region], score, service.versions.project_version(project))
 
 
 def draft_text(task: Any, cfg: LabelConfig) -> str:
@@ -92,22 +99,27 @@ def draft_text(task: Any, cfg: LabelConfig) -> str:
     return ""
 
 
-def _residual_state(state: Any) -> Any:
-    """The engine's ResidualState inside a predictor's per-image state (the learned predictors wrap it)."""
-    inner = getattr(state, "residual", None)
-    if inner is not None and hasattr(inner, "residual"):  # AdClickState(residual=ResidualState(residual=...))
-        return inner
-    return state if inner is not None else getattr(state, "residual_state", None)
+def _residual_state(state: ImageState) -> Optional["ResidualState"]:
+    """The engine's ResidualState of a predictor's per-image state: the click mode's state is one, the learned
+    predictors' AdClickState carries one; None for other predictors (they have no trained detector)."""
+    from model.engine.residuals import ResidualState
+    from model.interactive.learned import AdClickState
+
+    if isinstance(state, ResidualState):
+        return state
+    if isinstance(state, AdClickState):
+        return state.residual
+    return None
 
 
-def _detect(service: ModelService, project: str, model: Any, state: Any, cfg: LabelConfig
+def _detect(service: Services, project: str, model: ProjectModel, state: ImageState, cfg: LabelConfig
             ) -> tuple[AnomalyResult, str]:
     """`model` is the one the state was computed with (a growing bank may have been swapped since)."""
-    detector = service.detector(project)
-    residual = _residual_state(state)
+    detector = service.detection.detector(project)
+    residual = _residual_state(state) if detector is not None else None
     if detector is not None and residual is not None:
         return detector.detect(residual, list(cfg.brush_labels)), detector.version
-    return model.predictor.detect(state, list(cfg.brush_labels)), service.project_version(project)
+    return model.predictor.detect(state, list(cfg.brush_labels)), service.versions.project_version(project)
 
 
 def _component_label(component: np.ndarray, result: AnomalyResult, cfg: LabelConfig) -> str:
@@ -148,9 +160,9 @@ def anomaly_regions(result: AnomalyResult, cfg: LabelConfig, shape: tuple[int, i
     return regions
 
 
-def predict_batch_one(service: ModelService, project: str, task: Any, cfg: LabelConfig) -> dict:
+def predict_batch_one(service: Services, project: str, task: Any, cfg: LabelConfig) -> dict:
     ref, task_id = _task_image_ref(task, cfg)
-    model, cached = service.image_state(project, ref, task_id)
+    model, cached = service.serving.image_state(project, ref, task_id)
     result, version = _detect(service, project, model, cached.state, cfg)
     regions = anomaly_regions(result, cfg, (cached.height, cached.width))
     if cfg.choices_name:

@@ -4,7 +4,7 @@ Without REDIS_URL, in the web process: backend/jobs.py's thread calls the fit ru
 the same runner is dispatched to RQ workers (`python -m backend.worker`, any number, any host that shares
 MODEL_DIR): the web process enqueues the fit, follows its progress and returns its result, so jobs.py keeps
 its per-project state, coalescing and /health reporting unchanged. Either way the fit itself
-(`ModelService.run_training`) runs inside the project's `ProjectLock` (backend/locks.py), so one project never
+(`TrainingService.run_training`, backend/training.py) runs inside the project's `ProjectLock` (backend/locks.py), so one project never
 trains twice at once across gunicorn workers, RQ workers and replicas.
 
 Runner contract (backend/jobs.py): runner(project, event, progress) -> {"model_version": str, ...figures}.

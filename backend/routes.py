@@ -15,7 +15,8 @@ from backend.errors import BadRequest, LabelConfigError
 from backend.jobs import TRAINING_EVENTS
 from backend.predict import predict
 from backend.projects import parse_project
-from backend.services import ModelService
+from backend.serving import ModelLoader
+from backend.services import Services
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ MAX_EXTRA_PARAMS_CHARS = 64 * 1024
 _STARTED = time.time()
 
 
-def _services() -> ModelService:
+def _services() -> Services:
     return current_app.extensions["adclick"]["services"]
 
 
@@ -81,15 +82,16 @@ def _json_body() -> dict:
     return body
 
 
-def _model_info(svc: ModelService) -> dict:
-    if not svc.loaded:
+def _model_info(model: ModelLoader) -> dict:
+    if not model.loaded:
         return {"loaded": False, "kind": None, "version": None}
+    choice = model.choice
     return {
         "loaded": True,
-        "kind": svc.choice.kind,
-        "version": svc.choice.version,
-        "reason": getattr(svc.choice, "reason", ""),
-        "load_seconds": svc.load_seconds,
+        "kind": choice.kind,
+        "version": choice.version,
+        "reason": choice.reason,
+        "load_seconds": model.load_seconds,
     }
 
 
@@ -101,9 +103,9 @@ def health():
     return jsonify(
         status="UP",
         model_class=MODEL_CLASS,
-        model=_model_info(svc),
-        reference_images=svc.reference_counts(),
-        reference_banks=svc.bank_report(),
+        model=_model_info(svc.model),
+        reference_images=svc.serving.reference_counts(),
+        reference_banks=svc.serving.bank_report(),
         training={
             "active": [p for p, s in jobs.items() if s["status"] == "running"],
             "queued": [p for p, s in jobs.items() if s["status"] == "queued"],
@@ -126,9 +128,9 @@ def setup():
     extra = parse_extra_params(body.get("extra_params"))
     svc.projects.update(project, label_config=schema, extra_params=extra)
     if svc.settings.warm_on_setup:
-        svc.warm(project)
-    version = svc.project_version(project)
-    svc.sync_card_title(project, version)
+        svc.serving.warm(project)
+    version = svc.versions.project_version(project)
+    svc.training.sync_card_title(project, version)
     return jsonify(model_version=version, capabilities=cfg.capabilities)
 
 
@@ -245,8 +247,8 @@ def versions():
     svc = _services()
     raw = request.args.get("project")
     project = parse_project(raw) if raw else None
-    current = svc.project_version(project) if project else svc.choice.version
-    return jsonify(versions=svc.versions(project), model_version=current)
+    current = svc.versions.project_version(project) if project else svc.model.choice.version
+    return jsonify(versions=svc.versions.versions(project), model_version=current)
 
 
 @blueprint.get("/metrics")
@@ -255,9 +257,9 @@ def metrics():
     stats = current_app.extensions["adclick"]["stats"]
     return jsonify(
         routes=stats.snapshot(),
-        state_cache=svc.cache.snapshot(),
+        state_cache=svc.serving.cache.snapshot(),
         download_cache=svc.loader.disk.usage(),
         token_refreshes=svc.loader.auth.refresh_count,
-        model=_model_info(svc),
+        model=_model_info(svc.model),
         training={"last": svc.jobs.last_finished(), "jobs": svc.jobs.snapshot()},
     )

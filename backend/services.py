@@ -1,635 +1,88 @@
-"""ModelService: everything behind the routes. The model is built lazily, once per process, behind a lock;
-per-project predictors share it; per-image work is cached by (image key, model version, bank) in a byte-budget
-LRU; training runs in backend/jobs.py, never inside a request.
+"""The web process's pieces, built and wired in one place (`build_services`); each piece has one job:
 
-The interactive predictor is chosen in ONE place, `choose_predictor` (learned ADClick when its weights are
-bundled and ADCLICK_PREDICTOR allows it, else the zero-training residual click mode)."""
+- `model` (backend.serving.ModelLoader): the engine and the interactive predictor choice, loaded once.
+- `versions` (backend.serving.ProjectVersions): a project's model_version and published versions.
+- `serving` (backend.serving.ServingService): reference banks, the per-image state cache, click sessions.
+- `detection` (backend.detection.DetectorCache): each project's trained ADClick-Seg detector.
+- `training` (backend.training.TrainingService): one fit of a project, the model card's title.
+- `jobs` (backend.jobs.JobManager): when fits run (in this process, or on RQ workers with REDIS_URL).
+
+Routes take the piece they need (`current_app.extensions["adclick"]["services"].serving`, ...).
+`start_background()` starts this process's threads (the jobs' thread, warming the model and the known projects);
+the app factory calls it, or gunicorn's post_worker_init in each worker (backend/wsgi.py, gunicorn_conf.py)."""
 
 from __future__ import annotations
 
-import atexit
-import logging
-import os
-import threading
-import time
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from backend.cache import ByteLRU
-from backend.banks import (
-    BankLRU,
-    bank_nbytes,
-    bank_stages,
-    reference_set_key,
-    screen_references,
-    spread_order,
-)
-from backend.errors import BackendError, NotReady
+from backend.detection import DetectorCache
 from backend.images import ImageLoader
 from backend.jobs import JobManager
-from backend.locks import ProjectLock, local_lock
-from backend.projects import ProjectStore, is_project_id, list_images
+from backend.projects import ProjectStore, is_project_id, jobs_state_path
+from backend.serving import (
+    EngineFactory,
+    ModelLoader,
+    PredictorChooser,
+    ProjectVersions,
+    ServingService,
+    build_engine,
+    choose_predictor,
+)
 from backend.settings import Settings
-from model.interactive.clicks import ClickHistory
-from model.types import Predictor
-
-logger = logging.getLogger(__name__)
-
-REQUEST_SLOT_WAIT_S = 0.25  # longest wait of a request for a free download slot, then 503 (docs/SETTINGS.md)
-
-
-@dataclass
-class PredictorChoice:
-    """Which interactive predictor this process serves: `kind`, a cheap `version` (no weights loaded) and
-    `build(engine, bank) -> Predictor` (one predictor per reference bank; weights shared via the engine)."""
-
-    kind: str
-    version: str
-    build: Callable[[Any, Any], Predictor]
-    reason: str = ""  # why this predictor (shown in /health)
-
-
-def lower_priority(nice: int) -> int:
-    """Lower the calling thread's CPU priority by `nice` (Linux: per thread; the torch worker threads it starts
-    inherit it), so a training job yields the cores to requests. Returns the thread's nice value after."""
-    tid = threading.get_native_id()
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        if nice > 0 and current < min(19, nice):
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, nice))
-        return os.getpriority(os.PRIO_PROCESS, tid)
-    except (AttributeError, OSError) as exc:  # not Linux, or not permitted: train at normal priority
-        logger.info("training priority unchanged: %s", exc)
-        return 0
-
-
-def choose_predictor(settings: Settings, engine: Any) -> PredictorChoice:
-    """The served interactive predictor; unless ADCLICK_REFINE=off its maps get the full-resolution boundary
-    refinement of model/interactive/refine.py (guided filter by default, or GrabCut)."""
-    choice = _choose_base(settings, engine)
-    method = getattr(settings, "refine", "off")
-    if method == "off":
-        return choice
-    from model.interactive.refine import RefineConfig, RefinedPredictor
-
-    cfg, base_build = RefineConfig(method=method), choice.build
-
-    def build(eng: Any, bank: Any) -> Predictor:
-        return RefinedPredictor(base_build(eng, bank), cfg)
-
-    suffix = "" if method == "guided" else f"-{method}"
-    note = f"{method} boundary refinement on"
-    reason = getattr(choice, "reason", "")
-    return PredictorChoice(choice.kind, f"{choice.version}-refine{suffix}", build,
-                           f"{reason}; {note}" if reason else note)
-
-
-def _choose_base(settings: Settings, engine: Any) -> PredictorChoice:
-    reason = "zero-training click mode: ADCLICK_PREDICTOR=residual"
-    if settings.predictor in ("auto", "learned"):
-        try:
-            from model.interactive.learned import check_weights, load_interactive_predictor
-        except ImportError:
-            if settings.predictor == "learned":
-                raise NotReady("ADCLICK_PREDICTOR=learned but model.interactive.learned is not available") from None
-            reason = "zero-training click mode: the learned predictor (model.interactive.learned) is not available"
-        else:
-            choice = load_interactive_predictor(engine=engine, settings=settings)
-            if choice is not None:
-                return choice
-            if settings.predictor == "learned":
-                raise NotReady("ADCLICK_PREDICTOR=learned but no learned ADClick weights are bundled")
-            reason = f"zero-training click mode: {check_weights(engine, getattr(settings, 'weights_dir', None))[1]}"
-    from model.interactive.clickmode import ResidualClickPredictor
-
-    return PredictorChoice(
-        "residual-click",
-        f"residual-click-{engine.config_hash()}",
-        lambda eng, bank: ResidualClickPredictor(eng, bank),
-        reason,
-    )
-
-
-def build_engine(settings: Settings) -> Any:
-    from model.engine.features import BackboneConfig
-    from model.engine.residuals import ResidualConfig, ResidualEngine
-
-    return ResidualEngine(
-        BackboneConfig(device=settings.device), ResidualConfig(), cache_dir=settings.model_dir / "banks"
-    )
+from backend.training import TrainingService
 
 
 @dataclass(frozen=True)
-class CachedImage:
-    """What the state cache keeps per (image, model version, bank): image size and predictor state."""
+class Services:
+    settings: Settings
+    projects: ProjectStore
+    loader: ImageLoader
+    model: ModelLoader
+    versions: ProjectVersions
+    serving: ServingService
+    detection: DetectorCache
+    training: TrainingService
+    jobs: JobManager
 
-    height: int
-    width: int
-    state: Any
-    history: ClickHistory = field(default_factory=ClickHistory, compare=False, repr=False)  # click prefixes
-
-    @property
-    def nbytes(self) -> int:
-        return int(getattr(self.state, "nbytes", 0)) + self.history.max_nbytes((self.height, self.width)) + 64
-
-
-@dataclass(frozen=True)
-class ProjectModel:
-    """One reference bank and the predictor over it. Immutable: a growing bank is a sequence of these, each
-    swapped in whole, so a request holds one consistent (bank, predictor) for all its work and the per-image
-    cache, keyed by the bank's key, never mixes banks (the next click after a swap recomputes)."""
-
-    signature: str  # key of the reference set (banks.reference_set_key); projects with one set share it
-    bank: Any
-    predictor: Predictor
-    n_references: int
-    target: int = 0  # references the complete bank will hold
-    complete: bool = True  # False while the bank still grows in the background
+    def start_background(self) -> None:
+        """This process's background work: the training jobs' thread and (WARM_ON_SETUP) the model load and
+        the banks of the projects that called /setup before. Idempotent per process (after a fork too)."""
+        self.jobs.ensure_started()
+        if self.settings.warm_on_setup:
+            self.serving.warm_known_projects()
 
 
-class BankBuildFailed(BackendError):
-    """Building a reference bank failed: the server's own fault (its folders, memory, model)."""
+def build_services(
+    settings: Settings,
+    loader: Optional[ImageLoader] = None,
+    engine_factory: EngineFactory = build_engine,
+    predictor_chooser: PredictorChooser = choose_predictor,
+    client_factory: Optional[Callable[[], Any]] = None,
+) -> Services:
+    from backend.queue import build_runner
 
-    status = 500
-
-
-class _BankBuild:
-    """A reference set's bank being built: `first` is set once a first (small) bank is usable or the build
-    failed; `latest` is the last bank published."""
-
-    def __init__(self, key: str, target: int):
-        self.key = key
-        self.target = target
-        self.first = threading.Event()
-        self.running = True
-        self.error: Optional[Exception] = None
-        self.failed_at = 0.0
-        self.latest: Optional[ProjectModel] = None
-        self.started = time.monotonic()
-
-
-BANK_RETRY_S = 10.0  # a failed bank build is retried by the first request this long after the failure
-MAX_TRACKED_PROJECTS = 1024  # projects whose bank choice is remembered (and listed by /health)
-_SERVICES: "weakref.WeakSet[ModelService]" = weakref.WeakSet()
-
-
-class _BuildStopped(Exception):
-    """The process is exiting: a bank growth stops between two images."""
-
-
-@atexit.register
-def _stop_bank_builds() -> None:
-    """At exit, growing banks stop between two images and their threads are joined: a daemon thread still
-    inside torch when the interpreter finalizes aborts the process ("terminate called without an active
-    exception", exit status 134)."""
-    for service in list(_SERVICES):
-        service.stop_builds()
-
-class ModelService:
-    def __init__(
-        self,
-        settings: Settings,
-        loader: Optional[ImageLoader] = None,
-        engine_factory: Callable[[Settings], Any] = build_engine,
-        predictor_chooser: Callable[[Settings, Any], PredictorChoice] = choose_predictor,
-        client_factory: Optional[Callable[[], Any]] = None,
-    ):
-        self.settings = settings
-        self.loader = loader or ImageLoader(settings)
-        self.cache = ByteLRU(settings.state_cache_bytes)
-        self.projects = ProjectStore(settings.model_dir, settings.normal_dir)
-        from backend.queue import build_runner
-
-        self.jobs = JobManager(
-            settings.model_dir / "jobs" / "state.json",
-            build_runner(settings.redis_url, self.run_training),
-            settings.train_after_annotations,
-            settings.train_debounce_s,
-            max_requeues=settings.train_max_requeues,
-            valid_project=is_project_id,
-        )
-        self._engine_factory = engine_factory
-        self._chooser = predictor_chooser
-        self._client_factory = client_factory or self._default_client
-        self._lock = threading.Lock()
-        self._engine: Any = None
-        self._choice: Optional[PredictorChoice] = None
-        self._project_locks: dict[str, threading.Lock] = {}
-        self.banks = BankLRU(settings.bank_cache_bytes)  # reference-set key -> ProjectModel, shared
-        self._builds: dict[str, _BankBuild] = {}  # reference-set key -> its build (running, or failed lately)
-        # project -> key of the bank it was last served / its reference images give now; the most recently
-        # asked MAX_TRACKED_PROJECTS only (any request may name a new project id)
-        self._serving: OrderedDict[str, str] = OrderedDict()
-        self._wanted: OrderedDict[str, str] = OrderedDict()
-        self._refsets: dict[tuple, tuple[str, list[Path]]] = {}
-        self._foreground = 0  # per-image computations of requests in progress (bank growth yields to them)
-        self._closing = threading.Event()
-        self._build_threads: set[threading.Thread] = set()
-        _SERVICES.add(self)
-        self._warmed_pid: Optional[int] = None
-        self._env_refs: Optional[int] = None
-        self._compute = threading.BoundedSemaphore(max(1, settings.compute_concurrency))
-        self._detectors: dict[tuple[str, str], Any] = {}
-        self.loaded_at: Optional[float] = None
-        self.load_seconds: Optional[float] = None
-
-    # -- the model, once per process -------------------------------------------------------------------------
-    def _ensure_loaded(self) -> tuple[Any, PredictorChoice]:
-        with self._lock:
-            if self._choice is None:
-                t0 = time.monotonic()
-                engine = self._engine_factory(self.settings)
-                choice = self._chooser(self.settings, engine)
-                self._engine, self._choice = engine, choice
-                self.load_seconds = round(time.monotonic() - t0, 3)
-                self.loaded_at = time.time()
-                logger.info("model loaded: %s (%s) in %.2f s", choice.kind, choice.version, self.load_seconds)
-            return self._engine, self._choice
-
-    @property
-    def engine(self) -> Any:
-        return self._ensure_loaded()[0]
-
-    @property
-    def choice(self) -> PredictorChoice:
-        return self._ensure_loaded()[1]
-
-    @property
-    def loaded(self) -> bool:
-        return self._choice is not None
-
-    def _project_lock(self, project: str) -> threading.Lock:
-        """The process's lock for loading the project's detector (backend/locks.py's registry)."""
-        return local_lock(self.settings.model_dir, project, "detector")
-
-    # -- versions --------------------------------------------------------------------------------------------
-    def trained_version(self, project: str) -> Optional[Any]:
-        """The project's published ADClick-Seg version, compared in memory (its record is re-read at most
-        every model.atomic.RECORD_REFRESH_S seconds): no folder is listed on a click."""
-        return self.projects.version_store(project).latest()
-
-    def project_version(self, project: str) -> str:
-        """The project's model_version, cheap (no model load): its latest trained ADClick-Seg version,
-        else the version the last fit published for its references, else the interactive model's version."""
-        trained = self.trained_version(project)
-        if trained is not None:
-            return trained.name
-        refs = self.projects.references_info(project)
-        return str(refs["model_version"]) if refs and refs.get("model_version") else self.choice.version
-
-    def versions(self, project: Optional[str]) -> list[str]:
-        """The interactive model's version and the published versions of `project` (of every project that
-        called /setup when none is named: Label Studio's GET /versions names none)."""
-        names = [self.choice.version]
-        for key in [project] if project else self.projects.known():
-            refs = self.projects.references_info(key)
-            names += [str(refs["model_version"])] if refs and refs.get("model_version") else []
-            names += self.projects.version_store(key).published_names()
-        return list(dict.fromkeys(names))
-
-    def reference_counts(self) -> dict:
-        """Reference images: of ADCLICK_NORMAL_DIR (counted once per process: /health must stay fast) and of
-        every project whose bank is loaded in this process."""
-        if self._env_refs is None:
-            folder = self.settings.normal_dir
-            limit = self.settings.max_reference_images
-            self._env_refs = len(list_images(Path(folder), limit)) if folder else 0
-        projects = {p: info["size"] for p, info in self.bank_report()["projects"].items() if info["loaded"]}
-        return {"normal_dir": self._env_refs, "projects": projects}
-
-    def bank_report(self) -> dict:
-        """/health's reference banks: per project the bank it is served from (size now, target, whether it
-        still grows in the background, the reference-set key projects share it by) and the banks' memory."""
-        with self._lock:
-            wanted, serving = dict(self._wanted), dict(self._serving)
-            builds = {k: b for k, b in self._builds.items() if b.running}
-        projects = {}
-        for project, key in wanted.items():
-            build = builds.get(key)
-            # while its new set is not built, a project is served from its old bank
-            model = self.banks.peek(key) or self.banks.peek(serving.get(project, ""))
-            if model is None and build is None:
-                continue
-            projects[project] = {
-                "loaded": model is not None,
-                "size": model.n_references if model is not None else 0,
-                "target": build.target if build is not None else model.target,
-                "building": build is not None,
-                "key": key,
-            }
-        return {"projects": projects, "memory": self.banks.snapshot()}
-
-    # -- per-project predictors ------------------------------------------------------------------------------
-    def _reference_set(self, project: str) -> tuple[str, list[Path]]:
-        """(key, images) of the project's reference set; listed again only when a folder's mtime changed."""
-        limit = self.settings.max_reference_images
-        folders = self.projects.reference_folders(project)
-        cheap = (self.choice.version, limit, tuple((str(f), _mtime_ns(f)) for f in folders))
-        with self._lock:
-            hit = self._refsets.get(cheap)
-        if hit is not None:
-            return hit
-        images = self.projects.reference_images(project, limit)
-        found = (reference_set_key(self.choice.version, images, limit), images)
-        with self._lock:
-            if len(self._refsets) > 256:
-                self._refsets.clear()
-            self._refsets[cheap] = found
-        return found
-
-    def model_for(self, project: str, wait_s: Optional[float] = None) -> ProjectModel:
-        """The project's predictor over its reference bank. Banks are shared by projects with the same
-        reference set and built in a background thread, small first (ADCLICK_FIRST_REFERENCES spread over the
-        folder, ready in seconds), then grown and swapped in whole. A project with an older bank keeps it
-        until the new one is at least as large; a project with none waits up to BANK_WAIT_S for the first
-        one, then gets NotReady (503); once any bank is usable it is answered from it, never with a 503."""
-        self._ensure_loaded()
-        key, images = self._reference_set(project)
-        with self._lock:
-            self._wanted[project] = key
-            self._wanted.move_to_end(project)
-            while len(self._wanted) > MAX_TRACKED_PROJECTS:
-                old, _ = self._wanted.popitem(last=False)
-                self._serving.pop(old, None)
-            previous_key = self._serving.get(project)
-        model = self.banks.get(key)
-        build = None if model is not None and model.complete else self._start_build(key, images)
-        previous = self.banks.peek(previous_key) if previous_key and previous_key != key else None
-        if model is None and build is not None:
-            model = build.latest
-        if model is not None and (
-            previous is None or model.complete or model.n_references >= previous.n_references
-        ):
-            return self._serve(project, model)
-        if previous is not None:
-            return previous
-        assert build is not None
-        wait = self.settings.bank_wait_s if wait_s is None else wait_s
-        if build.error is None and not build.first.wait(wait):
-            raise NotReady(
-                f"project {project}: the reference bank of {len(images)} images is still being built; "
-                "retry in a few seconds"
-            )
-        if build.latest is not None:
-            return self._serve(project, build.latest)
-        error = build.error
-        if isinstance(error, BackendError):  # its own status and message (e.g. 503: no model), per request
-            raise type(error)(f"project {project}: {error.message}")
-        reason = type(error).__name__
-        raise BankBuildFailed(
-            f"project {project}: building its reference bank failed ({reason}); see the backend log. "
-            f"It is retried by the first request after {BANK_RETRY_S:.0f} s"
-        )
-
-    def _serve(self, project: str, model: ProjectModel) -> ProjectModel:
-        with self._lock:
-            if project in self._wanted:
-                self._serving[project] = model.signature
-        return model
-
-    def _start_build(self, key: str, images: list[Path]) -> _BankBuild:
-        with self._lock:
-            build = self._builds.get(key)
-            if build is not None and (build.running or time.monotonic() - build.failed_at < BANK_RETRY_S):
-                return build
-            build = self._builds[key] = _BankBuild(key, len(images))
-        thread = threading.Thread(
-            target=self._build, args=(build, images), name=f"bank-{key[:8]}", daemon=True
-        )
-        with self._lock:
-            self._build_threads.add(thread)
-        thread.start()
-        return build
-
-    def stop_builds(self, timeout_s: float = 30.0) -> None:
-        """Stop the banks growing in the background (between two images) and wait for their threads."""
-        self._closing.set()
-        with self._lock:
-            threads = list(self._build_threads)
-        deadline = time.monotonic() + timeout_s
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def _projects_of(self, key: str) -> list[str]:
-        with self._lock:
-            return sorted(p for p, k in self._wanted.items() if k == key)
-
-    def _build(self, build: _BankBuild, images: list[Path]) -> None:
-        try:
-            engine, choice = self._ensure_loaded()
-            images = screen_references(images, self.settings.max_image_pixels)
-            build.target = len(images)
-            cached = getattr(engine, "cached_bank", None)
-            bank = cached(images) if cached is not None else None
-            if bank is not None:
-                self._publish(build, engine, choice, bank, complete=True)
-            else:
-                self._grow(build, engine, choice, images)
-        except _BuildStopped:
-            logger.info("reference bank %s: growth stopped, the process is exiting", build.key)
-            build.error, build.failed_at = NotReady("the backend is shutting down"), time.monotonic()
-        except Exception as exc:  # every waiting request reads it (a JSON 500 naming it); retried later
-            logger.exception("reference bank %s of project(s) %s: building failed", build.key,
-                             ", ".join(self._projects_of(build.key)))
-            build.error, build.failed_at = exc, time.monotonic()
-        finally:
-            build.running = False
-            build.first.set()
-            with self._lock:
-                if build.error is None and self._builds.get(build.key) is build:
-                    del self._builds[build.key]
-                self._build_threads.discard(threading.current_thread())
-
-    def _grow(self, build: _BankBuild, engine: Any, choice: PredictorChoice, images: list[Path]) -> None:
-        """First bank: ADCLICK_FIRST_REFERENCES images spread over the (sorted) set, without augmented views;
-        then x4 per step up to all of them, each step extending the previous bank (only the new images are
-        read) and swapped in whole. Only the complete bank goes to the disk cache. Between two images the
-        growth waits for the requests' own computations (up to 2 s), so clicks keep the CPU."""
-        ordered = [images[i] for i in spread_order(len(images))]
-        augment_below = int(getattr(getattr(engine, "cfg", None), "augment_below", 0) or 0)
-        stages = bank_stages(len(ordered), self.settings.first_references, augment_below)
-        bank, done = None, 0
-        for i, size in enumerate(stages):
-            final = i == len(stages) - 1
-            if i and self._closing.is_set():
-                raise _BuildStopped()
-            if i and not self._projects_of(build.key):
-                logger.info("reference bank %s: no project uses it any more; growth stopped", build.key)
-                return
-            extend = getattr(engine, "extend", None)
-            if bank is None or extend is None or size <= done or (final and len(ordered) < augment_below):
-                options = {} if final else {"augment": False, "save": False}
-                bank = engine.build_bank(ordered[:size], progress=self._yield_to_requests, **options)
-            else:
-                bank = extend(bank, ordered[done:size], progress=self._yield_to_requests, save=final)
-            done = size
-            self._publish(build, engine, choice, bank, complete=final)
-
-    def _publish(
-        self, build: _BankBuild, engine: Any, choice: PredictorChoice, bank: Any, complete: bool
-    ) -> None:
-        keys = getattr(bank, "source_keys", None)
-        n = len(keys) if keys is not None else len(bank)
-        model = ProjectModel(build.key, bank, choice.build(engine, bank), n, build.target, complete)
-        build.latest = model
-        current = self.banks.peek(build.key)
-        if current is None or complete or current.n_references <= n:  # a retried growth never shrinks a bank
-            self.banks.put(build.key, model, bank_nbytes(bank))
-        build.first.set()
-        logger.info(
-            "reference bank %s of project(s) %s: %d of %d references ready after %.1f s%s",
-            build.key, ", ".join(self._projects_of(build.key)), n, build.target,
-            time.monotonic() - build.started, "" if complete else "; growing in the background",
-        )
-
-    def _yield_to_requests(self, *_: Any) -> None:
-        if self._closing.is_set():
-            raise _BuildStopped()
-        deadline = time.monotonic() + 2.0
-        while self._foreground > 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def warm_known_projects(self) -> None:
-        """Once per process (after a fork too): load the model in the background (the first /setup after
-        connecting then only waits for a small bank) and warm every project that called /setup before, so the
-        first click after a restart does not wait for the model and the reference bank."""
-        with self._lock:
-            if self._warmed_pid == os.getpid():
-                return
-            self._warmed_pid = os.getpid()
-        known = self.projects.known()
-        for project in known:
-            self.warm(project)
-        if not known:
-            threading.Thread(target=self._load_quietly, name="warm-model", daemon=True).start()
-
-    def _load_quietly(self) -> None:
-        """The model, and for the residual engine (it builds its backbone lazily) the backbone, one forward
-        pass (the first one pays for the kernels' set-up) and the predictor's weights, on an empty bank."""
-        try:
-            engine, choice = self._ensure_loaded()
-            extractor = getattr(engine, "extractor", None)
-            if extractor is not None:
-                import numpy as np
-
-                extractor.extract([np.full((256, 256, 3), 128, np.uint8)])
-                choice.build(engine, engine.build_bank([], save=False))
-        except Exception:  # best effort; the first request that needs the model reports the error
-            logger.exception("loading the model in the background failed")
-
-    def warm(self, project: str) -> None:
-        """Load the model and the project's bank in a background thread (called by /setup)."""
-
-        def run() -> None:
-            try:
-                self.model_for(project)
-            except Exception:  # warming is best effort; the next request reports the error properly
-                logger.exception("warming project %s failed", project)
-
-        threading.Thread(target=run, name=f"warm-{project}", daemon=True).start()
-
-    def image_state(
-        self, project: str, ref: str, task_id: Optional[int] = None
-    ) -> tuple[ProjectModel, "CachedImage"]:
-        """The per-image work for a task's image, from the cache when this (image, model, bank) was seen:
-        then nothing is downloaded, decoded or recomputed."""
-        model = self.model_for(project)
-        source = self.loader.resolve(ref, task_id)
-        key = (source.key, model.predictor.version, getattr(model.bank, "key", ""))
-
-        def compute() -> CachedImage:
-            # a request thread waits only briefly for a download slot (DOWNLOAD_CONCURRENCY): ordinary downloads
-            # free one in milliseconds, while slow image hosts cannot hold every server thread (and /health)
-            image = self.loader.load_source(source, slot_wait_s=REQUEST_SLOT_WAIT_S)
-            with self._lock:
-                self._foreground += 1
-            try:
-                with self._compute:  # bounded: 8 annotators must not run 8 backbone passes at once
-                    state = model.predictor.set_image(image.array)
-            finally:
-                with self._lock:
-                    self._foreground -= 1
-            return CachedImage(image.height, image.width, state)
-
-        return model, self.cache.get_or_set(key, compute)
-
-    def detector(self, project: str) -> Optional[Any]:
-        """The trained ADClick-Seg detector of the project's latest version, or None (use the predictor)."""
-        trained = self.trained_version(project)
-        if trained is None:
-            return None
-        key = (project, trained.name)
-        with self._project_lock(project):
-            if key not in self._detectors:
-                from model.seg.predict import SegDetector
-
-                ckpt, info = self.projects.version_store(project).load(trained.name)
-                self._detectors = {k: v for k, v in self._detectors.items() if k[0] != project}
-                self._detectors[key] = SegDetector(ckpt, info.name)
-            return self._detectors[key]
-
-    def _syncs_card_title(self) -> bool:
-        return bool(self.settings.sync_card_title and self.settings.label_studio_url
-                    and self.settings.label_studio_api_key)
-
-    def sync_card_title(self, project: str, version: str) -> None:
-        """Rename this backend's model card in Label Studio to `version`, in the background (backend/ls_card.py);
-        only when LS_SYNC_CARD_TITLE is on and Label Studio's address and key are configured."""
-        from backend import ls_card
-
-        if self._syncs_card_title():
-            ls_card.sync_in_background(self._client_factory, project, version, tuple(self.versions(project)))
-
-    # -- training --------------------------------------------------------------------------------------------
-    def _default_client(self) -> Any:
-        from label_studio_sdk.client import LabelStudio
-
-        if not self.settings.label_studio_url or not self.settings.label_studio_api_key:
-            raise NotReady(
-                "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read the project's labels"
-            )
-        # no redirects: the SDK would follow a 307 of /api/token/refresh/ and POST the personal access token to
-        # wherever it points (the Label Studio routes it calls answer without redirecting)
-        return LabelStudio(
-            base_url=self.settings.label_studio_url,
-            api_key=self.settings.label_studio_api_key,
-            follow_redirects=False,
-        )
-
-    def run_training(self, project: str, event: dict, progress: Callable[[float, str], None]) -> dict:
-        """One fit of `project` (backend.training.fit) inside its cross-process ProjectLock. Serving processes
-        notice the new references / version by the project's signature and swap the predictor when rebuilt."""
-        from backend import training
-
-        lower_priority(self.settings.train_nice)
-        ctx = training.TrainingContext(
-            settings=self.settings,
-            progress=progress,
-            client_factory=self._client_factory,
-            image_loader=self.loader,
-            engine=self.engine,
-            projects=self.projects,
-            base_version=self.choice.version,
-        )
-        with ProjectLock(self.settings.model_dir, project, "train"):
-            result = training.fit(project, event, ctx)
-        if result.get("model_version") and self._syncs_card_title():
-            from backend import ls_card
-
-            # in the job itself: an RQ work-horse exits when the job returns, a daemon thread would die with it
-            try:
-                ls_card.sync_card_title(self._client_factory(), project, str(result["model_version"]),
-                                        tuple(self.versions(project)), attempts=1)
-            except Exception as exc:  # noqa: BLE001 - the version is published; the card title is a convenience
-                logger.warning("project %s: could not rename the model card: %s", project, str(exc)[:300])
-        return result
-
-
-def _mtime_ns(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
+    loader = loader or ImageLoader(settings)
+    projects = ProjectStore(settings.model_dir, settings.normal_dir)
+    model = ModelLoader(settings, engine_factory, predictor_chooser)
+    versions = ProjectVersions(settings, projects, model)
+    training = TrainingService(settings, projects, model, versions, loader, client_factory)
+    jobs = JobManager(
+        jobs_state_path(settings.model_dir),
+        build_runner(settings.redis_url, training.run_training),
+        settings.train_after_annotations,
+        settings.train_debounce_s,
+        max_requeues=settings.train_max_requeues,
+        valid_project=is_project_id,
+    )
+    return Services(
+        settings=settings,
+        projects=projects,
+        loader=loader,
+        model=model,
+        versions=versions,
+        serving=ServingService(settings, model, projects, loader),
+        detection=DetectorCache(settings, versions),
+        training=training,
+        jobs=jobs,
+    )

@@ -10,6 +10,9 @@ from typing import Mapping, Optional
 
 from backend.errors import BadRequest, ConfigError
 from backend.outbound import check_url, redact
+from model.interactive.choose import REFINE_METHODS, InteractiveConfig
+
+_INTERACTIVE = InteractiveConfig()  # the interactive predictor's defaults live in the model layer, once
 
 _MB = 1024 * 1024
 
@@ -59,9 +62,9 @@ class Settings:
     train_after_annotations: int = 5
     train_debounce_s: float = 60.0
     predictor: str = "auto"  # auto | learned | residual
-    learned_weight: float = 0.5  # learned ADClick map's share when averaged with the click mode (1 = alone)
-    use_prompt: bool = False  # send the label name / TextArea text to the learned network as its prompt
-    refine: str = "guided"  # full-resolution boundary refinement of each click's map: guided | grabcut | off
+    learned_weight: float = _INTERACTIVE.learned_weight  # learned map's share when averaged with the click mode
+    use_prompt: bool = _INTERACTIVE.use_prompt  # send the label name / TextArea text to the network as its prompt
+    refine: str = _INTERACTIVE.refine  # full-resolution boundary refinement of each click's map: guided | grabcut | off
     max_reference_images: int = 200
     warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
     sync_card_title: bool = True  # LS_SYNC_CARD_TITLE: rename the Label Studio model card to the served version
@@ -113,12 +116,12 @@ class Settings:
         predictor = _text(env, "ADCLICK_PREDICTOR", "auto").lower() or "auto"
         if predictor not in ("auto", "learned", "residual"):
             raise ConfigError(f"ADCLICK_PREDICTOR must be auto, learned or residual, got {predictor!r}")
-        learned_weight = _number(env, "ADCLICK_LEARNED_WEIGHT", 0.5)
+        learned_weight = _number(env, "ADCLICK_LEARNED_WEIGHT", _INTERACTIVE.learned_weight)
         if learned_weight > 1:
             raise ConfigError(f"ADCLICK_LEARNED_WEIGHT must be between 0 and 1, got {learned_weight}")
-        refine = _text(env, "ADCLICK_REFINE", "guided").lower() or "guided"
+        refine = _text(env, "ADCLICK_REFINE", _INTERACTIVE.refine).lower() or _INTERACTIVE.refine
         refine = "guided" if refine in _ON else "off" if refine in _OFF + ("none",) else refine
-        if refine not in ("guided", "grabcut", "off"):
+        if refine not in REFINE_METHODS:
             raise ConfigError(f"ADCLICK_REFINE must be guided, grabcut or off, got {refine!r}")
         return cls(
             label_studio_url=url.rstrip("/"),
@@ -141,7 +144,7 @@ class Settings:
             train_debounce_s=_number(env, "TRAIN_DEBOUNCE_S", 60.0),
             predictor=predictor,
             learned_weight=learned_weight,
-            use_prompt=_flag(env, "ADCLICK_USE_PROMPT", False),
+            use_prompt=_flag(env, "ADCLICK_USE_PROMPT", _INTERACTIVE.use_prompt),
             refine=refine,
             max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
             redis_url=_text(env, "REDIS_URL"),
@@ -161,3 +164,10 @@ class Settings:
             train_max_requeues=int(_number(env, "TRAIN_MAX_REQUEUES", 2)),
             train_nice=int(_number(env, "TRAIN_NICE", 10)),
         )
+
+
+def interactive_config(settings: Settings) -> InteractiveConfig:
+    """The interactive predictor's configuration, built once from the settings (the bundled weights; the
+    object name is not a setting of the interactive predictor)."""
+    return InteractiveConfig(use_prompt=settings.use_prompt, learned_weight=settings.learned_weight,
+                             refine=settings.refine)

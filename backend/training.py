@@ -11,12 +11,18 @@ trained on the project's labels (backend/seg_labels.py: newest annotation per ta
 verdicts; images through the service's loader, residuals against the new bank) and published atomically as
 `adclick-seg-v<N>` (model/seg/train.py, model/seg/versions.py); that version then serves batch predictions.
 Knobs (Settings, from the SEG_* environment variables in docs/SETTINGS.md; per-project `extra_params` override
-them): seg_keep_versions (3), seg_fit_steps (60), seg_holdout (0.2), seg_max_ok_images (20)."""
+them): seg_keep_versions (3), seg_fit_steps (60), seg_holdout (0.2), seg_max_ok_images (20).
+
+`TrainingService` is what runs a fit, in a web process (backend/jobs.py's thread) or an RQ worker
+(backend/worker.py): settings, the project store, the image loader, the model (backend.serving.ModelLoader: the
+engine and the interactive version a references-only fit derives its version from), the Label Studio client
+factory and the model-card title sync. It holds no image cache, no click sessions and starts no warm-up."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,9 +31,12 @@ from typing import Any
 
 from backend import ls_format
 from backend.banks import screen_references
-from backend.errors import BackendError, LabelConfigError
+from backend.errors import BackendError, LabelConfigError, NotReady
+from backend.images import ImageLoader
+from backend.locks import ProjectLock
 from backend.projects import ProjectStore, label_studio_id
 from backend.seg_labels import task_labels, to_example
+from backend.serving import ModelLoader, ProjectVersions
 from backend.settings import Settings
 from model.atomic import write_image_atomic
 
@@ -234,3 +243,91 @@ def fit(project: str, event: dict, ctx: TrainingContext) -> dict:
     ctx.progress(1.0, "done")
     logger.info("project %s: %s with %d reference images", project, version, len(images))
     return {"model_version": version, **figures}
+
+
+def lower_priority(nice: int) -> int:
+    """Lower the calling thread's CPU priority by `nice` (Linux: per thread; the torch worker threads it starts
+    inherit it), so a training job yields the cores to requests. Returns the thread's nice value after."""
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > 0 and current < min(19, nice):
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, nice))
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted: train at normal priority
+        logger.info("training priority unchanged: %s", exc)
+        return 0
+
+
+class TrainingService:
+    """One fit of a project (`run_training`, the jobs' runner) and the model card's title in Label Studio."""
+
+    def __init__(self, settings: Settings, projects: ProjectStore, model: ModelLoader, versions: ProjectVersions,
+                 loader: ImageLoader, client_factory: Callable[[], Any] | None = None):
+        self.settings = settings
+        self.projects = projects
+        self.model = model
+        self.versions = versions
+        self.loader = loader
+        self.client_factory = client_factory or self.default_client
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "TrainingService":
+        """What an RQ worker builds: only what a fit needs."""
+        projects = ProjectStore(settings.model_dir, settings.normal_dir)
+        model = ModelLoader(settings)
+        return cls(settings, projects, model, ProjectVersions(settings, projects, model), ImageLoader(settings))
+
+    def default_client(self) -> Any:
+        from label_studio_sdk.client import LabelStudio
+
+        if not self.settings.label_studio_url or not self.settings.label_studio_api_key:
+            raise NotReady(
+                "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read the project's labels"
+            )
+        # no redirects: the SDK would follow a 307 of /api/token/refresh/ and POST the personal access token to
+        # wherever it points (the Label Studio routes it calls answer without redirecting)
+        return LabelStudio(
+            base_url=self.settings.label_studio_url,
+            api_key=self.settings.label_studio_api_key,
+            follow_redirects=False,
+        )
+
+    def _syncs_card_title(self) -> bool:
+        return bool(self.settings.sync_card_title and self.settings.label_studio_url
+                    and self.settings.label_studio_api_key)
+
+    def sync_card_title(self, project: str, version: str) -> None:
+        """Rename this backend's model card in Label Studio to `version`, in the background (backend/ls_card.py);
+        only when LS_SYNC_CARD_TITLE is on and Label Studio's address and key are configured."""
+        from backend import ls_card
+
+        if self._syncs_card_title():
+            ls_card.sync_in_background(self.client_factory, project, version,
+                                       tuple(self.versions.versions(project)))
+
+    def run_training(self, project: str, event: dict, progress: Callable[[float, str], None]) -> dict:
+        """One fit of `project` (`fit`) inside its cross-process ProjectLock. Serving processes notice the new
+        references / version by the project's signature and swap the predictor when rebuilt."""
+        lower_priority(self.settings.train_nice)
+        ctx = TrainingContext(
+            settings=self.settings,
+            progress=progress,
+            client_factory=self.client_factory,
+            image_loader=self.loader,
+            engine=self.model.engine,
+            projects=self.projects,
+            base_version=self.model.choice.version,
+        )
+        with ProjectLock(self.settings.model_dir, project, "train"):
+            result = fit(project, event, ctx)
+        if result.get("model_version") and self._syncs_card_title():
+            from backend import ls_card
+
+            # in the job itself: an RQ work-horse exits when the job returns, a daemon thread would die with it
+            try:
+                ls_card.sync_card_title(self.client_factory(), project, str(result["model_version"]),
+                                        tuple(self.versions.versions(project)), attempts=1)
+            except Exception as exc:  # noqa: BLE001 - the version is published; the card title is a convenience
+                logger.warning("project %s: could not rename the model card: %s", project, str(exc)[:300])
+        return result

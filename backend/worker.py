@@ -1,9 +1,11 @@
 """Training worker for REDIS_URL deployments: `python -m backend.worker [--burst]`.
 
 Takes fits from the RQ queue that the web processes fill (backend/queue.py) and runs them with the same
-code as the in-process mode (`ModelService.run_training`: the project's labels from Label Studio, a new
+code as the in-process mode (`TrainingService.run_training`, backend/training.py: the project's labels from Label Studio, a new
 version published atomically under MODEL_DIR, inside the project's cross-process lock). Run as many workers
 as there are GPUs or hosts; they must share MODEL_DIR (and reach LABEL_STUDIO_URL) with the web processes.
+A job builds only what a fit needs (`TrainingService.from_settings`): no image-state cache, no click sessions,
+no reference-bank or warm-up threads.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def train_job(project: str, event: dict) -> dict:
     """The RQ job body: one fit of `project`; progress goes to the job's meta for the waiting web process."""
     from rq import get_current_job
 
-    from backend.services import ModelService
+    from backend.training import TrainingService
 
     job = get_current_job()
 
@@ -36,7 +38,7 @@ def train_job(project: str, event: dict) -> dict:
     logger.info(
         "project %s: training (%s) in worker, MODEL_DIR %s", project, event.get("action"), settings.model_dir
     )
-    return ModelService(settings).run_training(str(project), dict(event), progress)
+    return TrainingService.from_settings(settings).run_training(str(project), dict(event), progress)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -1,4 +1,11 @@
-"""gunicorn entry point: `gunicorn backend.wsgi:app`. Logging is configured here, once."""
+"""gunicorn entry point: `gunicorn -c python:backend.gunicorn_conf backend.wsgi:app` (as `make serve` and the
+Docker image run it). Logging is configured here, once.
+
+Background threads (training jobs, warming the model and the known projects) start once per serving process,
+never in the process that only loads the app before forking: with --preload the app is built in gunicorn's
+master, so they start in each worker right after its fork (an at-fork hook, for workers forked by this
+process); gunicorn_conf.post_worker_init starts them too (a worker that loaded the app itself, without
+--preload). Both are idempotent per process."""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import logging
 import model.interactive.clickmode  # noqa: F401
 import model.interactive.learned  # noqa: F401
 import model.engine.residuals  # noqa: F401
-from backend.app import create_app
+from backend.app import create_app, start_in_forked_workers
 from backend.settings import Settings
 
 settings = Settings.from_env()
@@ -18,4 +25,5 @@ logging.basicConfig(
     level=getattr(logging, settings.log_level, logging.INFO),
     format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
 )
-app = create_app(settings)
+app = create_app(settings, start_jobs=False)
+start_in_forked_workers(app.extensions["adclick"]["services"])

@@ -3,7 +3,7 @@ x = column, y = row, origin at the top-left corner."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -46,10 +46,51 @@ class AnomalyResult:
 
 
 class ImageState(Protocol):
-    """Everything computed once per image by `set_image`; immutable afterwards, safe to share across threads."""
+    """Everything computed once per image by `set_image`; immutable afterwards, safe to share across threads.
+    `image` is the (H, W, 3) RGB image it was computed from (the boundary refinement reads its edges), None
+    when the state does not keep it."""
 
     @property
     def nbytes(self) -> int: ...
+
+    @property
+    def image(self) -> Optional[np.ndarray]: ...
+
+
+class ReferenceSet(Protocol):
+    """What the service reads of a reference bank (model.engine.references.ReferenceBank implements it)."""
+
+    @property
+    def key(self) -> str: ...  # content key: banks of the same images under the same engine share it
+
+    @property
+    def source_keys(self) -> Sequence[str]: ...  # one per source image (augmented views not counted)
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class EngineConfig(Protocol):
+    @property
+    def augment_below(self) -> int: ...  # banks of fewer source images add augmented views of them
+
+
+class Engine(Protocol):
+    """The per-image engine the service builds banks with and hands to predictors
+    (model.engine.residuals.ResidualEngine implements it)."""
+
+    @property
+    def cfg(self) -> EngineConfig: ...
+
+    def config_hash(self) -> str: ...
+
+    def cached_bank(self, images: Iterable[Any]) -> Optional[ReferenceSet]: ...  # from the disk cache, else None
+
+    def build_bank(self, images: Iterable[Any], progress: Any = None, augment: Optional[bool] = None,
+                   save: bool = True) -> ReferenceSet: ...
+
+    def extend(self, bank: Any, images: Iterable[Any], progress: Any = None, save: bool = True) -> ReferenceSet:
+        ...  # the bank with more source images (only those are read)
 
 
 class Predictor(Protocol):

@@ -57,7 +57,7 @@ def quality(service, dataset: Path, normals: list[Path], tests: list[Path], firs
     from model.interactive.clicks import ClickHistory
     from model.types import Click
 
-    engine, choice = service.engine, service.choice
+    engine, choice = service.model.engine, service.model.choice
     spread = [normals[i] for i in spread_order(len(normals))[:first]]
     banks = {
         f"spread_{first}": engine.build_bank(spread, augment=False, save=False),
@@ -85,7 +85,7 @@ def quality(service, dataset: Path, normals: list[Path], tests: list[Path], firs
 
 def run(args: argparse.Namespace) -> dict:
     from backend.app import create_app
-    from backend.services import ModelService
+    from backend.services import build_services
     from backend.settings import Settings
 
     dataset = args.dataset
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     httpd, url = _serve(dataset / "test")
     settings = replace(Settings.from_env(), model_dir=work / "models", normal_dir=str(folder),
                        warm_on_setup=True, device="cpu", max_reference_images=args.refs)
-    service = ModelService(settings)
+    service = build_services(settings)
     client = create_app(settings, service, start_jobs=False).test_client()
     hogs = [multiprocessing.Process(target=_hog, daemon=True) for _ in range(args.hog)]
     for h in hogs:
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         if args.preload:  # what a serving process does in the background after its first request
             t0 = time.perf_counter()
-            service._load_quietly()
+            service.serving._load_quietly()
             out["model_preload_s"] = round(time.perf_counter() - t0, 2)
         path = tests[0]
         gt = _gt(dataset, path)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
             refused += 1
             time.sleep(0.2)
         out["first_mask_s"] = round(time.perf_counter() - t0, 2)
-        out["model_load_s"] = service.load_seconds if not args.preload else 0.0
+        out["model_load_s"] = service.model.load_seconds if not args.preload else 0.0
         out["first_bank_ready_s"] = first_bank[0] if first_bank else None
         out["refused_503"] = refused
         bank = client.get("/health").get_json()["reference_banks"]["projects"]["1"]

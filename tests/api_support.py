@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from backend.services import PredictorChoice
+from model.interactive.choose import PredictorChoice
 from model.types import AnomalyResult, Click, ClickResult
 
 # ---- images ------------------------------------------------------------------------------------------------
@@ -59,9 +59,19 @@ class TinyBank:
     key: str
     n: int
     nbytes: int = 0  # what the references' pixels take (a real bank holds their features)
+    images: tuple = ()  # the reference images' paths (extend() builds on them)
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def source_keys(self) -> list[str]:
+        return [str(p) for p in self.images]
+
+
+@dataclass(frozen=True)
+class TinyEngineConfig:
+    augment_below: int = 0  # no augmented views
 
 
 @dataclass(frozen=True)
@@ -87,9 +97,17 @@ class TinyEngine:
         self.lock = threading.Lock()
         self.running = 0  # set_image calls in progress now
         self.max_running = 0
+        self.cfg = TinyEngineConfig()
 
     def config_hash(self) -> str:
         return "tiny0001"
+
+    def cached_bank(self, images) -> None:
+        return None  # no disk cache
+
+    def extend(self, bank: TinyBank, images, progress=None, save=True) -> TinyBank:
+        """The bank with more references; like the real engine's, only the new images are passed in."""
+        return self.build_bank(list(bank.images) + list(images), progress)
 
     def build_bank(self, images, progress=None, augment=None, save=True) -> TinyBank:
         """augment and save are accepted as the real engine's (this engine has neither views nor a disk cache)."""
@@ -109,7 +127,7 @@ class TinyEngine:
             return TinyBank(None, "empty", 0)
         mean = np.mean([a.reshape(-1, 3).mean(0) for a in arrays], axis=0)
         key = hashlib.sha1(",".join(sorted(map(str, images))).encode()).hexdigest()[:12]
-        return TinyBank(mean, key, len(arrays), sum(a.nbytes for a in arrays))
+        return TinyBank(mean, key, len(arrays), sum(a.nbytes for a in arrays), tuple(images))
 
 
 class TinyPredictor:
@@ -278,14 +296,15 @@ CONTRACT_CONFIG = """<View>
 
 
 def make_app(settings, delay_s: float = 0.0, start_jobs: bool = False, build_delay_s: float = 0.0,
-             delay_per: int = 0):
-    """(app, service, engine) with the tiny engine/predictor; no network weights."""
+             delay_per: int = 0, loader=None):
+    """(app, services, engine) with the tiny engine/predictor; no network weights."""
     from backend.app import create_app
-    from backend.services import ModelService
+    from backend.services import build_services
 
     engine = TinyEngine(build_delay_s, delay_per)
-    service = ModelService(settings, engine_factory=lambda s: engine, predictor_chooser=tiny_chooser(delay_s))
-    return create_app(settings, service, start_jobs=start_jobs), service, engine
+    services = build_services(settings, loader=loader, engine_factory=lambda s: engine,
+                              predictor_chooser=tiny_chooser(delay_s))
+    return create_app(settings, services, start_jobs=start_jobs), services, engine
 
 
 def keypoint(

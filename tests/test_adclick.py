@@ -136,19 +136,17 @@ def test_seg_loss_prefers_correct_prediction():
     assert seg_loss(good, target, 2.0, 0.5) < seg_loss(-good, target, 2.0, 0.5)
 
 
-class FakeState:
-    def __init__(self, residual, grid):
-        self.residual, self.features = residual, residual
-        self.grid_map = grid
-        self.nbytes = 0
-
-
 class FakeEngine:
-    """Residual tokens = pooled colour difference to a flat grey (stride 8), like `fake_residual`."""
+    """Residual tokens = pooled colour difference to a flat grey (stride GRID), like `fake_residual`; the state is
+    the engine's own ResidualState type (its anomaly map = the grid map, each cell repeated over its GRID x GRID pixels)."""
 
     def compute(self, image, bank):
+        from model.engine.residuals import ResidualState
+
         r, g, _ = fake_residual(np.full_like(image, 120))(image)
-        return FakeState(r, g.numpy())
+        grid = g.numpy().astype(np.float32)
+        amap = np.kron(grid, np.ones((GRID, GRID), np.float32))[: image.shape[0], : image.shape[1]]
+        return ResidualState(r, r, grid, amap, float(amap.max()), tuple(image.shape[:2]), (), image)
 
 
 class FakeText:
@@ -204,11 +202,12 @@ def test_shipped_weights_follow_positive_and_negative_clicks():
     """With the shipped weights and the real engine: a positive click on a synthetic defect marks it, and a
     negative click on it removes the region around it."""
     from model.engine.features import BackboneConfig
+    from model.interactive.choose import InteractiveConfig
     from model.interactive.learned import load_interactive_predictor
     from model.engine.residuals import ResidualConfig, ResidualEngine
 
     engine = ResidualEngine(BackboneConfig(device="cpu"), ResidualConfig())
-    choice = load_interactive_predictor(engine)
+    choice = load_interactive_predictor(engine, InteractiveConfig(use_prompt=True, learned_weight=1.0))
     if choice is None:
         pytest.skip("no compatible shipped ADClick weights")
     rng = np.random.default_rng(0)
@@ -227,7 +226,7 @@ def test_shipped_weights_follow_positive_and_negative_clicks():
     # the positive defect stays marked above the negative one and the background (the network alone is weak
     # here: 0.11 mean probability with the shipped CPU weights; the served blend adds the click mode's map)
     assert not_b[105:135, 65:105].mean() > max(not_b[105:135, 215:255].mean(), not_b[:60, :].mean()) + 0.05
-    served = load_interactive_predictor(engine, learned_weight=0.5).build(engine, bank)
+    served = load_interactive_predictor(engine, InteractiveConfig(use_prompt=True)).build(engine, bank)
     blended = served.predict(served.set_image(image), [Click(85, 120, True), Click(235, 120, False)])
     assert blended.mask[105:135, 65:105].mean() > 0.8 and blended.mask[105:135, 215:255].mean() < 0.2
 

@@ -61,7 +61,7 @@ def test_health_is_fast_open_and_reports_the_model(api):
         "kind": "tiny",
         "version": "tiny-tiny0001",
         "reason": "tiny test predictor",
-        "load_seconds": service.load_seconds,
+        "load_seconds": service.model.load_seconds,
     }
 
 
@@ -242,7 +242,7 @@ def test_references_from_extra_params_are_used_and_counted(api, server, tmp_path
         client.post("/predict", json=interactive_body(url, [keypoint(62.5, 41.7)], project="7.1")).status_code
         == 200
     )
-    assert service.model_for("7").n_references == 3 and engine.banks_built == 1
+    assert service.serving.model_for("7").n_references == 3 and engine.banks_built == 1
     assert client.get("/health").get_json()["reference_images"]["projects"] == {"7": 3}
 
 
@@ -284,9 +284,9 @@ def test_a_restarted_process_warms_known_projects_before_the_first_click(setting
     try:
         assert app.test_client().get("/health").status_code == 200
         deadline = time.monotonic() + 10
-        while "12" not in service.reference_counts()["projects"] and time.monotonic() < deadline:
+        while "12" not in service.serving.reference_counts()["projects"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine.banks_built == 1 and "12" in service.reference_counts()["projects"]
+        assert engine.banks_built == 1 and "12" in service.serving.reference_counts()["projects"]
     finally:
         service.jobs.stop()
 
@@ -469,14 +469,14 @@ def test_a_gunicorn_worker_starts_loading_the_model_when_it_boots(tmp_path):
 
     settings = replace(Settings(), model_dir=tmp_path / "models", warm_on_setup=True)
     app, service, _ = make_app(settings)
-    assert not service.loaded
+    assert not service.model.loaded
     gunicorn_conf.post_worker_init(type("Worker", (), {"wsgi": app})())
     deadline = _time.monotonic() + 20
-    while not service.loaded and _time.monotonic() < deadline:
+    while not service.model.loaded and _time.monotonic() < deadline:
         _time.sleep(0.05)
-    assert service.loaded
+    assert service.model.loaded
     off = replace(settings, warm_on_setup=False, model_dir=tmp_path / "m2")
     app2, service2, _ = make_app(off)
     gunicorn_conf.post_worker_init(type("Worker", (), {"wsgi": app2})())
     _time.sleep(0.3)
-    assert not service2.loaded
+    assert not service2.model.loaded

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from backend.app import create_app
-from backend.services import ModelService
+from backend.services import build_services
 from backend.settings import Settings
 from tests.api_support import RecordingServer, Route, decode_mask, encode, interactive_body, iou, keypoint
 from tests.conftest import texture
@@ -28,7 +28,7 @@ def setup(tmp_path_factory, request):
         Settings(), model_dir=root / "m", normal_dir=str(normals), warm_on_setup=False, device="cpu",
         predictor=request.param,
     )
-    service = ModelService(settings)
+    service = build_services(settings)
     with RecordingServer() as server:
         yield create_app(settings, service, start_jobs=False).test_client(), service, server
 
@@ -51,7 +51,7 @@ def test_real_model_click_masks_the_painted_defect(setup):
     pred = resp.get_json()["results"][0]
     from model.interactive.learned import check_weights
 
-    learned = service.settings.predictor == "auto" and check_weights(service.engine)[0] is not None
+    learned = service.settings.predictor == "auto" and check_weights(service.model.engine)[0] is not None
     assert pred["model_version"].startswith("adclick-" if learned else "residual-click-")
     assert pred["model_version"].endswith("-refine")  # ADCLICK_REFINE defaults to the guided filter
     health = client.get("/health").get_json()["model"]
@@ -61,8 +61,8 @@ def test_real_model_click_masks_the_painted_defect(setup):
     mask = decode_mask(pred["result"][0])
     assert mask.shape == (192, 256) and mask[95, 167] and not mask[30, 30]
     assert iou(mask, truth) > 0.5
-    assert service.model_for("1").n_references == 3
+    assert service.serving.model_for("1").n_references == 3
     again = client.post("/predict", json=body)
-    assert again.status_code == 200 and service.cache.snapshot()["hits"] >= 1
+    assert again.status_code == 200 and service.serving.cache.snapshot()["hits"] >= 1
     batch = client.post("/predict", json={**body, "params": {"context": None}}).get_json()["results"][0]
     assert batch["score"] > 0 and batch["model_version"] == pred["model_version"]

@@ -123,7 +123,7 @@ def test_start_training_turns_ok_tasks_into_references_and_a_new_version(world):
     pred = client.post(
         "/predict", json=interactive_body(f"{server.url}/q.png", [keypoint(62.5, 41.7)], project="1.19")
     ).get_json()["results"][0]
-    assert pred["model_version"] == version and service.model_for("1").n_references == 3
+    assert pred["model_version"] == version and service.serving.model_for("1").n_references == 3
 
 
 def test_a_verdict_changed_to_anomalous_leaves_the_references(world):
@@ -167,7 +167,7 @@ def test_ok_verdict_images_join_a_full_reference_folder(tmp_path, world):
     try:
         client = app.test_client()
         client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG})
-        before = service.model_for("1")
+        before = service.serving.model_for("1")
         assert before.n_references == 4
         ls.add(1, "OK", seed=1)
         ls.add(2, "OK", seed=2)
@@ -183,8 +183,8 @@ def test_ok_verdict_images_join_a_full_reference_folder(tmp_path, world):
         body = interactive_body(f"{server.url}/q.png", [keypoint(62.5, 41.7)], project="1")
         assert client.post("/predict", json=body).status_code == 200
         deadline = time.monotonic() + 10
-        while service.model_for("1").bank.key == before.bank.key and time.monotonic() < deadline:
+        while service.serving.model_for("1").bank.key == before.bank.key and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert service.model_for("1").bank.key != before.bank.key and service.model_for("1").n_references == 4
+        assert service.serving.model_for("1").bank.key != before.bank.key and service.serving.model_for("1").n_references == 4
     finally:
         service.jobs.stop()

@@ -112,7 +112,7 @@ def test_the_first_bank_is_spread_over_the_folder(tmp_path):
     seen = []
     real = engine.build_bank
     engine.build_bank = lambda images, **kw: seen.append([Path(p).name for p in images]) or real(images, **kw)
-    service.model_for("1")
+    service.serving.model_for("1")
     assert sorted(seen[0]) == ["n000.png", "n010.png", "n020.png", "n030.png"]
 
 
@@ -138,7 +138,7 @@ def test_no_503_once_a_reference_is_usable_and_swaps_keep_answers_valid(tmp_path
         if resp.status_code != 200:
             break
         masks.append(decode_mask(resp.get_json()["results"][0]["result"][0]))
-        sizes.add(service.model_for("1").n_references)
+        sizes.add(service.serving.model_for("1").n_references)
         if not building:
             break
     assert set(statuses) == {200}, statuses
@@ -149,7 +149,7 @@ def test_no_503_once_a_reference_is_usable_and_swaps_keep_answers_valid(tmp_path
                                            first_references=1000))  # one stage: the whole bank
     again = fresh_app.test_client().post("/predict", json=body)
     assert np.array_equal(masks[-1], decode_mask(again.get_json()["results"][0]["result"][0]))
-    assert fresh.model_for("1").bank.key == service.model_for("1").bank.key
+    assert fresh.serving.model_for("1").bank.key == service.serving.model_for("1").bank.key
     assert engine.set_image_calls >= 2  # every swap made the next click recompute the image's state
 
 
@@ -161,11 +161,11 @@ def test_a_project_with_a_bank_keeps_it_while_a_larger_set_grows(tmp_path, serve
     client = app.test_client()
     body = interactive_body(f"{server.url}/a.png", [CLICK])
     assert client.post("/predict", json=body).status_code == 200
-    assert wait_for(lambda: service.model_for("1").n_references == 8)
+    assert wait_for(lambda: service.serving.model_for("1").n_references == 8)
     normals(folder, 40, start=8)  # a fit or the admin adds references: a new set of 48
     served = []
-    while service.model_for("1").n_references != 48:
-        served.append(service.model_for("1").n_references)
+    while service.serving.model_for("1").n_references != 48:
+        served.append(service.serving.model_for("1").n_references)
         assert client.post("/predict", json=body).status_code == 200
         time.sleep(0.02)
     assert served and min(served) == 8  # never the new set's first bank of 4, smaller than the one it had
@@ -178,13 +178,14 @@ def test_growth_stops_between_two_images_when_the_process_exits(tmp_path):
     folder = normals(tmp_path / "good", 40)
     settings = replace(Settings(), model_dir=tmp_path / "m", normal_dir=str(folder), first_references=4)
     _, service, engine = make_app(settings, build_delay_s=0.1, delay_per=1)
-    assert service.model_for("1").n_references == 4
+    assert service.serving.model_for("1").n_references == 4
     t0 = time.monotonic()
-    service.stop_builds(timeout_s=5)
+    service.serving.stop_builds(timeout_s=5)
     assert time.monotonic() - t0 < 1.0
-    assert not [t for t in threading.enumerate() if t.name.startswith("bank-")]
-    assert service.bank_report()["projects"]["1"]["building"] is False
-    assert service.model_for("1").n_references == 4  # still served from what was built
+    key = service.serving.bank_report()["projects"]["1"]["key"]  # this service's bank (earlier tests' may still grow)
+    assert not [t for t in threading.enumerate() if t.name == f"bank-{key[:8]}"]
+    assert service.serving.bank_report()["projects"]["1"]["building"] is False
+    assert service.serving.model_for("1").n_references == 4  # still served from what was built
 
 
 # ---- shared banks under a byte budget (issue 15 D6) --------------------------------------------------------
@@ -204,8 +205,8 @@ def test_projects_with_the_same_references_share_one_bank(tmp_path, server):
     assert engine.banks_built == 1
     banks = client.get("/health").get_json()["reference_banks"]
     assert banks["memory"]["banks"] == 1 and len({b["key"] for b in banks["projects"].values()}) == 1
-    assert len({id(service.model_for(str(p)).bank) for p in range(1, 6)}) == 1
-    assert service.cache.snapshot()["items"] == 1  # one image state serves the five projects
+    assert len({id(service.serving.model_for(str(p)).bank) for p in range(1, 6)}) == 1
+    assert service.serving.cache.snapshot()["items"] == 1  # one image state serves the five projects
 
 
 def test_banks_beyond_the_budget_are_freed_least_recently_used_first(tmp_path, server):
@@ -219,8 +220,8 @@ def test_banks_beyond_the_budget_are_freed_least_recently_used_first(tmp_path, s
                                     "extra_params": {"normal_dir": str(folder)}})
         assert client.post("/predict", json=interactive_body(f"{server.url}/a.png", [CLICK],
                                                              project=str(p))).status_code == 200
-    first = weakref.ref(service.model_for("1").bank)
-    service.model_for("2")  # project 1's bank is now the least recently used
+    first = weakref.ref(service.serving.model_for("1").bank)
+    service.serving.model_for("2")  # project 1's bank is now the least recently used
     client.post("/setup", json={"project": "3", "schema": CONTRACT_CONFIG,
                                 "extra_params": {"normal_dir": str(folders[2])}})
     assert client.post("/predict", json=interactive_body(f"{server.url}/a.png", [CLICK],
@@ -236,9 +237,9 @@ def test_banks_beyond_the_budget_are_freed_least_recently_used_first(tmp_path, s
 
 
 def test_many_project_ids_share_one_bank_and_are_not_all_remembered(tmp_path, server, monkeypatch):
-    import backend.services
+    import backend.serving
 
-    monkeypatch.setattr(backend.services, "MAX_TRACKED_PROJECTS", 5)
+    monkeypatch.setattr(backend.serving, "MAX_TRACKED_PROJECTS", 5)
     settings = replace(Settings(), model_dir=tmp_path / "m", warm_on_setup=False)
     app, service, engine = make_app(settings)
     client = app.test_client()
@@ -246,7 +247,7 @@ def test_many_project_ids_share_one_bank_and_are_not_all_remembered(tmp_path, se
         assert client.post("/predict", json=interactive_body(f"{server.url}/a.png", [CLICK],
                                                              project=str(p))).status_code == 200
     assert engine.banks_built == 1
-    report = service.bank_report()
+    report = service.serving.bank_report()
     assert sorted(report["projects"], key=int) == ["16", "17", "18", "19", "20"] and report["memory"]["banks"] == 1
 
 
@@ -309,7 +310,7 @@ def test_a_bomb_and_a_non_image_in_the_reference_folder_are_skipped(tmp_path, se
     with caplog.at_level(logging.WARNING):
         resp = app.test_client().post("/predict", json=interactive_body(f"{server.url}/a.png", [CLICK]))
     assert resp.status_code == 200, resp.get_json()
-    assert service.model_for("1").n_references == 3
+    assert service.serving.model_for("1").n_references == 3
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 3 and all(r.levelname == "WARNING" for r in caplog.records if "skipped" in r.getMessage())
     assert any("bomb.png" in m and "decompression bomb" in m for m in skipped)

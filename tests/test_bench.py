@@ -133,7 +133,7 @@ class CentreSquare:
     name, version = "square", "0"
 
     def set_image(self, image):
-        return np.zeros(image.shape[:2])
+        return types.SimpleNamespace(image=image, shape=image.shape[:2], nbytes=0)  # an ImageState
 
     def predict(self, state, clicks, box=None, prompt="", previous_mask=None):
         prob = np.zeros(state.shape, dtype=np.float32)

@@ -55,13 +55,13 @@ def test_eight_threads_on_eight_images(tmp_path, server):
             resp = client.post("/predict", json=body)
             assert resp.status_code == 200, resp.get_json()
             ious.append(iou(decode_mask(resp.get_json()["results"][0]["result"][0]), truth))
-            assert service.cache.bytes_used <= budget
+            assert service.serving.cache.bytes_used <= budget
         return ious
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(annotate, range(8)))
     assert all(min(r) > 0.9 for r in results), results
-    snap = service.cache.snapshot()
+    snap = service.serving.cache.snapshot()
     assert snap["bytes"] <= budget and snap["items"] <= 3 and snap["evictions"] >= 5
     assert engine.banks_built == 1  # one project, one bank, built once despite 8 simultaneous first requests
     assert engine.max_running <= settings.compute_concurrency  # backbone passes are bounded
@@ -87,9 +87,9 @@ def test_a_slow_first_bank_answers_503_then_serves_and_a_rebuild_keeps_serving(t
     refs.mkdir(parents=True)
     (refs / "task-1.png").write_bytes(encode(img))
     assert client.post("/predict", json=body).status_code == 200
-    while service.model_for("1").n_references != 1 and time.monotonic() < deadline:
+    while service.serving.model_for("1").n_references != 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert service.model_for("1").n_references == 1 and engine.banks_built == 2
+    assert service.serving.model_for("1").n_references == 1 and engine.banks_built == 2
 
 
 def test_threads_on_the_same_image_compute_it_once(tmp_path, server):

@@ -188,7 +188,7 @@ def test_training_runs_at_a_lower_cpu_priority_than_requests(tmp_path, monkeypat
     settings = _replace(Settings(), model_dir=tmp_path / "m", train_nice=7, sync_card_title=False)
     _, service, _ = make_app(settings)
     main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    worker = threading.Thread(target=service.run_training, args=("3", {"action": "START_TRAINING"}, lambda f, m: None))
+    worker = threading.Thread(target=service.training.run_training, args=("3", {"action": "START_TRAINING"}, lambda f, m: None))
     worker.start()
     worker.join(30)
     assert seen["nice"] == max(7, main_before)

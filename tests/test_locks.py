@@ -85,18 +85,18 @@ def test_lock_excludes_threads_of_one_process(tmp_path):
 
 
 def test_one_registry_of_per_project_locks(tmp_path):
-    """ProjectLock, ModelService._project_lock and the version store's writers' lock all take their thread lock
+    """ProjectLock, DetectorCache._project_lock and the version store's writers' lock all take their thread lock
     from model.atomic's one registry: the same project and name is the same lock, whoever asks."""
     from dataclasses import replace
 
-    from backend.services import ModelService
+    from backend.services import build_services
     from backend.settings import Settings
 
     lock = ProjectLock(tmp_path, "12.1700000000", "detector")
     assert local_lock(tmp_path, 12, "detector") is local_lock(tmp_path / ".", "12", "detector")
     assert local_lock(tmp_path, 12, "detector") is not local_lock(tmp_path, 12, "train")
-    service = ModelService(replace(Settings(), model_dir=tmp_path))
-    other = ModelService(replace(Settings(), model_dir=tmp_path))
+    service = build_services(replace(Settings(), model_dir=tmp_path)).detection
+    other = build_services(replace(Settings(), model_dir=tmp_path)).detection
     assert service._project_lock("12") is other._project_lock("12") is local_lock(tmp_path, "12", "detector")
     with lock:  # a ProjectLock held in this process holds the service's lock of that project and name
         assert not service._project_lock("12").acquire(blocking=False)

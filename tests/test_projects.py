@@ -103,16 +103,16 @@ def test_references_info_is_a_record(tmp_path, clock):
 
 
 def test_the_service_serves_a_version_another_process_published(tmp_path, clock, monkeypatch):
-    """ModelService.project_version / trained_version / versions compare the published record in memory."""
+    """ProjectVersions.project_version / trained_version / versions compare the published record in memory."""
     import torch
 
-    from backend.services import ModelService
+    from backend.services import build_services
     from backend.settings import Settings
     from tests.api_support import TinyEngine, tiny_chooser
 
-    service = ModelService(replace(Settings(), model_dir=tmp_path), engine_factory=lambda s: TinyEngine(),
-                           predictor_chooser=tiny_chooser())
-    base = service.choice.version
+    service = build_services(replace(Settings(), model_dir=tmp_path), engine_factory=lambda s: TinyEngine(),
+                             predictor_chooser=tiny_chooser()).versions
+    base = service.model.choice.version
     assert service.project_version("4") == base and service.trained_version("4") is None
     # the RQ worker (another ProjectStore over the same MODEL_DIR) publishes; the record is written by rename
     worker = ProjectStore(tmp_path).version_store("4", keep=2)

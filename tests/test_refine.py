@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from model.interactive.refine import RefineConfig, RefinedPredictor, refine_prob, state_image
+from model.interactive.refine import RefineConfig, RefinedPredictor, refine_prob
 from model.types import AnomalyResult, Click, ClickResult
 from tests.conftest import texture
 
@@ -112,13 +112,10 @@ def test_refined_predictor_wraps_any_predictor(scene):
     pred = RefinedPredictor(_Blob(prob), GRABCUT)
     assert pred.version == "blob-v1-refine" and pred.name == "blob+refine"
     state = pred.set_image(img)
-    assert state_image(state) is img
-    nested = type("AdState", (), {"residual": state})()  # AdClickState carries the image in .residual
-    assert state_image(nested) is img
     res = pred.predict(state, [Click(110, 82, True)])
     assert np.array_equal(res.mask, res.prob > 0.49) and _iou(res.mask, truth) > 0.9
     assert pred.detect(state).anomaly_map is prob  # detection (no clicks) is not refined
-    bare = pred.predict(type("S", (), {})(), [Click(110, 82, True)])  # a state without its image
+    bare = pred.predict(type("S", (), {"image": None})(), [Click(110, 82, True)])  # a state that kept no image
     assert np.array_equal(bare.prob, prob)
 
 
@@ -151,6 +148,8 @@ def test_the_refined_predictor_respects_clicks_unless_told_not_to():
     prob[20:40, 20:40] = 0.9
 
     class _Fixed:
+        name, version = "fixed", "fixed-v1"
+
         def predict(self, state, clicks, box=None, prompt="", previous_mask=None):
             return ClickResult(prob=prob.copy(), mask=prob > 0.49, score=0.9)
 

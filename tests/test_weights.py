@@ -86,6 +86,7 @@ def test_manifest_detects_corruption(tmp_path):
 
 def test_choice_checks_engine_compatibility(tmp_path):
     from model.engine.features import BackboneConfig
+    from model.interactive.choose import InteractiveConfig
     from model.interactive.learned import check_weights, load_interactive_predictor
     from model.engine.residuals import ResidualConfig, ResidualEngine
 
@@ -93,13 +94,15 @@ def test_choice_checks_engine_compatibility(tmp_path):
     ok = ResidualEngine(BackboneConfig(device="cpu"), ResidualConfig())
     entry, reason = check_weights(ok, tmp_path)
     assert entry is not None and "sha256" in reason
-    choice = load_interactive_predictor(ok, weights_dir=tmp_path)
+    choice = load_interactive_predictor(ok, InteractiveConfig(use_prompt=True, learned_weight=1.0, weights_dir=tmp_path))
     assert choice is not None and choice.version == f"adclick-{entry['sha256'][:8]}"
+    served = load_interactive_predictor(ok, InteractiveConfig(weights_dir=tmp_path))  # the served defaults
+    assert served is not None and served.version == f"adclick-{entry['sha256'][:8]}-noprompt-blend0.5"
     other = ResidualEngine(BackboneConfig(name="open_clip", device="cpu"), ResidualConfig())
     entry, reason = check_weights(other, tmp_path)
     assert entry is None and "backbone name" in reason
-    assert load_interactive_predictor(other, weights_dir=tmp_path) is None
-    assert load_interactive_predictor(ok, weights_dir=tmp_path / "missing") is None
+    assert load_interactive_predictor(other, InteractiveConfig(weights_dir=tmp_path)) is None
+    assert load_interactive_predictor(ok, InteractiveConfig(weights_dir=tmp_path / "missing")) is None
 
 
 def test_shipped_weights_verify_when_present():

@@ -4,10 +4,11 @@
 immutable `AdClickState`; `predict` runs only the click-conditioned decoder (click maps -> windowed blocks ->
 head) and `detect` runs it once per label prompt without clicks. Prompt vectors are cached by text.
 
-`load_interactive_predictor(engine, settings=None, weights_dir=None, text_encoder=None)` is cheap (reads the
-manifest, hashes the weights file, compares configs; loads no weights) and returns an `InteractiveChoice`
-(kind, version, build(engine, bank) -> predictor, reason) or None when no compatible learned weights are
-bundled; `check_weights` gives the reason string either way (the service shows it in /health).
+`load_interactive_predictor(engine, config=InteractiveConfig(), name="adclick", text_encoder=None)` is cheap
+(reads the manifest, hashes the weights file, compares configs; loads no weights) and returns a
+`PredictorChoice` (model/interactive/choose.py: kind, version, build(engine, bank) -> predictor, reason) or None
+when no compatible learned weights are bundled; `check_weights` gives the reason string either way (the service
+shows it in /health).
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.interactive.clicks import click_maps, half
+from model.engine.references import ReferenceBank
+from model.engine.residuals import ResidualEngine, ResidualState
 from model.errors import CheckpointError, InputError
+from model.interactive.choose import InteractiveConfig, PredictorChoice
+from model.interactive.clicks import click_maps, half
 from model.modeling.adclick import ImageEmbedding
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
@@ -36,19 +40,24 @@ THRESHOLD = 0.49
 class AdClickState:
     """Per-image cache: the engine's residual state and the network's click-free image embedding."""
 
-    residual: Any  # model.engine.residuals.ResidualState
+    residual: ResidualState  # the engine's state (the click mode and ADClick-Seg work on it)
     emb: ImageEmbedding
     image_shape: tuple[int, int]  # (H, W)
 
     @property
+    def image(self) -> Optional[np.ndarray]:
+        """The RGB image (the engine's state keeps it for the boundary refinement)."""
+        return self.residual.image
+
+    @property
     def nbytes(self) -> int:
-        return int(self.emb.nbytes + getattr(self.residual, "nbytes", 0))
+        return int(self.emb.nbytes + self.residual.nbytes)
 
 
 class AdClickPredictor:
     name = "adclick"
 
-    def __init__(self, engine, bank, net, text_encoder=None, version: str = "adclick",
+    def __init__(self, engine: ResidualEngine, bank: ReferenceBank, net, text_encoder=None, version: str = "adclick",
                  object_name: str = "", use_prompt: bool = True, threshold: float = THRESHOLD) -> None:
         self.engine, self.bank, self.net = engine, bank, net.eval()
         self.text = text_encoder
@@ -119,10 +128,8 @@ class AdClickPredictor:
 
 
 def _box_peak(state: AdClickState, box: Box) -> Click:
-    """A positive click where the residual map peaks inside the box (its centre when the state has no map)."""
-    amap = getattr(state.residual, "anomaly_map", None)
-    if amap is None:
-        return Click((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, True)
+    """A positive click where the residual map peaks inside the box."""
+    amap = state.residual.anomaly_map
     y, x = np.unravel_index(int(np.argmax(np.where(box_mask(box, amap.shape), amap, -np.inf))), amap.shape)
     return Click(float(x), float(y), True)
 
@@ -163,16 +170,6 @@ class BlendPredictor:
 
 
 # ---- choosing the interactive predictor -------------------------------------------------------------
-@dataclass
-class InteractiveChoice:
-    """Same fields as backend.services.PredictorChoice (duck-typed), plus the reason shown in /health."""
-
-    kind: str
-    version: str
-    build: Callable[[Any, Any], Any]
-    reason: str = ""
-
-
 def default_weights_dir() -> Path:
     import weights
 
@@ -222,18 +219,14 @@ def _text_encoder(kind: str):
     return CachedTextEncoder(build_text_encoder(TextConfig(kind=kind)))
 
 
-def load_interactive_predictor(engine, settings=None, weights_dir: Optional[Path] = None, text_encoder=None,
-                               name: str = "adclick", use_prompt: Optional[bool] = None,
-                               learned_weight: Optional[float] = None) -> Optional[InteractiveChoice]:
+def load_interactive_predictor(engine: ResidualEngine, config: InteractiveConfig = InteractiveConfig(),
+                               name: str = "adclick", text_encoder=None) -> Optional[PredictorChoice]:
     """The learned predictor's choice when compatible weights are bundled, else None (caller falls back to
     the zero-training ResidualClickPredictor). Cheap: no weights are loaded until `build` is called.
-    `learned_weight` (default: settings.learned_weight, else 1) < 1 averages the network's map with the click
-    mode's (`BlendPredictor`); `use_prompt` (default: settings.use_prompt, else True) feeds label prompts."""
-    if use_prompt is None:
-        use_prompt = bool(getattr(settings, "use_prompt", True))
-    if learned_weight is None:
-        learned_weight = float(getattr(settings, "learned_weight", 1.0))
-    wdir = weights_dir or getattr(settings, "weights_dir", None)
+    `config.learned_weight` < 1 averages the network's map with the click mode's (`BlendPredictor`);
+    `config.use_prompt` feeds label prompts; `config.refine` is not applied here (choose.with_refinement)."""
+    use_prompt, learned_weight = config.use_prompt, float(config.learned_weight)
+    wdir = config.weights_dir
     entry, reason = check_weights(engine, wdir, name)
     if entry is None:
         logger.warning("learned ADClick unavailable, zero-training click mode instead: %s", reason)
@@ -241,9 +234,9 @@ def load_interactive_predictor(engine, settings=None, weights_dir: Optional[Path
     path = str(Path(wdir or default_weights_dir()) / entry["file"])
     version = (f"adclick-{entry['sha256'][:8]}" + ("" if use_prompt else "-noprompt")
                + ("" if learned_weight >= 1 else f"-blend{learned_weight:g}"))
-    obj = getattr(settings, "object_name", "") or ""
+    obj = config.object_name
 
-    def build(eng, bank) -> AdClickPredictor:
+    def build(eng, bank):  # the residual engine and one of its banks -> AdClickPredictor | BlendPredictor
         net = _load_net(path, entry["sha256"])
         text = text_encoder
         if text is None and use_prompt:
@@ -259,7 +252,7 @@ def load_interactive_predictor(engine, settings=None, weights_dir: Optional[Path
         return BlendPredictor(learned, ResidualClickPredictor(eng, bank), learned_weight)
 
     blend = "" if learned_weight >= 1 else f", averaged {learned_weight:g}:{1 - learned_weight:g} with the click mode"
-    return InteractiveChoice("adclick", version, build, reason + blend)
+    return PredictorChoice("adclick", version, build, reason + blend)
 
 
 def bench_builders() -> dict[str, Callable[[Any, Any, Any], Any]]:
@@ -267,10 +260,12 @@ def bench_builders() -> dict[str, Callable[[Any, Any, Any], Any]]:
     imports this module and asks, so serving never imports the benchmark."""
     def builder(name: str, use_prompt: bool = True, learned_weight: float = 1.0):
         def make(engine, bank, args):
-            choice = load_interactive_predictor(engine, weights_dir=getattr(args, "weights_dir", None),
-                                                name=name, use_prompt=use_prompt, learned_weight=learned_weight)
+            weights_dir = getattr(args, "weights_dir", None)  # the CLI's --weights-dir (absent in older callers)
+            config = InteractiveConfig(use_prompt=use_prompt, learned_weight=learned_weight,
+                                       weights_dir=Path(weights_dir) if weights_dir else None, refine="off")
+            choice = load_interactive_predictor(engine, config, name=name)
             if choice is None:
-                raise CheckpointError(check_weights(engine, getattr(args, "weights_dir", None), name)[1])
+                raise CheckpointError(check_weights(engine, config.weights_dir, name)[1])
             return choice.build(engine, bank)
         return make
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 
 from model.interactive.clicks import distance_to_other_label
-from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
+from model.types import AnomalyResult, Box, Click, ClickResult, ImageState, Predictor, box_mask
 
 logger = logging.getLogger(__name__)
 
@@ -181,30 +181,22 @@ def respect_clicks(prob: np.ndarray, clicks: Sequence[Click], max_radius: float 
     return out
 
 
-def state_image(state: Any) -> Optional[np.ndarray]:
-    """The RGB image a predictor state carries (ResidualState.image, or AdClickState.residual.image)."""
-    image = getattr(state, "image", None)
-    if image is None:
-        image = getattr(getattr(state, "residual", None), "image", None)
-    return image
-
-
 class RefinedPredictor:
     """Any interactive predictor with `refine_prob` applied to each click's map (Predictor protocol).
     detect() (no clicks) is the base predictor's."""
 
-    def __init__(self, base, cfg: RefineConfig = RefineConfig()) -> None:
+    def __init__(self, base: Predictor, cfg: RefineConfig = RefineConfig()) -> None:
         self.base, self.cfg = base, cfg
-        self.name = f"{getattr(base, 'name', 'predictor')}+refine"
-        self.version = f"{getattr(base, 'version', 'predictor')}-refine"
+        self.name = f"{base.name}+refine"
+        self.version = f"{base.version}-refine"
 
-    def set_image(self, image: np.ndarray):
+    def set_image(self, image: np.ndarray) -> ImageState:
         return self.base.set_image(image)
 
-    def predict(self, state, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
+    def predict(self, state: ImageState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
                 previous_mask: Optional[np.ndarray] = None) -> ClickResult:
         result = self.base.predict(state, clicks, box, prompt, previous_mask)
-        image = state_image(state)
+        image = state.image  # every state keeps its RGB image (ImageState protocol), None when it was not kept
         if image is None:  # a state without its image (e.g. an older cache entry): unrefined
             return result
         prob = refine_prob(image, result.prob, clicks, box, self.cfg)
@@ -216,6 +208,6 @@ class RefinedPredictor:
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
         return ClickResult(prob=prob, mask=mask, score=score)
 
-    def detect(self, state, labels: Optional[list[str]] = None) -> AnomalyResult:
+    def detect(self, state: ImageState, labels: Optional[list[str]] = None) -> AnomalyResult:
         return self.base.detect(state, labels)
 

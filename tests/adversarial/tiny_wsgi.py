@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from backend.app import start_in_forked_workers
 from backend.settings import Settings
 from tests.api_support import make_app
 
@@ -15,4 +16,6 @@ logging.basicConfig(
     level=getattr(logging, settings.log_level, logging.INFO),
     format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
 )
-app, service, engine = make_app(settings, start_jobs=True)
+# as backend/wsgi.py: background threads start in each worker (after a --preload fork, or post_worker_init)
+app, service, engine = make_app(settings, start_jobs=False)
+start_in_forked_workers(service)
