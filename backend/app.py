@@ -9,7 +9,6 @@ import hmac
 import logging
 import os
 import time
-from typing import Optional
 
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -28,7 +27,7 @@ CLIENT_CAUSED_5XX = (502, 503)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
-def _model_error_status(exc: Exception) -> Optional[int]:
+def _model_error_status(exc: Exception) -> int | None:
     try:
         from model.errors import BankError, CheckpointError, InputError, ModelError
     except ImportError:
@@ -123,7 +122,7 @@ def _log_refusal(response) -> None:
 
 
 def create_app(
-    settings: Optional[Settings] = None, services: Optional[Services] = None, start_jobs: bool = True
+    settings: Settings | None = None, services: Services | None = None, start_jobs: bool = True
 ) -> Flask:
     """`start_jobs`: start this process's background threads now (services.start_background); False where the
     process forks its workers after loading the app (gunicorn --preload), which start them after the fork."""

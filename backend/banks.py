@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Optional
 
 from PIL import Image
 
-from backend.cache import ByteLRU
+from backend.cache import ByteLRU, V
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def bank_stages(n: int, first: int, augment_below: int = 0, factor: int = 4) -> 
     return stages + [n]
 
 
-class BankLRU(ByteLRU):
+class BankLRU(ByteLRU[V]):
     """Thread-safe map key -> value (a project model over one bank), bounded by the banks' bytes: beyond the
     budget the least recently used values are dropped (freed once no request holds them). The value just put
     is never dropped, even alone over the budget: a project must be able to serve."""
@@ -96,7 +96,7 @@ class BankLRU(ByteLRU):
     def __init__(self, budget_bytes: int):
         super().__init__(budget_bytes, keep_newest=True)
 
-    def put(self, key: Hashable, value: Any, size: Optional[int] = None) -> list[Hashable]:
+    def put(self, key: Hashable, value: V, size: int | None = None) -> list[Hashable]:
         dropped = super().put(key, value, size)
         for old in dropped:
             logger.info("reference bank %s freed (bank memory over its budget of %d MB)", old,

@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -39,7 +40,10 @@ class CacheStats:
     oversize: int = 0  # values larger than the whole budget: returned but not kept
 
 
-class ByteLRU:
+V = TypeVar("V")
+
+
+class ByteLRU(Generic[V]):
     """`keep_newest`: the value just put is never dropped, even alone over the budget (a value that must be
     served, e.g. a reference bank); otherwise a value larger than the whole budget is returned but not kept."""
 
@@ -47,7 +51,7 @@ class ByteLRU:
         self.budget = int(budget_bytes)
         self._sizeof = sizeof
         self.keep_newest = keep_newest
-        self._items: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._pending: dict[Hashable, threading.Event] = {}
@@ -62,7 +66,7 @@ class ByteLRU:
         with self._lock:
             return len(self._items)
 
-    def get(self, key: Hashable) -> Optional[object]:
+    def get(self, key: Hashable) -> V | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -70,7 +74,7 @@ class ByteLRU:
             self._items.move_to_end(key)
             return item[0]
 
-    def peek(self, key: Hashable) -> Optional[object]:
+    def peek(self, key: Hashable) -> V | None:
         """The value without making it recently used (for reports)."""
         with self._lock:
             item = self._items.get(key)
@@ -80,14 +84,14 @@ class ByteLRU:
         with self._lock:
             return list(self._items)
 
-    def put(self, key: Hashable, value: object, size: Optional[int] = None) -> list[Hashable]:
+    def put(self, key: Hashable, value: V, size: int | None = None) -> list[Hashable]:
         """Store (replacing the key's previous value); `size` defaults to `sizeof(value)`. Returns the keys
         dropped to stay within the budget."""
         size = self._sizeof(value) if size is None else int(size)
         with self._lock:
             return self._put_locked(key, value, size)
 
-    def _put_locked(self, key: Hashable, value: object, size: int) -> list[Hashable]:
+    def _put_locked(self, key: Hashable, value: V, size: int) -> list[Hashable]:
         old = self._items.pop(key, None)
         if old is not None:
             self._bytes -= old[1]
@@ -105,7 +109,7 @@ class ByteLRU:
             dropped.append(evicted_key)
         return dropped
 
-    def get_or_set(self, key: Hashable, factory: Callable[[], object]) -> object:
+    def get_or_set(self, key: Hashable, factory: Callable[[], V]) -> V:
         while True:
             with self._lock:
                 item = self._items.get(key)

@@ -5,7 +5,7 @@ interactive predictor's unsupervised map once a project has one."""
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from backend.locks import local_lock
 from backend.serving import ProjectVersions
@@ -19,13 +19,13 @@ class DetectorCache:
     def __init__(self, settings: Settings, versions: ProjectVersions):
         self.settings = settings
         self.versions = versions
-        self._detectors: dict[tuple[str, str], "SegDetector"] = {}
+        self._detectors: dict[tuple[str, str], SegDetector] = {}
 
     def _project_lock(self, project: str) -> threading.Lock:
         """The process's lock for loading the project's detector (backend/locks.py's registry)."""
         return local_lock(self.settings.model_dir, project, "detector")
 
-    def detector(self, project: str) -> Optional["SegDetector"]:
+    def detector(self, project: str) -> SegDetector | None:
         """The trained ADClick-Seg detector of the project's latest version, or None (use the predictor)."""
         trained = self.versions.trained_version(project)
         if trained is None:

@@ -9,7 +9,6 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ class DiskCache:
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.bin"
 
-    def get(self, key: str) -> Optional[bytes]:
+    def get(self, key: str) -> bytes | None:
         path = self._path(key)
         try:
             data = path.read_bytes()

@@ -25,7 +25,6 @@ import posixpath
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Optional
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -63,7 +62,7 @@ class HTTPStatusError(ImageFetchError):
 class Source:
     kind: str  # "url" (download), "file" (read from disk), "inline" (data: URI)
     location: str  # URL, file path, or the data URI
-    fallback: Optional[str] = None  # a second URL to try when the first answers HTTP 404 (legacy /data/upload)
+    fallback: str | None = None  # a second URL to try when the first answers HTTP 404 (legacy /data/upload)
 
     @property
     def key(self) -> str:
@@ -85,7 +84,7 @@ class LoadedImage:
 
 
 class ImageLoader:
-    def __init__(self, settings: Settings, session: Optional[requests.Session] = None):
+    def __init__(self, settings: Settings, session: requests.Session | None = None):
         self.settings = settings
         self.session = outbound.harden(session or requests.Session())
         self._slots = threading.BoundedSemaphore(settings.download_concurrency)
@@ -118,7 +117,7 @@ class ImageLoader:
                 "/tasks/<id>/presign/?fileuri=... are fetched from Label Studio"
             )
 
-    def resolve(self, ref: str, task_id: Optional[int] = None) -> Source:
+    def resolve(self, ref: str, task_id: int | None = None) -> Source:
         if not isinstance(ref, str) or not ref.strip():
             raise BadRequest("task has no image reference (empty data value)")
         ref = ref.strip()
@@ -198,7 +197,7 @@ class ImageLoader:
                     ) from exc
                 raise ImageFetchError(f"image download from {shown} failed: {type(exc).__name__}") from exc
 
-    def _follow(self, url: str, dl: "outbound.Deadline") -> bytes:
+    def _follow(self, url: str, dl: outbound.Deadline) -> bytes:
         authenticate, retried = True, False
         for _hop in range(_MAX_REDIRECTS + 1):
             target = check_url(url)
@@ -236,7 +235,7 @@ class ImageLoader:
         )
 
     def _body(
-        self, resp: requests.Response, target: Target, authenticated: bool, dl: "outbound.Deadline"
+        self, resp: requests.Response, target: Target, authenticated: bool, dl: outbound.Deadline
     ) -> bytes:
         limit, shown = self.settings.max_image_bytes, target.display
         if resp.is_redirect:
@@ -301,7 +300,7 @@ class ImageLoader:
         except (binascii.Error, ValueError) as exc:
             raise BadRequest("data: URI holds invalid base64") from exc
 
-    def fetch_bytes(self, source: Source, slot_wait_s: Optional[float] = None) -> bytes:
+    def fetch_bytes(self, source: Source, slot_wait_s: float | None = None) -> bytes:
         if source.kind == "inline":
             return self._inline(source.location)
         if source.kind == "file":
@@ -327,13 +326,13 @@ class ImageLoader:
         self.disk.put(source.key, data)
         return data
 
-    def load_source(self, source: Source, slot_wait_s: Optional[float] = None) -> LoadedImage:
+    def load_source(self, source: Source, slot_wait_s: float | None = None) -> LoadedImage:
         """`slot_wait_s`: how long to wait for a free download slot (None: up to IMAGE_TIMEOUT_S; request
         threads pass a short wait so that busy slots are a quick 503, not a held server thread)."""
         array = decode_image(self.fetch_bytes(source, slot_wait_s), self.settings.max_image_pixels)
         return LoadedImage(key=source.key, array=array)
 
-    def load(self, ref: str, task_id: Optional[int] = None) -> LoadedImage:
+    def load(self, ref: str, task_id: int | None = None) -> LoadedImage:
         return self.load_source(self.resolve(ref, task_id))
 
 

@@ -18,9 +18,9 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from backend.locks import ProjectLock
 from backend.projects import project_key
@@ -93,8 +93,8 @@ class JobManager:
         self.max_requeues = max(0, int(max_requeues))
         self.valid_project = valid_project
         self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
-        self._owner_pid: Optional[int] = None
+        self._thread: threading.Thread | None = None
+        self._owner_pid: int | None = None
         self._stopping = False
         # -- owner liveness (backend/locks.py): the process running a project's job holds its "job" flock from
         # _take to the end of _run; the kernel drops it when that process dies, on any host or container, so
@@ -161,14 +161,14 @@ class JobManager:
                 state["queued_at"] = state["queued_at"] or now
             return dict(state)
 
-    def snapshot(self, project: Optional[str] = None) -> dict:
+    def snapshot(self, project: str | None = None) -> dict:
         """Lock-free read (the file is replaced atomically), so /health stays fast during training."""
         states = self._read()
         if project is not None:
             return states.get(str(project)) or _blank(str(project))
         return states
 
-    def last_finished(self) -> Optional[dict]:
+    def last_finished(self) -> dict | None:
         done = [s for s in self._read().values() if s["finished_at"]]
         return max(done, key=lambda s: s["finished_at"]) if done else None
 
@@ -210,7 +210,7 @@ class JobManager:
         first = state["first_pending_at"]
         return state["pending_events"] > 0 and first is not None and now - first >= self.debounce_s
 
-    def _take(self) -> Optional[tuple[str, dict]]:
+    def _take(self) -> tuple[str, dict] | None:
         with self._transaction() as states:
             now = self.clock()
             for state in states.values():

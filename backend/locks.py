@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from backend.projects import lock_path, project_key
 from model.atomic import FileLock, thread_lock
@@ -42,7 +42,7 @@ class ProjectLock(FileLock):
     def __init__(self, model_dir: str | Path, project: str | int, name: str = "train"):
         super().__init__(lock_path(model_dir, project, name))
 
-    def holder(self) -> Optional[dict[str, Any]]:
+    def holder(self) -> dict[str, Any] | None:
         """Who holds the lock now (pid, host, since), or None when it is free. Diagnostic only."""
         if self._fd is None and not self.locked_elsewhere():
             return None
@@ -58,6 +58,6 @@ class ProjectLock(FileLock):
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
 
-    def __enter__(self) -> "ProjectLock":
+    def __enter__(self) -> ProjectLock:
         self.acquire()
         return self

@@ -11,7 +11,6 @@ import logging
 import re
 import threading
 import time
-from typing import Optional
 from urllib.parse import unquote
 
 import jwt
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 _EARLY_S = 30.0  # refresh this long before the access token expires
 
 
-def _claims(token: str) -> Optional[dict]:
+def _claims(token: str) -> dict | None:
     try:
         return jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
     except jwt.InvalidTokenError:
@@ -49,7 +48,7 @@ class TokenProvider:
     def __init__(self, base_url: str, api_key: str, session: requests.Session, timeout_s: float = 10.0):
         self.base_url = base_url.rstrip("/")
         try:
-            self._base: Optional[Target] = check_url(self.base_url + "/") if self.base_url else None
+            self._base: Target | None = check_url(self.base_url + "/") if self.base_url else None
         except BadRequest as exc:
             raise ConfigError(f"LABEL_STUDIO_URL: {exc.message}") from None
         self.api_key = api_key
@@ -63,7 +62,7 @@ class TokenProvider:
             if claims is None
             else ("refresh" if claims.get("token_type") == "refresh" else "access")
         )
-        self._access: Optional[str] = None
+        self._access: str | None = None
         self._expires_at = 0.0
         self._lock = threading.Lock()
         self.refresh_count = 0
@@ -76,7 +75,7 @@ class TokenProvider:
         """`target` connects to LABEL_STUDIO_URL's scheme, host and port."""
         return self._base is not None and target.origin == self._base.origin
 
-    def ls_file_path(self, target: Target) -> Optional[str]:
+    def ls_file_path(self, target: Target) -> str | None:
         """The Label Studio route of `target` (its path below LABEL_STUDIO_URL's path) when it is one that serves
         task files, else None."""
         if self._base is None or not self.is_ls_origin(target) or _has_dot_segment(target.path):

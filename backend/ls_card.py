@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from backend.projects import label_studio_id
 
@@ -34,7 +35,7 @@ def _field(obj: Any, name: str) -> Any:
 
 
 def sync_card_title(client: Any, project: str, version: str, known: tuple[str, ...] = (), attempts: int = 15,
-                    delay_s: float = 1.0) -> Optional[int]:
+                    delay_s: float = 1.0) -> int | None:
     """Rename this backend's card in Label Studio project `project` to `version`; returns the card's id when
     renamed, None when nothing was to do or no card was found. The card is ours when Label Studio stored one
     of our versions (`version` or `known`) as its model version or its title. Polls a few times: on the first
@@ -65,7 +66,7 @@ def sync_card_title(client: Any, project: str, version: str, known: tuple[str, .
 
 
 def sync_in_background(client_factory: Callable[[], Any], project: str, version: str,
-                       known: tuple[str, ...] = ()) -> Optional[threading.Thread]:
+                       known: tuple[str, ...] = ()) -> threading.Thread | None:
     """`sync_card_title` in a daemon thread, one per project at a time: a request while one runs only updates
     the version it goes for next. Failures are logged, never raised (the card's title is a convenience; the
     answer to Label Studio is already sent)."""

@@ -10,7 +10,7 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
@@ -36,9 +36,9 @@ class LabelConfig:
     keypoint_names: tuple[str, ...] = ()
     rectangle_names: tuple[str, ...] = ()
     textarea_names: tuple[str, ...] = ()
-    choices_name: Optional[str] = None
-    ok_choice: Optional[str] = None
-    anomalous_choice: Optional[str] = None
+    choices_name: str | None = None
+    ok_choice: str | None = None
+    anomalous_choice: str | None = None
     smart_labels: tuple[str, ...] = ()  # labels of the KeyPointLabels/RectangleLabels tags
     interface: Any = field(default=None, compare=False, repr=False)
 
@@ -64,7 +64,7 @@ class LabelConfig:
         return caps
 
 
-def _verdict_choices(values: list[str]) -> tuple[Optional[str], Optional[str]]:
+def _verdict_choices(values: list[str]) -> tuple[str | None, str | None]:
     ok = next((v for v in values if v.strip().casefold() in _OK_WORDS), None)
     bad = next(
         (
@@ -163,20 +163,20 @@ class InteractiveRequest:
 
     label: str  # a BrushLabels value
     clicks_pct: tuple[tuple[float, float, bool], ...]  # (x %, y %, positive)
-    box_pct: Optional[tuple[float, float, float, float]]  # (x0 %, y0 %, x1 %, y1 %)
+    box_pct: tuple[float, float, float, float] | None  # (x0 %, y0 %, x1 %, y1 %)
     prompt: str
 
     def clicks_px(self, width: int, height: int) -> list[Click]:
         return [Click(_to_px(x, width), _to_px(y, height), positive) for x, y, positive in self.clicks_pct]
 
-    def box_px(self, width: int, height: int) -> Optional[Box]:
+    def box_px(self, width: int, height: int) -> Box | None:
         if self.box_pct is None:
             return None
         x0, y0, x1, y1 = self.box_pct
         return (_to_px(x0, width), _to_px(y0, height), _to_px(x1, width), _to_px(y1, height))
 
 
-def _percent(value: dict, key: str, default: Optional[float] = None) -> float:
+def _percent(value: dict, key: str, default: float | None = None) -> float:
     raw = value.get(key, default)
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise BadRequest(f"context region value {key!r} must be a number, got {type(raw).__name__}")
@@ -215,7 +215,7 @@ def region_texts(value: dict) -> list[str]:
 
 def parse_context(
     context: Any, cfg: LabelConfig, extra_prompt: str = "", max_clicks: int = 50
-) -> Optional[InteractiveRequest]:
+) -> InteractiveRequest | None:
     """Every keypoint (positive unless is_positive is false), at most one rectangle (the last one wins), and
     the TextArea text of the context (Label Studio 1.23.2's editor sends none; `extra_prompt`, the project's
     prompt from extra_params, stands in). None when the context holds no smart region at all: the editor
@@ -230,7 +230,7 @@ def parse_context(
     if not isinstance(regions, list):
         raise BadRequest("context.result must be a list of regions")
     clicks: list[tuple[float, float, bool]] = []
-    box: Optional[tuple[float, float, float, float]] = None
+    box: tuple[float, float, float, float] | None = None
     labels: list[str] = []
     texts: list[str] = []
     for region in regions:

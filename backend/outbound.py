@@ -20,9 +20,10 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
-from typing import Iterator, Optional
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import requests
@@ -118,10 +119,10 @@ class _NoCookies(DefaultCookiePolicy):
     """Accept no cookie and send none: Label Studio's token auth needs no cookie, and one shared jar would carry
     a cookie Label Studio set (sessionid) to other ports of its host and to image hosts."""
 
-    def set_ok(self, cookie, request) -> bool:  # noqa: D102
+    def set_ok(self, cookie, request) -> bool:
         return False
 
-    def return_ok(self, cookie, request) -> bool:  # noqa: D102
+    def return_ok(self, cookie, request) -> bool:
         return False
 
 
@@ -186,7 +187,7 @@ def deadline(seconds: float) -> Iterator[Deadline]:
 
 
 class _Watched:
-    deadline_owner: Optional[Deadline] = None  # the Deadline of the request now using this connection
+    deadline_owner: Deadline | None = None  # the Deadline of the request now using this connection
 
     def getresponse(self, *args, **kwargs):
         current = getattr(_local, "deadline", None)
@@ -213,7 +214,7 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
 
 
 class _DeadlineAdapter(HTTPAdapter):
-    _POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+    _POOLS: ClassVar[dict[str, type]] = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)

@@ -8,7 +8,7 @@ before its image is downloaded or any model work starts: a malformed context cos
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
@@ -16,8 +16,8 @@ from scipy import ndimage
 from backend import ls_format
 from backend.errors import BackendError, BadRequest
 from backend.ls_format import LabelConfig
-from backend.serving import ProjectModel
 from backend.services import Services
+from backend.serving import ProjectModel
 from model.types import AnomalyResult, ImageState
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 MAX_REGIONS = 20  # batch: at most this many brush regions per task (largest first)
 
 
-def _task_image_ref(task: Any, cfg: LabelConfig) -> tuple[str, Optional[int]]:
+def _task_image_ref(task: Any, cfg: LabelConfig) -> tuple[str, int | None]:
     if not isinstance(task, dict):
         raise BadRequest("each task must be an object")
     data = task.get("data")
@@ -99,7 +99,7 @@ def draft_text(task: Any, cfg: LabelConfig) -> str:
     return ""
 
 
-def _residual_state(state: ImageState) -> Optional["ResidualState"]:
+def _residual_state(state: ImageState) -> ResidualState | None:
     """The engine's ResidualState of a predictor's per-image state: the click mode's state is one, the learned
     predictors' AdClickState carries one; None for other predictors (they have no trained detector)."""
     from model.engine.residuals import ResidualState

@@ -27,7 +27,7 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from backend.errors import BadRequest
 from model.atomic import publish_record, read_record
@@ -48,7 +48,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # keys that are no Label Studio id (
 MAX_VERSION_STORES = 1024  # per-project version stores a ProjectStore keeps (their cached published record)
 
 
-def _label_studio_key(text: str) -> Optional[str]:
+def _label_studio_key(text: str) -> str | None:
     match = _PROJECT_ID.fullmatch(text[:64]) if len(text) <= 64 else None
     if match is None or int(match.group(1)) > MAX_PROJECT_ID:
         return None
@@ -147,7 +147,7 @@ class ProjectStore:
         self.root = self.model_dir / PROJECTS_DIR
         self.env_normal_dir = env_normal_dir
         self._lock = threading.Lock()
-        self._stores: "OrderedDict[str, VersionStore]" = OrderedDict()
+        self._stores: OrderedDict[str, VersionStore] = OrderedDict()
 
     def dir(self, project: str) -> Path:
         return project_dir(self.model_dir, project)
@@ -166,7 +166,7 @@ class ProjectStore:
     def versions_dir(self, project: str) -> Path:
         return self.dir(project) / SEG_VERSIONS_DIR
 
-    def version_store(self, project: str, keep: Optional[int] = None) -> "VersionStore":
+    def version_store(self, project: str, keep: int | None = None) -> VersionStore:
         """The project's ADClick-Seg version store. Without `keep`, the one this ProjectStore keeps per project
         (serving: its published record is compared in memory); with `keep` (a training run's pruning), a new
         store over the same folder."""
@@ -189,7 +189,7 @@ class ProjectStore:
         return read_record(self.dir(project) / "project.json") or {}
 
     def update(
-        self, project: str, label_config: Optional[str] = None, extra_params: Optional[dict] = None
+        self, project: str, label_config: str | None = None, extra_params: dict | None = None
     ) -> dict:
         """Keep what is given; the rest stays as it was (extra_params survive a /setup without them)."""
         path = self.dir(project) / "project.json"
@@ -205,10 +205,10 @@ class ProjectStore:
     def extra_params(self, project: str) -> dict:
         return dict(self.get(project).get("extra_params") or {})
 
-    def label_config(self, project: str) -> Optional[str]:
+    def label_config(self, project: str) -> str | None:
         return self.get(project).get("label_config")
 
-    def references_info(self, project: str) -> Optional[dict]:
+    def references_info(self, project: str) -> dict | None:
         """What the last fit published for the project's references (model_version, bank_key, counts)."""
         return read_record(self.dir(project) / "references.json")
 

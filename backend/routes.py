@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -15,8 +15,8 @@ from backend.errors import BadRequest, LabelConfigError
 from backend.jobs import TRAINING_EVENTS
 from backend.predict import predict
 from backend.projects import parse_project
-from backend.serving import ModelLoader
 from backend.services import Services
+from backend.serving import ModelLoader
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def setup():
     return jsonify(model_version=version, capabilities=cfg.capabilities)
 
 
-def parse_extra_params(raw: Any) -> Optional[dict]:
+def parse_extra_params(raw: Any) -> dict | None:
     """The model's *Extra params* as Label Studio sends them: an object through the API, a JSON *string* from
     the Connect Model form (``""`` when the box was left empty), or null. None means "keep what is stored";
     an empty box or ``{}`` keeps the stored params too (the form cannot show them, see README troubleshooting)."""

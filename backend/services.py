@@ -13,8 +13,9 @@ the app factory calls it, or gunicorn's post_worker_init in each worker (backend
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from backend.detection import DetectorCache
 from backend.images import ImageLoader
@@ -55,10 +56,10 @@ class Services:
 
 def build_services(
     settings: Settings,
-    loader: Optional[ImageLoader] = None,
+    loader: ImageLoader | None = None,
     engine_factory: EngineFactory = build_engine,
     predictor_chooser: PredictorChooser = choose_predictor,
-    client_factory: Optional[Callable[[], Any]] = None,
+    client_factory: Callable[[], Any] | None = None,
 ) -> Services:
     from backend.queue import build_runner
 

@@ -20,9 +20,10 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 from backend.banks import (
     BankLRU,
@@ -97,10 +98,10 @@ class ModelLoader:
         self._engine_factory = engine_factory
         self._chooser = predictor_chooser
         self._lock = threading.Lock()
-        self._engine: Optional[Engine] = None
-        self._choice: Optional[PredictorChoice] = None
-        self.loaded_at: Optional[float] = None
-        self.load_seconds: Optional[float] = None
+        self._engine: Engine | None = None
+        self._choice: PredictorChoice | None = None
+        self.loaded_at: float | None = None
+        self.load_seconds: float | None = None
 
     def load(self) -> tuple[Engine, PredictorChoice]:
         with self._lock:
@@ -136,7 +137,7 @@ class ProjectVersions:
         self.projects = projects
         self.model = model
 
-    def trained_version(self, project: str) -> Optional["VersionInfo"]:
+    def trained_version(self, project: str) -> VersionInfo | None:
         """The project's published ADClick-Seg version, compared in memory (its record is re-read at most
         every model.atomic.RECORD_REFRESH_S seconds): no folder is listed on a click."""
         return self.projects.version_store(project).latest()
@@ -150,7 +151,7 @@ class ProjectVersions:
         refs = self.projects.references_info(project)
         return str(refs["model_version"]) if refs and refs.get("model_version") else self.model.choice.version
 
-    def versions(self, project: Optional[str]) -> list[str]:
+    def versions(self, project: str | None) -> list[str]:
         """The interactive model's version and the published versions of `project` (of every project that
         called /setup when none is named: Label Studio's GET /versions names none)."""
         names = [self.model.choice.version]
@@ -204,15 +205,15 @@ class _BankBuild:
         self.target = target
         self.first = threading.Event()
         self.running = True
-        self.error: Optional[Exception] = None
+        self.error: Exception | None = None
         self.failed_at = 0.0
-        self.latest: Optional[ProjectModel] = None
+        self.latest: ProjectModel | None = None
         self.started = time.monotonic()
 
 
 BANK_RETRY_S = 10.0  # a failed bank build is retried by the first request this long after the failure
 MAX_TRACKED_PROJECTS = 1024  # projects whose bank choice is remembered (and listed by /health)
-_SERVICES: "weakref.WeakSet[ServingService]" = weakref.WeakSet()
+_SERVICES: weakref.WeakSet[ServingService] = weakref.WeakSet()
 
 
 class _BuildStopped(Exception):
@@ -236,9 +237,9 @@ class ServingService:
         self.model = model
         self.projects = projects
         self.loader = loader
-        self.cache = ByteLRU(settings.state_cache_bytes)
+        self.cache: ByteLRU[CachedImage] = ByteLRU(settings.state_cache_bytes)
         self._lock = threading.Lock()
-        self.banks = BankLRU(settings.bank_cache_bytes)  # reference-set key -> ProjectModel, shared
+        self.banks: BankLRU[ProjectModel] = BankLRU(settings.bank_cache_bytes)  # reference-set key -> ProjectModel, shared
         self._builds: dict[str, _BankBuild] = {}  # reference-set key -> its build (running, or failed lately)
         # project -> key of the bank it was last served / its reference images give now; the most recently
         # asked MAX_TRACKED_PROJECTS only (any request may name a new project id)
@@ -249,8 +250,8 @@ class ServingService:
         self._closing = threading.Event()
         self._build_threads: set[threading.Thread] = set()
         _SERVICES.add(self)
-        self._warmed_pid: Optional[int] = None
-        self._env_refs: Optional[int] = None
+        self._warmed_pid: int | None = None
+        self._env_refs: int | None = None
         self._compute = threading.BoundedSemaphore(max(1, settings.compute_concurrency))
 
     def reference_counts(self) -> dict:
@@ -279,7 +280,7 @@ class ServingService:
             projects[project] = {
                 "loaded": model is not None,
                 "size": model.n_references if model is not None else 0,
-                "target": build.target if build is not None else model.target,
+                "target": build.target if build is not None else model.target if model is not None else 0,
                 "building": build is not None,
                 "key": key,
             }
@@ -303,7 +304,7 @@ class ServingService:
             self._refsets[cheap] = found
         return found
 
-    def model_for(self, project: str, wait_s: Optional[float] = None) -> ProjectModel:
+    def model_for(self, project: str, wait_s: float | None = None) -> ProjectModel:
         """The project's predictor over its reference bank. Banks are shared by projects with the same
         reference set and built in a background thread, small first (ADCLICK_FIRST_REFERENCES spread over the
         folder, ready in seconds), then grown and swapped in whole. A project with an older bank keeps it
@@ -490,8 +491,8 @@ class ServingService:
         threading.Thread(target=run, name=f"warm-{project}", daemon=True).start()
 
     def image_state(
-        self, project: str, ref: str, task_id: Optional[int] = None
-    ) -> tuple[ProjectModel, "CachedImage"]:
+        self, project: str, ref: str, task_id: int | None = None
+    ) -> tuple[ProjectModel, CachedImage]:
         """The per-image work for a task's image, from the cache when this (image, model, bank) was seen:
         then nothing is downloaded, decoded or recomputed."""
         model = self.model_for(project)

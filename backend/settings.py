@@ -4,9 +4,9 @@ every variable is listed in docs/SETTINGS.md."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
 
 from backend.errors import BadRequest, ConfigError
 from backend.outbound import check_url, redact
@@ -96,7 +96,7 @@ class Settings:
         return bool(self.basic_auth_user and self.basic_auth_pass)
 
     @classmethod
-    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         url = _text(env, "LABEL_STUDIO_URL") or _text(env, "LABEL_STUDIO_HOST")
         if url and not url.startswith(("http://", "https://")):

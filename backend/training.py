@@ -272,7 +272,7 @@ class TrainingService:
         self.client_factory = client_factory or self.default_client
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "TrainingService":
+    def from_settings(cls, settings: Settings) -> TrainingService:
         """What an RQ worker builds: only what a fit needs."""
         projects = ProjectStore(settings.model_dir, settings.normal_dir)
         model = ModelLoader(settings)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from backend.queue import QUEUE_NAME, redis_connection
 from backend.settings import Settings
@@ -41,7 +41,7 @@ def train_job(project: str, event: dict) -> dict:
     return TrainingService.from_settings(settings).run_training(str(project), dict(event), progress)
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m backend.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--burst", action="store_true", help="exit once the queue is empty (batch runs, tests)"
@@ -50,7 +50,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from rq import Queue, Worker
 
     args = parse_args(argv)

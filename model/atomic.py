@@ -22,8 +22,9 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ RECORD_REFRESH_S = 1.0  # a record published by another process is seen by this 
 MAX_RECORDS = 4096  # records kept in memory per process (least recently read dropped first)
 
 
-def atomic_write(path: Path | str, write: Callable[[IO[Any]], None], binary: bool = True) -> Path:
+def atomic_write(path: Path | str, write: Callable[[IO[Any]], object], binary: bool = True) -> Path:
     """Call `write(fh)` on a temp file next to `path`, then publish it as `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,7 @@ def write_image_atomic(path: Path | str, image: Any, format: str = "PNG") -> Pat
 
 
 # ---- records -----------------------------------------------------------------------------------------------
-_RECORDS: "OrderedDict[str, tuple[float, Optional[dict]]]" = OrderedDict()  # path -> (read at, value)
+_RECORDS: OrderedDict[str, tuple[float, dict | None]] = OrderedDict()  # path -> (read at, value)
 _RECORDS_GUARD = threading.Lock()
 _now = time.monotonic  # the records' clock (tests replace it)
 
@@ -79,7 +80,7 @@ def _record_key(path: Path | str) -> str:
     return os.path.abspath(os.fspath(path))
 
 
-def _remember(key: str, at: float, value: Optional[dict]) -> None:
+def _remember(key: str, at: float, value: dict | None) -> None:
     with _RECORDS_GUARD:
         _RECORDS[key] = (at, value)
         _RECORDS.move_to_end(key)
@@ -87,7 +88,7 @@ def _remember(key: str, at: float, value: Optional[dict]) -> None:
             _RECORDS.popitem(last=False)
 
 
-def read_record(path: Path | str, refresh: bool = False) -> Optional[dict]:
+def read_record(path: Path | str, refresh: bool = False) -> dict | None:
     """The JSON object in `path` (None when there is none), from this process's copy unless that is older than
     RECORD_REFRESH_S or `refresh` is set. An unreadable or damaged file keeps the last good value (logged)."""
     key = _record_key(path)
@@ -97,7 +98,7 @@ def read_record(path: Path | str, refresh: bool = False) -> Optional[dict]:
         if hit is not None and not refresh and now - hit[0] < RECORD_REFRESH_S:
             _RECORDS.move_to_end(key)
             return copy.deepcopy(hit[1])
-    value: Optional[dict]
+    value: dict | None
     try:
         value = json.loads(Path(path).read_text())
         if not isinstance(value, dict):
@@ -138,13 +139,13 @@ class FileLock:
     def __init__(self, path: Path | str):
         self.path = Path(path).resolve()
         self._thread_lock = thread_lock(self.path)
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, blocking: bool = True, timeout: Optional[float] = None, poll_s: float = 0.05) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float | None = None, poll_s: float = 0.05) -> bool:
         """Take the lock; False when `blocking` is False (or `timeout` s passed) and someone else holds it."""
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this object")
@@ -200,7 +201,7 @@ class FileLock:
         finally:
             os.close(fd)
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         self.acquire()
         return self
 

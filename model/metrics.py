@@ -14,14 +14,14 @@ there) and divided by 0.3.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
+ArrayOrList = np.ndarray | Sequence[np.ndarray]
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 
@@ -42,7 +42,7 @@ class ImagePixels:
     n_regions: int
 
     @classmethod
-    def from_map(cls, score: np.ndarray, mask: np.ndarray) -> "ImagePixels":
+    def from_map(cls, score: np.ndarray, mask: np.ndarray) -> ImagePixels:
         score = np.asarray(score, dtype=np.float32)
         mask = np.asarray(mask, dtype=bool)
         if score.shape != mask.shape:

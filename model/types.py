@@ -2,8 +2,9 @@
 x = column, y = row, origin at the top-left corner."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class ImageState(Protocol):
     def nbytes(self) -> int: ...
 
     @property
-    def image(self) -> Optional[np.ndarray]: ...
+    def image(self) -> np.ndarray | None: ...
 
 
 class ReferenceSet(Protocol):
@@ -84,9 +85,9 @@ class Engine(Protocol):
 
     def config_hash(self) -> str: ...
 
-    def cached_bank(self, images: Iterable[Any]) -> Optional[ReferenceSet]: ...  # from the disk cache, else None
+    def cached_bank(self, images: Iterable[Any]) -> ReferenceSet | None: ...  # from the disk cache, else None
 
-    def build_bank(self, images: Iterable[Any], progress: Any = None, augment: Optional[bool] = None,
+    def build_bank(self, images: Iterable[Any], progress: Any = None, augment: bool | None = None,
                    save: bool = True) -> ReferenceSet: ...
 
     def extend(self, bank: Any, images: Iterable[Any], progress: Any = None, save: bool = True) -> ReferenceSet:
@@ -107,9 +108,9 @@ class Predictor(Protocol):
         self,
         state: ImageState,
         clicks: list[Click],
-        box: Optional[Box] = None,
+        box: Box | None = None,
         prompt: str = "",
-        previous_mask: Optional[np.ndarray] = None,
+        previous_mask: np.ndarray | None = None,
     ) -> ClickResult: ...
 
-    def detect(self, state: ImageState, labels: Optional[list[str]] = None) -> AnomalyResult: ...
+    def detect(self, state: ImageState, labels: list[str] | None = None) -> AnomalyResult: ...

@@ -8,8 +8,8 @@ import http.server
 import io
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -38,7 +38,7 @@ def defect_image(
     return img, mask
 
 
-def encode(img: np.ndarray, fmt: str = "PNG", exif_orientation: Optional[int] = None) -> bytes:
+def encode(img: np.ndarray, fmt: str = "PNG", exif_orientation: int | None = None) -> bytes:
     buf = io.BytesIO()
     im = Image.fromarray(img)
     if exif_orientation is not None:
@@ -55,7 +55,7 @@ def encode(img: np.ndarray, fmt: str = "PNG", exif_orientation: Optional[int] = 
 
 @dataclass
 class TinyBank:
-    mean: Optional[np.ndarray]  # mean RGB of the references, None = empty bank
+    mean: np.ndarray | None  # mean RGB of the references, None = empty bank
     key: str
     n: int
     nbytes: int = 0  # what the references' pixels take (a real bank holds their features)
@@ -206,8 +206,8 @@ class Route:
     status: int = 200
     headers: dict = field(default_factory=dict)
     delay_s: float = 0.0
-    handler: Optional[Callable] = None  # handler(request_handler) -> (status, headers, body)
-    trickle: Optional[tuple[int, float]] = None  # (n bytes, every s seconds): the body sent that slowly
+    handler: Callable | None = None  # handler(request_handler) -> (status, headers, body)
+    trickle: tuple[int, float] | None = None  # (n bytes, every s seconds): the body sent that slowly
 
 
 class RecordingServer:
@@ -264,7 +264,7 @@ class RecordingServer:
         self.url = f"http://{host}:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "RecordingServer":
+    def __enter__(self) -> RecordingServer:
         self.thread.start()
         return self
 
@@ -276,7 +276,7 @@ class RecordingServer:
         """Everything this server was sent (request lines, headers, bodies) as one string, for leak checks."""
         return "\n".join(f"{m} {p} {h!r} {b!r}" for m, p, h, b in self.requests)
 
-    def auth_headers(self, path_prefix: str) -> list[Optional[str]]:
+    def auth_headers(self, path_prefix: str) -> list[str | None]:
         return [h.get("Authorization") for m, p, h, _ in self.requests if p.startswith(path_prefix)]
 
 

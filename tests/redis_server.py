@@ -8,13 +8,13 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
 
-def _install() -> Optional[str]:
+def _install() -> str | None:
     """apt-get install redis-server; returns why it could not, or None."""
     if shutil.which("apt-get") is None:
         return "redis-server is not installed and apt-get is not available"

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.training.samples import build_samples
 from model.interactive.clicks import click_maps
 from model.modeling.adclick import AdClickConfig, AdClickNet
+from model.training.samples import build_samples
 from model.training.synth import KIND_WORDS
 from model.training.train_adclick import LoopConfig, batch_click_maps, build_net, make_batch, seg_loss, train
 from model.types import Click
@@ -202,9 +202,9 @@ def test_shipped_weights_follow_positive_and_negative_clicks():
     """With the shipped weights and the real engine: a positive click on a synthetic defect marks it, and a
     negative click on it removes the region around it."""
     from model.engine.features import BackboneConfig
+    from model.engine.residuals import ResidualConfig, ResidualEngine
     from model.interactive.choose import InteractiveConfig
     from model.interactive.learned import load_interactive_predictor
-    from model.engine.residuals import ResidualConfig, ResidualEngine
 
     engine = ResidualEngine(BackboneConfig(device="cpu"), ResidualConfig())
     choice = load_interactive_predictor(engine, InteractiveConfig(use_prompt=True, learned_weight=1.0))

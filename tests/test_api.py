@@ -247,7 +247,7 @@ def test_references_from_extra_params_are_used_and_counted(api, server, tmp_path
 
 
 def test_webhooks_answer_at_once_and_queue_training_events(api):
-    client, service, _ = api
+    client, _service, _ = api
     resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 8, "title": "t"}})
     assert resp.status_code == 201 and resp.get_json()["status"] == "queued"
     resp = client.post(
@@ -370,7 +370,7 @@ def test_refused_requests_are_logged_with_route_status_and_reason(api, caplog):
 @pytest.mark.parametrize("context", [{"result": []}, {}, {"result": [{"type": "textarea", "value": {"text": "x"}}]}])
 def test_context_without_smart_regions_is_an_empty_prediction_without_image_work(api, server, context):
     """Label Studio's editor sends /predict with such a context after every submit (issue 12, item 3)."""
-    client, service, engine = api
+    client, _service, engine = api
     url, _ = serve_defect(server)
     body = interactive_body(url, [])
     body["params"]["context"] = context
@@ -409,7 +409,7 @@ def _record_prompts(monkeypatch, score=None):
 
 def test_the_textarea_text_of_the_saved_draft_is_the_prompt(api, server, monkeypatch):
     """Label Studio 1.23.2 sends no TextArea in the click context, but the task's drafts (issue 12, item 5)."""
-    client, service, _ = api
+    client, _service, _ = api
     seen = _record_prompts(monkeypatch)
     url, _ = serve_defect(server)
     body = interactive_body(url, [keypoint(54.7, 54.2)])

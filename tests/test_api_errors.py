@@ -53,38 +53,38 @@ def post(client, body=None, raw=None):
 
 
 CASES = [
-    ("malformed JSON", dict(raw="{tasks: ["), 400, "not valid JSON"),
-    ("JSON array body", dict(raw="[1, 2]"), 400, "JSON object"),
-    ("missing tasks", dict(body={"project": "1", "label_config": None}), 400, "tasks must be a list"),
-    ("empty tasks", dict(body={"tasks": [], "project": "1"}), 400, "tasks is empty"),
+    ("malformed JSON", {"raw": "{tasks: ["}, 400, "not valid JSON"),
+    ("JSON array body", {"raw": "[1, 2]"}, 400, "JSON object"),
+    ("missing tasks", {"body": {"project": "1", "label_config": None}}, 400, "tasks must be a list"),
+    ("empty tasks", {"body": {"tasks": [], "project": "1"}}, 400, "tasks is empty"),
     (
         "no label config",
-        dict(body={"tasks": [{"id": 1}], "project": "1", "params": {"context": None}}),
+        {"body": {"tasks": [{"id": 1}], "project": "1", "params": {"context": None}}},
         422,
         "no label config",
     ),
     (
         "task without data",
-        dict(
-            body={
+        {
+            "body": {
                 "tasks": [{"id": 1}],
                 "project": "1",
                 "label_config": CONTRACT_CONFIG,
                 "params": {"context": None},
             }
-        ),
+        },
         400,
         "task 1 has no data object",
     ),
     (
         "image key missing",
-        dict(
-            body={"tasks": [{"id": 2, "data": {"img": "x"}}], "project": "1", "label_config": CONTRACT_CONFIG}
-        ),
+        {
+            "body": {"tasks": [{"id": 2, "data": {"img": "x"}}], "project": "1", "label_config": CONTRACT_CONFIG}
+        },
         400,
         "no image under data.image",
     ),
-    ("no project", dict(body={"tasks": [{"id": 2, "data": {"image": "x"}}]}), 400, "names no project"),
+    ("no project", {"body": {"tasks": [{"id": 2, "data": {"image": "x"}}]}}, 400, "names no project"),
 ]
 
 

@@ -89,7 +89,7 @@ def world(tmp_path):
 
 
 def test_start_training_turns_ok_tasks_into_references_and_a_new_version(world):
-    client, service, engine, ls, server = world
+    client, service, _engine, ls, server = world
     ls.add(1, "OK", seed=1)
     ls.add(2, "OK", seed=2)
     ls.add(3, "Anomalous", brush=True, seed=3)
@@ -143,7 +143,7 @@ def test_a_verdict_changed_to_anomalous_leaves_the_references(world):
 
 
 def test_a_failing_fit_is_reported_and_the_service_keeps_serving(world):
-    client, service, _, ls, server = world
+    client, service, _, _ls, server = world
     del server.routes["/api/tasks/"]  # Label Studio answers 404 to the task listing
     client.post("/setup", json={"project": "2", "schema": CONTRACT_CONFIG})
     client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 2}})
@@ -156,14 +156,14 @@ def test_a_failing_fit_is_reported_and_the_service_keeps_serving(world):
 def test_ok_verdict_images_join_a_full_reference_folder(tmp_path, world):
     """Issue 15 D9: with ADCLICK_NORMAL_DIR already holding ADCLICK_MAX_REFERENCES images, the OK-verdict images
     a fit collects still join the bank (the folder fills the room they leave), so its key and version change."""
-    _, service, engine, ls, server = world
+    _, service, _engine, ls, server = world
     folder = tmp_path / "good"
     folder.mkdir()
     for i in range(6):
         (folder / f"n{i}.png").write_bytes(encode(np.full((96, 128, 3), 120 + i, np.uint8)))
     settings = replace(service.settings, normal_dir=str(folder), max_reference_images=4,
                        model_dir=tmp_path / "m2")
-    app, service, engine = make_app(settings, start_jobs=True)
+    app, service, _engine = make_app(settings, start_jobs=True)
     try:
         client = app.test_client()
         client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG})

@@ -6,6 +6,7 @@ bad file in a reference folder answered clearly (issue 12 req 7, issue 15 D6 and
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import struct
 import threading
@@ -70,7 +71,7 @@ def test_spread_order_prefixes_cover_the_folder():
     assert order[:4] == [0, 100, 50, 150]
     for k in (2, 4, 16, 64):  # every prefix is spread: no gap between chosen indices much wider than 200/k
         chosen = sorted(order[:k]) + [200]
-        assert max(b - a for a, b in zip(chosen, chosen[1:])) <= 2 * 200 / k
+        assert max(b - a for a, b in itertools.pairwise(chosen)) <= 2 * 200 / k
     assert spread_order(1) == [0] and spread_order(0) == []
     assert sorted(spread_order(7)) == list(range(7))
 
@@ -88,7 +89,7 @@ def test_the_first_click_answers_before_the_full_bank_is_built(tmp_path, server)
 
     folder = normals(tmp_path / "good", 40)
     settings = replace(Settings(), model_dir=tmp_path / "m", normal_dir=str(folder), first_references=4)
-    app, service, engine = make_app(settings, build_delay_s=0.15, delay_per=1)
+    app, _service, engine = make_app(settings, build_delay_s=0.15, delay_per=1)
     client = app.test_client()
     t0 = time.monotonic()
     assert client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG}).status_code == 200
@@ -177,7 +178,7 @@ def test_growth_stops_between_two_images_when_the_process_exits(tmp_path):
     aborts the process with status 134)."""
     folder = normals(tmp_path / "good", 40)
     settings = replace(Settings(), model_dir=tmp_path / "m", normal_dir=str(folder), first_references=4)
-    _, service, engine = make_app(settings, build_delay_s=0.1, delay_per=1)
+    _, service, _engine = make_app(settings, build_delay_s=0.1, delay_per=1)
     assert service.serving.model_for("1").n_references == 4
     t0 = time.monotonic()
     service.serving.stop_builds(timeout_s=5)
@@ -262,7 +263,7 @@ def test_bank_lru_keeps_the_newest_even_alone_over_budget():
 
 def test_eight_first_requests_on_a_failing_build_all_get_a_clear_error(tmp_path, server, caplog):
     settings = replace(Settings(), model_dir=tmp_path / "m", warm_on_setup=False)
-    app, service, engine = make_app(settings)
+    app, _service, engine = make_app(settings)
 
     builds = []
 

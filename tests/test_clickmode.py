@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.interactive.clickmode import ClickModeConfig, ResidualClickPredictor, bounded_score
-from model.errors import InputError
 from model.engine.features import BackboneConfig
-from model.metrics import iou
 from model.engine.residuals import ResidualConfig, ResidualEngine, ResidualState
+from model.errors import InputError
+from model.interactive.clickmode import ClickModeConfig, ResidualClickPredictor, bounded_score
+from model.metrics import iou
 from model.types import Click
 
 H, W = 80, 120

@@ -68,7 +68,7 @@ def test_eight_threads_on_eight_images(tmp_path, server):
 
 
 def test_a_slow_first_bank_answers_503_then_serves_and_a_rebuild_keeps_serving(tmp_path, server):
-    img, truth = defect_image()
+    img, _truth = defect_image()
     server.routes["/a.png"] = Route(encode(img))
     settings = replace(Settings(), model_dir=tmp_path / "m", warm_on_setup=False, bank_wait_s=0.1)
     app, service, engine = make_app(settings, build_delay_s=0.6)
@@ -93,7 +93,7 @@ def test_a_slow_first_bank_answers_503_then_serves_and_a_rebuild_keeps_serving(t
 
 
 def test_threads_on_the_same_image_compute_it_once(tmp_path, server):
-    img, truth = defect_image()
+    img, _truth = defect_image()
     server.routes["/same.png"] = Route(encode(img))
     settings = replace(Settings(), model_dir=tmp_path / "m", warm_on_setup=False)
     app, _, engine = make_app(settings, delay_s=0.2)

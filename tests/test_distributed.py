@@ -146,7 +146,7 @@ def test_torchrun_two_ranks_train_the_same_model(tmp_path, device, backend):
     assert r0["mean_loss"] == pytest.approx(r1["mean_loss"])
     assert r0["tag"] == r1["tag"] == "rank0-says-0"
     assert r0["device"].startswith(device) and r0["backend"] == (backend or "gloo")
-    tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-5}
     reference = _reference_state()
     for name, value in reference.items():  # averaged half-batch gradients == full-batch gradient
         torch.testing.assert_close(r0["state"][name], value, **tol)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.errors import ConfigError, InputError
 from model.engine.features import BackboneConfig, build_extractor, input_hw
+from model.errors import ConfigError, InputError
 from tests.conftest import texture
 
 CFG = BackboneConfig(input_size=128, device="cpu")

@@ -142,15 +142,15 @@ def test_label_studio_paths_need_label_studio_url(tmp_path):
 @pytest.mark.parametrize(
     "route, settings_kw, error, match",
     [
-        (Route(png(), delay_s=1.5), dict(image_timeout_s=0.5), ImageFetchError, "timed out"),
-        (Route(png()), dict(max_image_bytes=1000), ImageTooLarge, "over the limit of 1000 bytes"),
+        (Route(png(), delay_s=1.5), {"image_timeout_s": 0.5}, ImageFetchError, "timed out"),
+        (Route(png()), {"max_image_bytes": 1000}, ImageTooLarge, "over the limit of 1000 bytes"),
         (
             Route(png(), headers={"Content-Length": None, "Connection": "close"}),
-            dict(max_image_bytes=1000),
+            {"max_image_bytes": 1000},
             ImageTooLarge,
             "exceeds the limit",
         ),
-        (Route(png()), dict(max_image_pixels=5000), ImageTooLarge, "pixels"),
+        (Route(png()), {"max_image_pixels": 5000}, ImageTooLarge, "pixels"),
         (Route(b"<html>not an image</html>"), {}, UnsupportedImage, "not an image"),
         (Route(png()[:200]), {}, UnsupportedImage, "truncated or corrupt"),
         (Route(b"gone", status=404), {}, ImageFetchError, "HTTP 404"),

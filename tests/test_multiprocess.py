@@ -70,7 +70,7 @@ class FakeLabelStudio:
             def log_message(self, *args):
                 pass
 
-            def do_GET(self):  # noqa: N802 - http.server's naming
+            def do_GET(self):
                 url = urlparse(self.path)
                 if self.headers.get("Authorization") not in (f"Token {TOKEN}", f"Bearer {TOKEN}"):
                     outer.bad_auth += 1

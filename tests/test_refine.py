@@ -62,14 +62,14 @@ def test_grabcut_snaps_an_offset_blob_to_the_defect_edges(scene):
 
 
 def test_grabcut_negative_click_stays_normal_and_positive_click_stays_defect(scene):
-    img, truth, prob = scene
+    img, _truth, prob = scene
     out = refine_prob(img, prob, [Click(110, 82, True), Click(92, 72, False)], cfg=GRABCUT)
     assert out[72, 92] <= 0.49 and out[82, 110] > 0.49
 
 
 @pytest.mark.parametrize("cfg", [RefineConfig(), GRABCUT], ids=["guided", "grabcut"])
 def test_box_limits_the_refined_mask(scene, cfg):
-    img, truth, prob = scene
+    img, _truth, prob = scene
     box = (90.0, 70.0, 109.0, 93.0)  # the defect's left half
     out = refine_prob(img, prob, [Click(100, 82, True)], box=box, cfg=cfg)
     mask = out > 0.49
@@ -78,7 +78,7 @@ def test_box_limits_the_refined_mask(scene, cfg):
 
 
 def test_nothing_to_refine_returns_the_map_unchanged(scene):
-    img, truth, prob = scene
+    img, _truth, prob = scene
     empty = prob * 0.3
     assert np.array_equal(refine_prob(img, empty, []), empty)
     small = replace(RefineConfig(), max_pixels=100)  # the crop is larger: left as it is

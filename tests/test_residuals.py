@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.errors import ConfigError
 from model.engine.features import BackboneConfig
 from model.engine.residuals import ResidualConfig, ResidualEngine, augment_views, kcenter
+from model.errors import ConfigError
 from tests.conftest import structured, texture
 
 BB = BackboneConfig(input_size=128, device="cpu")

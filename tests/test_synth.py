@@ -4,7 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.training.synth import GENERATORS, KIND_WORDS, KINDS, blob, foreground, perlin, skimage_textures, synthesize
+from model.training.synth import (
+    GENERATORS,
+    KIND_WORDS,
+    KINDS,
+    blob,
+    foreground,
+    perlin,
+    skimage_textures,
+    synthesize,
+)
 
 
 @pytest.fixture(scope="module")

@@ -86,9 +86,9 @@ def test_manifest_detects_corruption(tmp_path):
 
 def test_choice_checks_engine_compatibility(tmp_path):
     from model.engine.features import BackboneConfig
+    from model.engine.residuals import ResidualConfig, ResidualEngine
     from model.interactive.choose import InteractiveConfig
     from model.interactive.learned import check_weights, load_interactive_predictor
-    from model.engine.residuals import ResidualConfig, ResidualEngine
 
     _tiny_weights(tmp_path)
     ok = ResidualEngine(BackboneConfig(device="cpu"), ResidualConfig())

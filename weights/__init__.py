@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 from model.atomic import atomic_write
 from model.errors import CheckpointError
@@ -24,16 +23,16 @@ MANIFEST = "manifest.json"
 # checkpoint=<path>) or BackboneConfig(name="open_clip", clip_model=<arch>, checkpoint=<path>).
 OPEN_CLIP_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
     "ViT-B-32/openai": (
-        "https://openaipublic.azureedge.net/clip/models/"
-        "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+        ("https://openaipublic.azureedge.net/clip/models/"
+         "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt"),
         "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32-openai.pt"),
     "ViT-B-16/openai": (
-        "https://openaipublic.azureedge.net/clip/models/"
-        "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+        ("https://openaipublic.azureedge.net/clip/models/"
+         "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt"),
         "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16-openai.pt"),
     "RN50/openai": (
-        "https://openaipublic.azureedge.net/clip/models/"
-        "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+        ("https://openaipublic.azureedge.net/clip/models/"
+         "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt"),
         "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50-openai.pt"),
 }
 
@@ -87,7 +86,7 @@ def write_entry(wdir: Path, name: str, entry: dict) -> dict:
     return entry
 
 
-def fetch(name: str, dest: Path, url: Optional[str] = None, timeout: float = 60.0) -> Path:
+def fetch(name: str, dest: Path, url: str | None = None, timeout: float = 60.0) -> Path:
     """Download checkpoint `name` into `dest` (streamed, sha256-verified, atomic); an existing verified file
     is kept. `url` overrides the table's address (mirrors, tests)."""
     import requests

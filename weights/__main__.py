@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from weights import OPEN_CLIP_CHECKPOINTS, WeightsError, fetch, write_entry
 
@@ -15,7 +15,7 @@ LICENCE = ("Apache-2.0 (weights trained here). Training data: MVTec 3D-AD tire t
            "EfficientNet-Lite0 ImageNet weights (Apache-2.0); prompts by all-MiniLM-L6-v2 (Apache-2.0).")
 
 
-def register(wdir: Path, name: str, file: str, training: str, metrics_path: Optional[str]) -> dict:
+def register(wdir: Path, name: str, file: str, training: str, metrics_path: str | None) -> dict:
     import json
 
     import torch
@@ -36,7 +36,7 @@ def register(wdir: Path, name: str, file: str, training: str, metrics_path: Opti
     return write_entry(wdir, name, entry)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m weights")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download a named open_clip checkpoint (sha256-verified)")

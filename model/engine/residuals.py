@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.checkpoint import atomic_save
-from model.errors import BankError, ConfigError, InputError
 from model.engine.features import BackboneConfig, FeatureExtractor, build_extractor
 from model.engine.references import ReferenceBank, descriptors, fit_pca, match, retrieve, with_position
+from model.errors import BankError, ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 

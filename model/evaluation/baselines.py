@@ -92,11 +92,11 @@ class GrabCutPredictor:
         x0, y0, x1, y1 = roi
         seeds = np.full((y1 - y0, x1 - x0), cv2.GC_PR_BGD, dtype=np.uint8)
         if box is not None:
-            bx0, by0, bx1, by1 = (int(round(v)) for v in box)  # noqa: RUF046 (numpy floats round to floats)
+            bx0, by0, bx1, by1 = (int(round(v)) for v in box)
             seeds[max(by0 - y0, 0):by1 - y0 + 1, max(bx0 - x0, 0):bx1 - x0 + 1] = cv2.GC_PR_FGD
         seeds[[0, -1], :] = cv2.GC_BGD
         seeds[:, [0, -1]] = cv2.GC_BGD
-        points = [(int(round(c.x)) - x0, int(round(c.y)) - y0, c.positive)  # noqa: RUF046 (numpy floats)
+        points = [(int(round(c.x)) - x0, int(round(c.y)) - y0, c.positive)
                   for c in clicks]
         for x, y, positive in points:
             if positive:

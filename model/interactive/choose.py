@@ -11,9 +11,10 @@ weights are shared through the engine's process). `residual_choice` is the zero-
 Light on purpose: nothing here imports torch (the settings module imports this one for its defaults)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from model.types import Engine, Predictor, ReferenceSet
@@ -27,7 +28,7 @@ class InteractiveConfig:
 
     use_prompt: bool = False  # ADCLICK_USE_PROMPT: the label name / TextArea text goes to the network as its prompt
     learned_weight: float = 0.5  # ADCLICK_LEARNED_WEIGHT: the network's share of the map (1 = the network alone)
-    weights_dir: Optional[Path] = None  # where the learned weights are; None = the bundled `weights` package
+    weights_dir: Path | None = None  # where the learned weights are; None = the bundled `weights` package
     object_name: str = ""  # the inspected object's name, part of the prompt
     refine: str = "guided"  # ADCLICK_REFINE: full-resolution boundary refinement, guided | grabcut | off
 
@@ -45,11 +46,11 @@ class PredictorChoice:
 
     kind: str
     version: str
-    build: Callable[["Engine", "ReferenceSet"], "Predictor"]
+    build: Callable[[Engine, ReferenceSet], Predictor]
     reason: str = ""
 
 
-def residual_choice(engine: "Engine", reason: str = "") -> PredictorChoice:
+def residual_choice(engine: Engine, reason: str = "") -> PredictorChoice:
     """The zero-training click mode (model/interactive/clickmode.py) over the engine's residuals."""
 
     def build(eng, bank):  # the residual engine and one of its banks
@@ -69,7 +70,7 @@ def with_refinement(choice: PredictorChoice, method: str) -> PredictorChoice:
 
     cfg, base_build = RefineConfig(method=method), choice.build
 
-    def build(eng: "Engine", bank: "ReferenceSet") -> "Predictor":
+    def build(eng: Engine, bank: ReferenceSet) -> Predictor:
         return RefinedPredictor(base_build(eng, bank), cfg)
 
     suffix = "" if method == "guided" else f"-{method}"

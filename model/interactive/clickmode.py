@@ -25,9 +25,9 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from model.errors import InputError
 from model.engine.references import ReferenceBank
 from model.engine.residuals import ResidualEngine, ResidualState
+from model.errors import InputError
 from model.interactive.clicks import box_level, distance_to_other_label
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,8 +32,8 @@ def _interior_distance(region: np.ndarray) -> np.ndarray:
 
 
 def next_click(
-    gt: np.ndarray, pred: np.ndarray, clicked: Optional[Iterable[Click]] = None
-) -> Optional[Click]:
+    gt: np.ndarray, pred: np.ndarray, clicked: Iterable[Click] | None = None
+) -> Click | None:
     """The click a simulated annotator makes next; None when `pred` already equals `gt`.
 
     gt, pred: (H, W) bool. Ties go to the first pixel in raster order.
@@ -55,7 +56,7 @@ def next_click(
     return Click(x=float(col), y=float(row), positive=bool(positive))
 
 
-def box_level(values: np.ndarray) -> Optional[float]:
+def box_level(values: np.ndarray) -> float | None:
     """The level that splits a box's map values into defect and background (Otsu's threshold), or None when
     the values are constant. A box says "the defect is in here and fills much of it": the split adapts to the
     product and the image instead of a fixed level."""
@@ -67,7 +68,7 @@ def box_level(values: np.ndarray) -> Optional[float]:
     return float(threshold_otsu(values))
 
 
-def distance_to_other_label(mask: np.ndarray, y: int, x: int, reach: int) -> Optional[float]:
+def distance_to_other_label(mask: np.ndarray, y: int, x: int, reach: int) -> float | None:
     """Euclidean px (float32 precision) from (y, x) to the nearest pixel of the (H, W) bool `mask` whose label
     differs from mask[y, x], looked for within `reach` px; None when there is none that close. How far a click
     lies inside a region or outside it: the click mode and the refinement size their click disks with it."""
@@ -81,7 +82,7 @@ def distance_to_other_label(mask: np.ndarray, y: int, x: int, reach: int) -> Opt
     return float(dist[y - y0, x - x0])
 
 
-def _scaled_centre(click: Click, shape: tuple[int, int], src_shape: Optional[tuple[int, int]]):
+def _scaled_centre(click: Click, shape: tuple[int, int], src_shape: tuple[int, int] | None):
     if src_shape is None:
         return click.x, click.y
     sy, sx = shape[0] / src_shape[0], shape[1] / src_shape[1]
@@ -92,7 +93,7 @@ def encode_clicks(
     clicks: Sequence[Click],
     shape: tuple[int, int],
     radius: float = 5.0,
-    src_shape: Optional[tuple[int, int]] = None,
+    src_shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Disk maps (2, H, W) float32: channel 0 = positive clicks, 1 = negative; 1 inside a disk of `radius`.
 
@@ -128,15 +129,15 @@ class ClickHistory:
 
     def __init__(self, max_entries: int = 16) -> None:
         self.max_entries = int(max_entries)
-        self._masks: "OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]]" = OrderedDict()
+        self._masks: OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
-    def _key(clicks: Sequence[Click], box: Optional[tuple], prompt: str) -> tuple:
+    def _key(clicks: Sequence[Click], box: tuple | None, prompt: str) -> tuple:
         return (tuple((float(c.x), float(c.y), bool(c.positive)) for c in clicks),
                 None if box is None else tuple(float(v) for v in box), prompt)
 
-    def _get(self, key: tuple) -> Optional[np.ndarray]:
+    def _get(self, key: tuple) -> np.ndarray | None:
         with self._lock:
             hit = self._masks.get(key)
             if hit is None:
@@ -160,7 +161,7 @@ class ClickHistory:
         return self.max_entries * (int(shape[0]) * int(shape[1]) // 8 + 200)
 
     def predict(self, predictor: Predictor, state: ImageState, clicks: Sequence[Click],
-                box: Optional[tuple] = None, prompt: str = "") -> Any:
+                box: tuple | None = None, prompt: str = "") -> Any:
         clicks = list(clicks)
         if not clicks:  # a box alone: nothing to replay
             return predictor.predict(state, clicks, box, prompt=prompt)
@@ -186,7 +187,7 @@ def half(image: np.ndarray) -> np.ndarray:
     return cv2.resize(image, ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA)
 
 
-def click_maps(clicks: Sequence[Click], prev: Optional[np.ndarray], shape: tuple[int, int],
+def click_maps(clicks: Sequence[Click], prev: np.ndarray | None, shape: tuple[int, int],
                src_shape: tuple[int, int], radius: float = 1.0) -> np.ndarray:
     """(3, h2, w2) float32: positive disks, negative disks, previous mask (area-resized), click grid."""
     disks = encode_clicks(list(clicks), shape, radius=radius, src_shape=src_shape)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from model.errors import CheckpointError, InputError
 from model.interactive.choose import InteractiveConfig, PredictorChoice
 from model.interactive.clicks import click_maps, half
 from model.modeling.adclick import ImageEmbedding
-from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
+from model.types import AnomalyResult, Box, Click, ClickResult, Engine, box_mask
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class AdClickState:
     image_shape: tuple[int, int]  # (H, W)
 
     @property
-    def image(self) -> Optional[np.ndarray]:
+    def image(self) -> np.ndarray | None:
         """The RGB image (the engine's state keeps it for the boundary refinement)."""
         return self.residual.image
 
@@ -81,7 +82,7 @@ class AdClickPredictor:
         return AdClickState(rs, emb, (int(image.shape[0]), int(image.shape[1])))
 
     # ---- per click ---------------------------------------------------------------------------------------
-    def _prompt(self, prompt: str) -> Optional[torch.Tensor]:
+    def _prompt(self, prompt: str) -> torch.Tensor | None:
         if not self.use_prompt or not prompt.strip():
             return None
         with self._lock:
@@ -89,7 +90,7 @@ class AdClickPredictor:
         return None if vec is None else vec[None]
 
     def _prob(self, state: AdClickState, clicks: list[Click], prompt: str,
-              previous_mask: Optional[np.ndarray]) -> np.ndarray:
+              previous_mask: np.ndarray | None) -> np.ndarray:
         h, w = state.emb.tokens.shape[-2:]
         maps = click_maps(clicks, previous_mask, (2 * h, 2 * w), state.image_shape)
         with torch.inference_mode():
@@ -98,8 +99,8 @@ class AdClickPredictor:
                                                align_corners=False))
         return prob[0, 0].numpy()
 
-    def predict(self, state: AdClickState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
-                previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+    def predict(self, state: AdClickState, clicks: list[Click], box: Box | None = None, prompt: str = "",
+                previous_mask: np.ndarray | None = None) -> ClickResult:
         H, W = state.image_shape
         clicks = list(clicks)
         for c in clicks:
@@ -116,7 +117,7 @@ class AdClickPredictor:
         score = float(prob[mask].mean()) if mask.any() else float(prob.max())
         return ClickResult(prob=prob.astype(np.float32), mask=mask, score=score)
 
-    def detect(self, state: AdClickState, labels: Optional[list[str]] = None) -> AnomalyResult:
+    def detect(self, state: AdClickState, labels: list[str] | None = None) -> AnomalyResult:
         """No clicks; one pass per label prompt ("" = any defect); anomaly_map = pixel-wise max."""
         names = list(labels) if labels else [""]
         maps = {name: self._prob(state, [], name, None) for name in names}
@@ -148,8 +149,8 @@ class BlendPredictor:
     def set_image(self, image: np.ndarray) -> AdClickState:
         return self.learned.set_image(image)
 
-    def predict(self, state: AdClickState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
-                previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+    def predict(self, state: AdClickState, clicks: list[Click], box: Box | None = None, prompt: str = "",
+                previous_mask: np.ndarray | None = None) -> ClickResult:
         seeded = clicks
         if box is not None and not any(c.positive for c in clicks):
             # a box alone: the network gets one click on every anomalous part in it (the click mode's box
@@ -164,7 +165,7 @@ class BlendPredictor:
         mask = prob > self.threshold
         return ClickResult(prob=prob, mask=mask, score=float(prob[mask].mean()) if mask.any() else 0.0)
 
-    def detect(self, state: AdClickState, labels: Optional[list[str]] = None) -> AnomalyResult:
+    def detect(self, state: AdClickState, labels: list[str] | None = None) -> AnomalyResult:
         """Without clicks: the click mode's unsupervised residual map (the network is trained for clicks)."""
         return self.click_mode.detect(state.residual, labels)
 
@@ -176,8 +177,8 @@ def default_weights_dir() -> Path:
     return Path(weights.__file__).resolve().parent
 
 
-def check_weights(engine, weights_dir: Optional[Path] = None,
-                  name: str = "adclick") -> tuple[Optional[dict], str]:
+def check_weights(engine, weights_dir: Path | None = None,
+                  name: str = "adclick") -> tuple[dict | None, str]:
     """(manifest entry, reason): the entry when `name`'s weights exist, match their sha256 and the engine's
     backbone/residual config; else None and why not."""
     from weights import WeightsError, verify_entry
@@ -219,8 +220,11 @@ def _text_encoder(kind: str):
     return CachedTextEncoder(build_text_encoder(TextConfig(kind=kind)))
 
 
-def load_interactive_predictor(engine: ResidualEngine, config: InteractiveConfig = InteractiveConfig(),
-                               name: str = "adclick", text_encoder=None) -> Optional[PredictorChoice]:
+DEFAULT_CONFIG = InteractiveConfig()
+
+
+def load_interactive_predictor(engine: Engine, config: InteractiveConfig = DEFAULT_CONFIG,
+                               name: str = "adclick", text_encoder=None) -> PredictorChoice | None:
     """The learned predictor's choice when compatible weights are bundled, else None (caller falls back to
     the zero-training ResidualClickPredictor). Cheap: no weights are loaded until `build` is called.
     `config.learned_weight` < 1 averages the network's map with the click mode's (`BlendPredictor`);

@@ -27,8 +27,8 @@ half of the test images reported separately as held out from this choice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -82,7 +82,7 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     return box(a) * guide + box(b)
 
 
-def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], box: Optional[Box] = None,
+def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], box: Box | None = None,
                 cfg: RefineConfig = RefineConfig()) -> np.ndarray:
     """Refined (H, W) float32 soft map; `prob` unchanged (a copy) when there is nothing to refine."""
     H, W = prob.shape
@@ -114,7 +114,7 @@ def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], bo
 
 
 def _grabcut(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, clicks: Sequence[Click],
-             origin: tuple[int, int], inside: Optional[np.ndarray], cfg: RefineConfig) -> Optional[np.ndarray]:
+             origin: tuple[int, int], inside: np.ndarray | None, cfg: RefineConfig) -> np.ndarray | None:
     """GrabCut's defect pixels of the crop, or None when GrabCut cannot run or collapsed the region."""
     region = mask.astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.band + 1, 2 * cfg.band + 1))
@@ -193,8 +193,8 @@ class RefinedPredictor:
     def set_image(self, image: np.ndarray) -> ImageState:
         return self.base.set_image(image)
 
-    def predict(self, state: ImageState, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
-                previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+    def predict(self, state: ImageState, clicks: list[Click], box: Box | None = None, prompt: str = "",
+                previous_mask: np.ndarray | None = None) -> ClickResult:
         result = self.base.predict(state, clicks, box, prompt, previous_mask)
         image = state.image  # every state keeps its RGB image (ImageState protocol), None when it was not kept
         if image is None:  # a state without its image (e.g. an older cache entry): unrefined
@@ -208,6 +208,6 @@ class RefinedPredictor:
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
         return ClickResult(prob=prob, mask=mask, score=score)
 
-    def detect(self, state: ImageState, labels: Optional[list[str]] = None) -> AnomalyResult:
+    def detect(self, state: ImageState, labels: list[str] | None = None) -> AnomalyResult:
         return self.base.detect(state, labels)
 

@@ -21,11 +21,10 @@ Shapes: B batch, d model width, (h, w) residual grid (stride s pixels), (H, W) i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 ARCH = "adclick-v2"
 
@@ -50,7 +49,7 @@ class AdClickConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AdClickConfig":
+    def from_dict(cls, d: dict) -> AdClickConfig:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -58,10 +57,10 @@ class AdClickConfig:
 @dataclass
 class ImageEmbedding:
     tokens: torch.Tensor  # (B, d, h, w) click-free token map
-    stem: Optional[torch.Tensor]  # (B, stem_channels, H/4, W/4) or None
+    stem: torch.Tensor | None  # (B, stem_channels, H/4, W/4) or None
     keys: tuple[torch.Tensor, ...] = ()  # each (B, C_k, h, w), L2-normalised over C_k (click similarity)
 
-    def detach(self) -> "ImageEmbedding":
+    def detach(self) -> ImageEmbedding:
         return ImageEmbedding(self.tokens.detach(), None if self.stem is None else self.stem.detach(),
                               tuple(k.detach() for k in self.keys))
 
@@ -151,8 +150,8 @@ class AdClickNet(nn.Module):
         self,
         residual: torch.Tensor,  # (B, C_r, h, w) signed residual tokens
         grid: torch.Tensor,  # (B, 1, h, w) anomaly grid map
-        features: Optional[torch.Tensor] = None,  # (B, C_f, h, w)
-        image: Optional[torch.Tensor] = None,  # (B, 3, H/2, W/2) float in [0, 1], the half-size image
+        features: torch.Tensor | None = None,  # (B, C_f, h, w)
+        image: torch.Tensor | None = None,  # (B, 3, H/2, W/2) float in [0, 1], the half-size image
     ) -> ImageEmbedding:
         r = residual / self.res_scale
         if not self.cfg.use_residual:
@@ -197,8 +196,8 @@ class AdClickNet(nn.Module):
         self,
         emb: ImageEmbedding,
         clicks: torch.Tensor,  # (B, 3, 2h, 2w): positive disks, negative disks, previous mask
-        prompt: Optional[torch.Tensor] = None,  # (B, text_dim) or None = no prompt
-        out_size: Optional[tuple[int, int]] = None,  # stride-4 map size; default that of the stem
+        prompt: torch.Tensor | None = None,  # (B, text_dim) or None = no prompt
+        out_size: tuple[int, int] | None = None,  # stride-4 map size; default that of the stem
     ) -> torch.Tensor:  # (B, 1, H/4, W/4) logits
         x = emb.tokens + self.click_embed(clicks)
         if emb.keys:

@@ -14,7 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ DEFAULT_OBJECT = "product surface"
 class TextConfig:
     kind: str = "minilm"  # "minilm" | "open_clip"
     open_clip_model: str = "ViT-B-32"
-    checkpoint: Optional[str] = None  # local open_clip checkpoint file; None = random init (tests only)
+    checkpoint: str | None = None  # local open_clip checkpoint file; None = random init (tests only)
 
 
 class TextEncoder(Protocol):
@@ -71,7 +71,7 @@ class MiniLMEncoder:
 class OpenClipTextEncoder:
     """Text tower of an open_clip model (`encode_text`), weights from a local file or random init."""
 
-    def __init__(self, model_name: str = "ViT-B-32", checkpoint: Optional[str] = None) -> None:
+    def __init__(self, model_name: str = "ViT-B-32", checkpoint: str | None = None) -> None:
         import open_clip
 
         if checkpoint is not None and not Path(checkpoint).is_file():
@@ -125,7 +125,7 @@ class CachedTextEncoder:
         with self._lock:
             return torch.stack([self._cache[t] for t in texts])
 
-    def prompt_vector(self, label: str, text: str = "", object_name: str = "") -> Optional[torch.Tensor]:
+    def prompt_vector(self, label: str, text: str = "", object_name: str = "") -> torch.Tensor | None:
         """One (dim,) prompt vector: mean of the template prompts, L2-normalised; None for an empty prompt."""
         texts = prompt_texts(label, text, object_name)
         if not texts:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from model.modeling.adclick_seg import AdClickSeg, SegConfig, SegEnsemble, build_seg, load_matching
-from model.seg.report import Overlay, write_report
 from model.seg.data import ANY, SegExample
 from model.seg.fit import FitConfig, Progress, fit_seg
 from model.seg.predict import choose_thresholds, evaluate_maps, make_checkpoint, predict_grid, to_image
+from model.seg.report import Overlay, write_report
 from model.seg.versions import VersionInfo, VersionStore
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def init_from_adclick(model: AdClickSeg, path: str | Path | None) -> int:
         return 0
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file must not stop the fit: train from scratch and say why
+    except Exception as exc:  # noqa: BLE001 - a damaged file must not stop the fit: train from scratch and say why
         logger.warning("cannot read %s (%s): ADClick-Seg starts from scratch", path, exc)
         return 0
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}

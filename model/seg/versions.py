@@ -24,6 +24,7 @@ folders once (`latest`).
 """
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -94,15 +95,15 @@ class VersionStore:
         self.keep = keep
         self.prefix = prefix
         self._pattern = re.compile(rf"{re.escape(prefix)}-v(\d+)")
-        self._latest: tuple[Optional[tuple], Optional[VersionInfo]] = (None, None)  # (record identity, info)
-        self._adopted: Optional[dict] = None  # set once a store without a record was checked for old versions
+        self._latest: tuple[tuple | None, VersionInfo | None] = (None, None)  # (record identity, info)
+        self._adopted: dict | None = None  # set once a store without a record was checked for old versions
 
     @property
     def record_path(self) -> Path:
         return self.root / PUBLISHED
 
     # ---- reading -------------------------------------------------------------------------------
-    def list(self) -> list[VersionInfo]:
+    def list(self) -> builtins.list[VersionInfo]:
         """Complete versions, oldest first."""
         if not self.root.is_dir():
             return []
@@ -138,7 +139,7 @@ class VersionStore:
             self._latest = (identity, info)
         return info
 
-    def published_names(self, refresh: bool = False) -> list[str]:
+    def published_names(self, refresh: bool = False) -> builtins.list[str]:
         """The kept versions as the last publication listed them, oldest first (no folder listing)."""
         self.latest(refresh)  # adopts a store written before records existed
         record = self.published() or self._adopted
@@ -191,7 +192,7 @@ class VersionStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return FileLock(self.root / ".lock")
 
-    def _publish(self, info: VersionInfo, kept: list[str], sequence: int) -> dict:
+    def _publish(self, info: VersionInfo, kept: builtins.list[str], sequence: int) -> dict:
         record = {"version": info.name, "number": info.number, "sequence": sequence, "time": time.time(),
                   "versions": kept}
         publish_record(self.record_path, record)
@@ -257,7 +258,7 @@ class VersionStore:
             logger.info("published %s in %s (sequence %d)", name, self.root, sequence)
             return info
 
-    def _prune(self, versions: list[VersionInfo]) -> None:
+    def _prune(self, versions: builtins.list[VersionInfo]) -> None:
         for old in versions:
             trash = self.root / f".tmp-trash-{old.name}"
             os.rename(old.path, trash)

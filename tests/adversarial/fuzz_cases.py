@@ -10,7 +10,7 @@ import copy
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from tests.api_support import CONTRACT_CONFIG
 
@@ -193,9 +193,9 @@ IMAGE_REFS = [
 class Case:
     method: str
     path: str
-    body: Optional[bytes] = None
+    body: bytes | None = None
     headers: dict = field(default_factory=dict)
-    raw: Optional[bytes] = None  # exact bytes on the wire (the request line included)
+    raw: bytes | None = None  # exact bytes on the wire (the request line included)
     kind: str = "app"  # "app" or "protocol"
     name: str = ""
 
@@ -253,9 +253,7 @@ def set_path(body: Any, path: list, value: Any) -> None:
         else:
             return
     last = path[-1]
-    if isinstance(node, dict):
-        node[last] = value
-    elif isinstance(node, list) and isinstance(last, int) and last < len(node):
+    if isinstance(node, dict) or isinstance(node, list) and isinstance(last, int) and last < len(node):
         node[last] = value
 
 
@@ -298,7 +296,7 @@ class CaseGenerator:
         return ref.replace("@LOCAL@", self.local)
 
     def json_case(
-        self, path: str, body: Any, ctype: Optional[str] = "application/json", name: str = ""
+        self, path: str, body: Any, ctype: str | None = "application/json", name: str = ""
     ) -> Case:
         data = dump(body)
         headers = {"Content-Type": ctype} if ctype else {}

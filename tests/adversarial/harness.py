@@ -12,7 +12,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,9 +114,9 @@ def request(
     port: int,
     method: str,
     path: str,
-    body: Optional[bytes] = None,
-    headers: Optional[dict] = None,
-    raw: Optional[bytes] = None,
+    body: bytes | None = None,
+    headers: dict | None = None,
+    raw: bytes | None = None,
     timeout: float = 30.0,
     half_close: bool = True,
 ) -> Response:

@@ -100,7 +100,7 @@ def test_project_ids_label_studio_never_sends_are_400_and_leave_nothing_behind(a
 
 
 def test_the_ids_label_studio_sends_still_name_the_project(api):
-    client, service = api
+    client, _service = api
     for raw, key in [
         ("12.1700000000", "12"),
         (12, "12"),
@@ -115,7 +115,7 @@ def test_the_ids_label_studio_sends_still_name_the_project(api):
 
 
 def test_junk_left_by_an_older_version_is_not_listed(api, settings):
-    client, service = api
+    client, _service = api
     path = settings.model_dir / "jobs" / "state.json"
     path.parent.mkdir(parents=True)
     junk = {p: {"project": p, "status": "queued"} for p in ("inf", "nan", "-0", "x")}
@@ -175,7 +175,7 @@ def _clicks(n: int) -> list[dict]:
 
 
 def test_clicks_per_request_are_capped(api, images):
-    client, service = api
+    client, _service = api
     url = f"{images.url}/ok.png?cap"
     resp = client.post("/predict", json=interactive_body(url, _clicks(51)))
     assert resp.status_code == 400, resp.get_json()

@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.debian import ensure_package
-
 from tests.adversarial.harness import ROOT, Gunicorn, free_port, request
+from tests.debian import ensure_package
 
 HEALTH_LIMIT_S = 1.0
 ATTACK_S = 8.0
 
 
 def makefile_default(name: str) -> int:
-    match = re.search(rf"^{name} \?= (\d+)$", (ROOT / "Makefile").read_text(), re.M)
+    match = re.search(rf"^{name} \?= (\d+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
     assert match, f"Makefile has no default for {name}"
     return int(match.group(1))
 
@@ -40,7 +39,7 @@ class Slowloris:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._trickle, daemon=True)
 
-    def __enter__(self) -> "Slowloris":
+    def __enter__(self) -> Slowloris:
         for i in range(self.n):
             s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
             s.sendall(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow-{i}: 0\r\n".encode())
@@ -150,8 +149,8 @@ def render_nginx_conf(tmp: Path, listen: int, upstream: int) -> Path:
     text = (ROOT / "docker" / "nginx.conf").read_text()
     text = text.replace("listen 9090;", f"listen 127.0.0.1:{listen};")
     text = text.replace("server backend:9090;", f"server 127.0.0.1:{upstream};")
-    text = re.sub(r"^user .*$", "", text, flags=re.M)
-    text = re.sub(r"^pid .*$", f"pid {tmp}/nginx.pid;", text, flags=re.M)
+    text = re.sub(r"^user .*$", "", text, flags=re.MULTILINE)
+    text = re.sub(r"^pid .*$", f"pid {tmp}/nginx.pid;", text, flags=re.MULTILINE)
     text = text.replace("/var/cache/nginx/", f"{tmp}/")
     text = text.replace("access_log /dev/stdout", f"access_log {tmp}/access.log")
     text = text.replace("error_log /dev/stderr", f"error_log {tmp}/error.log")

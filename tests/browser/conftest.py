@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.debian import ensure_package
-
 from tests.e2e import processes
 from tests.e2e.ls_api import LabelStudioAPI
 from tests.fixtures.images import Dataset, write_dataset
@@ -173,7 +172,7 @@ def _failure_artifacts(request, browser_root):
         ui = request.getfixturevalue("browser_page")
         ui.page.screenshot(path=f"{stem}.png", full_page=True)
         lines.append(f"screenshot: {stem}.png")
-    except Exception as exc:  # noqa: BLE001 - the artifacts must not hide the test's own failure
+    except Exception as exc:
         lines.append(f"no screenshot ({type(exc).__name__}: {exc})")
     servers = request.getfixturevalue("servers")
     for name, log in (("label-studio", servers.ls_log), ("backend", servers.backend_log)):

@@ -4,7 +4,6 @@ editor and its project pages make (connect, smart clicks, annotations -> webhook
 Tests run in file order and share one project; each one states what it needs from the earlier ones."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image
