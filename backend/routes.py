@@ -164,7 +164,23 @@ def parse_extra_params(raw: Any) -> dict | None:
         raise BadRequest("extra_params is nested too deeply") from None
     if size > MAX_EXTRA_PARAMS_CHARS:  # kept in project.json and read on every request
         raise BadRequest(f"extra_params is over the limit of {MAX_EXTRA_PARAMS_CHARS} characters as JSON")
+    if _depth(raw) > MAX_EXTRA_PARAMS_DEPTH:
+        raise BadRequest(f"extra_params is nested too deeply (more than {MAX_EXTRA_PARAMS_DEPTH} levels)")
     return raw or None
+
+
+MAX_EXTRA_PARAMS_DEPTH = 16  # settings are flat key/value pairs; a few levels leave room for lists of folders
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (1 for a flat object), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _context(body: dict) -> Any:

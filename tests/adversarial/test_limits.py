@@ -243,7 +243,7 @@ def test_client_caused_failures_are_warnings_server_faults_errors_with_traceback
     def broken(*a, **kw):
         raise RuntimeError("a bug of the server")
 
-    service.image_state = broken
+    service.serving.image_state = broken
     with caplog.at_level(logging.INFO):
         resp = client.post("/predict", json=body)
     assert resp.status_code == 500 and "a bug" not in resp.get_json()["error"]
@@ -260,7 +260,7 @@ def test_a_backend_500_is_logged_with_its_traceback(api, caplog):
     def broken(*a, **kw):
         raise BackendError("state file is unreadable")
 
-    service.image_state = broken
+    service.serving.image_state = broken
     with caplog.at_level(logging.INFO):
         resp = client.post("/predict", json=interactive_body("http://127.0.0.1:9/x.png", [keypoint(50, 50)]))
     assert resp.status_code == 500

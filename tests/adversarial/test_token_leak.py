@@ -178,7 +178,7 @@ def test_the_sdk_client_does_not_follow_a_refresh_redirect_either(tmp_path):
         settings = replace(Settings(), label_studio_url=ls.url, label_studio_api_key=key, model_dir=tmp_path / "m")
         _, service, _ = make_app(settings)
         try:
-            list(service._default_client().tasks.list(project=1))
+            list(service.training.default_client().tasks.list(project=1))
         except Exception:  # the SDK's own error for the unfollowed 307; what counts is where the key went
             pass
         assert [m for m, p, _, _ in ls.requests if p == "/api/token/refresh/"] == ["POST"]
