@@ -254,3 +254,19 @@ def test_versions_record_whether_they_use_features(tmp_path) -> None:
                 det.detect(dataclasses.replace(examples[0], features=None), image_size=examples[0].image_size)
         else:  # a residual-only checkpoint has no feature buffers (older versions keep loading strictly)
             assert not any(k.endswith(("feat_mean", "feat_std")) for k in ckpt["state_dict"])
+
+
+def test_a_training_run_is_repeatable_whatever_the_global_random_state(tmp_path) -> None:
+    """The initial weights follow SegTrainConfig.seed (not torch's global state), so the same labels give the
+    same version: the learning-curve benchmark can compare two trees figure for figure."""
+    examples = make_set(3, 6, 2)
+    cfg = SegTrainConfig(model=SMALL, fit=FitConfig(steps=6, steps_per_image=0, crop=16, log_every=3),
+                         holdout=0.0, init_weights=str(tmp_path / "none"))
+    weights = []
+    for run in range(2):
+        torch.manual_seed(1000 + run)  # whatever ran before in the process
+        store = VersionStore(tmp_path / f"run{run}")
+        train_version(examples, ["scratch"], PROMPTS[:2], store, cfg)
+        weights.append(store.load()[0]["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -120,7 +120,10 @@ def train_version(examples: list[SegExample], labels: list[str], prompts: torch.
     if not with_feats:
         usable = [dataclasses.replace(e, features=None) for e in usable]
     train, held = split_holdout(usable, cfg.holdout, cfg.min_for_holdout, cfg.seed)
-    model = build_seg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), feat_channels=n_feat, **cfg.model))
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow cfg.seed: a run is repeatable
+        torch.manual_seed(cfg.seed)
+        model = build_seg(SegConfig(in_channels=c, prompt_dim=int(prompts.shape[1]), feat_channels=n_feat,
+                                    **cfg.model))
     members = list(model.members) if isinstance(model, SegEnsemble) else [model]
     n_init, history = 0, []
     for i, member in enumerate(members):  # each member: the same data, its own seed
