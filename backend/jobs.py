@@ -25,6 +25,7 @@ from pathlib import Path
 from backend.locks import ProjectLock
 from backend.projects import project_key
 from model.atomic import write_json_atomic
+from model.types import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ ANNOTATION_EVENTS = frozenset(
 TRAINING_EVENTS = ANNOTATION_EVENTS | {START}
 
 # runner(project, event, progress) -> {"model_version": str, ...figures}; progress(fraction, message)
-Progress = Callable[[float, str], None]
 Runner = Callable[[str, dict, Progress], dict]
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
+from model.types import Progress
+
 Runner = Callable[[str, dict, Progress], dict]
 
 QUEUE_NAME = "adclick-train"

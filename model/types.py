@@ -2,7 +2,7 @@
 x = column, y = row, origin at the top-left corner."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +22,9 @@ def box_mask(box: Box, shape: tuple[int, int]) -> np.ndarray:
     m = np.zeros(shape, bool)
     m[max(0, int(y0)):max(0, int(np.ceil(y1)) + 1), max(0, int(x0)):max(0, int(np.ceil(x1)) + 1)] = True
     return m
+
+
+Progress = Callable[[float, str], None]  # a long job reports (fraction done in [0, 1], message)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from model.errors import BankError, ConfigError, InputError
 logger = logging.getLogger(__name__)
 
 ImageLike = np.ndarray | Path | str
-Progress = Callable[[int, int], None] | None
+BankProgress = Callable[[int, int], None] | None
 BANK_FORMAT = 1
 
 
@@ -187,7 +187,7 @@ class ResidualEngine:
         """The bank `build_bank(images)` would return, from the disk cache; None when not cached."""
         return self.load_cached(self._bank_key(dict.fromkeys(content_hash(it) for it in images)))
 
-    def build_bank(self, images: Iterable[ImageLike], progress: Progress = None, augment: bool | None = None,
+    def build_bank(self, images: Iterable[ImageLike], progress: BankProgress = None, augment: bool | None = None,
                    save: bool = True) -> ReferenceBank:
         """Bank of the given defect-free images (arrays or paths), loaded from the cache when the same
         content was built before with the same configs. An empty input gives an empty bank (fallback mode).
@@ -218,7 +218,7 @@ class ResidualEngine:
             self._save(bank)
         return bank
 
-    def extend(self, bank: ReferenceBank, images: Iterable[ImageLike], progress: Progress = None,
+    def extend(self, bank: ReferenceBank, images: Iterable[ImageLike], progress: BankProgress = None,
                save: bool = True) -> ReferenceBank:
         """A new bank = `bank` + the images not in it yet (same projection); cached under the new content key
         (unreadable images are skipped, as in build_bank)."""
@@ -293,7 +293,7 @@ class ResidualEngine:
         bank.meta["normal_scores"] = scores
 
     def _extract_sources(self, sources: list[tuple[str, ImageLike]], augment: bool,
-                         progress: Progress) -> tuple[torch.Tensor, list[str], list[int]]:
+                         progress: BankProgress) -> tuple[torch.Tensor, list[str], list[int]]:
         ext = self.extractor
         feats: list[torch.Tensor] = []
         keys: list[str] = []

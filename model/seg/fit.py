@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -20,10 +19,10 @@ import torch.nn.functional as F
 
 from model.modeling.adclick_seg import AdClickSeg
 from model.seg.data import IGNORE, UNLABELLED, BlockRule, SegExample, Targets, build_targets
+from model.types import Progress
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
 
 @dataclass(frozen=True)

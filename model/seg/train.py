@@ -21,10 +21,11 @@ import torch
 
 from model.modeling.adclick_seg import AdClickSeg, SegConfig, SegEnsemble, build_seg, load_matching
 from model.seg.data import ANY, SegExample
-from model.seg.fit import FitConfig, Progress, fit_seg
+from model.seg.fit import FitConfig, fit_seg
 from model.seg.predict import choose_thresholds, evaluate_maps, make_checkpoint, predict_grid, to_image
 from model.seg.report import Overlay, write_report
 from model.seg.versions import VersionInfo, VersionStore
+from model.types import Progress
 
 logger = logging.getLogger(__name__)
 
