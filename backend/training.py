@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend import ls_format
 from backend.banks import screen_references
@@ -40,6 +40,9 @@ from backend.serving import ModelLoader, ProjectVersions
 from backend.settings import Settings
 from model.atomic import write_image_atomic
 
+if TYPE_CHECKING:
+    from model.types import Engine, ReferenceSet
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +52,7 @@ class TrainingContext:
     progress: Callable[[float, str], None]
     client_factory: Callable[[], Any]  # -> label_studio_sdk.client.LabelStudio
     image_loader: Any  # backend.images.ImageLoader
-    engine: Any  # model.engine.residuals.ResidualEngine
+    engine: Engine
     projects: ProjectStore
     base_version: str = (
         ""  # the interactive model's version (a references-only fit derives its version from it)
@@ -137,15 +140,17 @@ def sync_references(
     }
 
 
-SEG_DEFAULTS = {"seg_keep_versions": 3, "seg_fit_steps": 60, "seg_holdout": 0.2, "seg_max_ok_images": 20}
 _TEXT: dict[str, Any] = {}
 _TEXT_LOCK = threading.Lock()
 
 
 def _seg_knob(project: str, ctx: TrainingContext, name: str) -> float:
+    """An ADClick-Seg knob: the project's extra_params override the Settings field of the same name."""
+    settings = ctx.settings
+    defaults = {"seg_keep_versions": settings.seg_keep_versions, "seg_fit_steps": settings.seg_fit_steps,
+                "seg_holdout": settings.seg_holdout, "seg_max_ok_images": settings.seg_max_ok_images}
     extra = ctx.projects.extra_params(project) or {}
-    value = extra.get(name, getattr(ctx.settings, name, SEG_DEFAULTS[name]))
-    return float(value)
+    return float(extra.get(name, defaults[name]))
 
 
 def text_encoder() -> Any:
@@ -158,7 +163,7 @@ def text_encoder() -> Any:
         return _TEXT["enc"]
 
 
-def seg_examples(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank: Any,
+def seg_examples(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank: ReferenceSet,
                  ctx: TrainingContext) -> tuple[list, dict]:
     """Residual examples of the labelled tasks (defects first, then at most seg_max_ok_images OK images)."""
     labelled = [tl for tl in (task_labels(t, cfg) for t in tasks) if tl is not None]
@@ -178,14 +183,14 @@ def seg_examples(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, ba
             logger.warning("project %s: image of task %s skipped: %s", project, tl.task_id, exc.message)
             continue
         state = ctx.engine.compute(image, bank)
-        examples.append(to_example(tl, state.residual, image, getattr(state, "features", None)))
+        examples.append(to_example(tl, state.residual, image, state.features))
         ctx.progress(0.7 + 0.1 * (i + 1) / len(chosen), f"residuals of labelled images {i + 1}/{len(chosen)}")
     figures.update(seg_examples=len(examples), seg_download_failures=failed)
     return examples, figures
 
 
-def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank: Any, ctx: TrainingContext,
-              event: dict) -> dict | None:
+def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank: ReferenceSet,
+              ctx: TrainingContext, event: dict) -> dict | None:
     """Train and publish a new ADClick-Seg version; None when no annotation locates a defect yet."""
     from model.seg.fit import FitConfig
     from model.seg.train import SegTrainConfig, prompt_matrix, train_version
@@ -202,7 +207,7 @@ def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank:
     info, seg = train_version(
         examples, labels, prompts, store, train_cfg,
         progress=lambda f, m: ctx.progress(0.8 + 0.18 * f, m),
-        meta={"project": project, "trigger": event.get("action"), "bank_key": str(getattr(bank, "key", "")),
+        meta={"project": project, "trigger": event.get("action"), "bank_key": str(bank.key),
               "engine": ctx.engine.config_hash(), "object": obj},
     )
     return {"model_version": info.name, **figures, "seg_metrics": seg["metrics"],

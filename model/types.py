@@ -96,6 +96,21 @@ class Engine(Protocol):
     def extend(self, bank: Any, images: Iterable[Any], progress: Any = None, save: bool = True) -> ReferenceSet:
         ...  # the bank with more source images (only those are read)
 
+    def compute(self, image: np.ndarray, bank: Any) -> Residuals: ...  # one image against a bank
+
+
+class Residuals(ImageState, Protocol):
+    """What the engine computes per image (model.engine.residuals.ResidualState implements it)."""
+
+    @property
+    def residual(self) -> Any: ...  # (C, h, w) torch tensor: matched reference - query
+
+    @property
+    def features(self) -> Any: ...  # (C, h, w) torch tensor: the query's features in bank space
+
+    @property
+    def anomaly_map(self) -> np.ndarray: ...  # (H, W) float32
+
 
 class Predictor(Protocol):
     """One predictor per loaded model. `set_image` does the expensive work once and returns the state
