@@ -138,4 +138,5 @@ def run_one(train: list[SegExample], test: list[SegExample], loaded: LoadedSet, 
 class _Residual:
     residual: torch.Tensor
     features: torch.Tensor | None = None
+    image_shape: tuple[int, int] | None = None
 

@@ -22,6 +22,8 @@ class HasResidual(Protocol):
     """What `detect` needs of a residual-engine state (`model.engine.residuals.ResidualState` has it)."""
 
     residual: Any  # (C, h, w) signed residual tokens, torch tensor or numpy array
+    features: Any  # (C, h, w) the image's feature tokens, or None (versions trained without them)
+    image_shape: tuple[int, int] | None  # (H, W) of the image, or None (then `detect` needs image_size)
 
 
 def predict_grid(model: AdClickSeg | SegEnsemble, residual: torch.Tensor, prompts: torch.Tensor,
@@ -158,7 +160,7 @@ class SegDetector:
     def _tokens(self, state: HasResidual) -> torch.Tensor:
         if self.model.cfg.feat_channels <= 0:
             return seg_tokens(state.residual)
-        features = getattr(state, "features", None)
+        features = state.features
         if features is None:
             raise ValueError(f"{self.version} needs the image's feature tokens (state.features), the state has none")
         return seg_tokens(state.residual, features)
@@ -166,7 +168,10 @@ class SegDetector:
     def detect(self, state: HasResidual, labels: list[str] | None = None,
                image_size: tuple[int, int] | None = None) -> AnomalyResult:
         labels = list(self.labels if labels is None else labels)
-        size = image_size or _state_size(state)
+        size = image_size or state.image_shape
+        if size is None:
+            raise ValueError("image size unknown: pass image_size or a state with image_shape")
+        size = (int(size[0]), int(size[1]))
         rows = [self._prompt(ANY)]
         keyed = [lab for lab in labels if lab in self.learned]
         rows += [self._prompts[lab] for lab in keyed]
@@ -183,13 +188,3 @@ class SegDetector:
                 label_scores[lab] = float(probs[1 + i].max())
         return AnomalyResult(anomaly_map=any_map, score=float(any_map.max()), masks=masks,
                              label_scores=label_scores)
-
-
-def _state_size(state: Any) -> tuple[int, int]:
-    size = getattr(state, "image_size", None) or getattr(state, "image_shape", None)
-    if size is not None:
-        return int(size[0]), int(size[1])
-    amap = getattr(state, "anomaly_map", None)
-    if amap is not None:
-        return int(amap.shape[0]), int(amap.shape[1])
-    raise ValueError("image size unknown: pass image_size or a state with image_size / anomaly_map")
