@@ -214,7 +214,14 @@ def _click_summary(rows: list[dict], max_clicks: int) -> dict:
         "first_click_ms_p50": percentile(first, 50), "first_click_ms_p95": percentile(first, 95),
         "next_click_ms_p50": percentile(nxt, 50), "next_click_ms_p95": percentile(nxt, 95),
         "set_image_ms_p50": percentile([r["set_image_ms"] for r in rows], 50), "n_images": len(rows),
+        "f1_last": metrics_f1([r["last"] for r in rows]),
     }
+
+
+def metrics_f1(counts: list[tuple[int, int, int]]) -> float:
+    """Pixel F1 pooled over images from (tp, fp, fn) counts."""
+    tp, fp, fn = (sum(c[i] for c in counts) for i in range(3))
+    return 2.0 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
 
 
 def split_items(items: list[TestItem], split: str) -> list[TestItem]:
@@ -244,13 +251,15 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
         state = predictor.set_image(image)
         set_ms = (time.perf_counter() - start) * 1000.0
         prompt = item.defect.replace("_", " ") if getattr(args, "prompt", "none") == "defect" else ""
-        sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=range(1, 6),
+        sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=None,
                        stop_iou=None if args.all_clicks else 0.90, min_clicks=5, prompt=prompt)
         logger.info("clicks %s %s: IoU %s", getattr(predictor, "name", "?"), item.path.name,
                     " ".join(f"{v:.2f}" for v in sim.ious))
-        prob5 = sim.probs[max(sim.probs)]  # after click 5 (or the last one when it stopped earlier)
+        prob5 = sim.probs[min(5, max(sim.probs))]  # after click 5 (or the last one when it stopped earlier)
+        last = sim.probs[max(sim.probs)] > args.thr  # the mask after the last click (max_clicks with --all-clicks)
         rows.append({"defect": item.defect, "ious": sim.ious, "predict_ms": sim.predict_ms,
-                     "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(prob5, gt)})
+                     "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(prob5, gt),
+                     "last": (int((last & gt).sum()), int((last & ~gt).sum()), int((~last & gt).sum()))})
     return rows
 
 
@@ -260,6 +269,9 @@ def _run_predictors(args, title: str, rows_of: Callable[[Predictor, list[TestIte
     --split, one bank for all: (names, {name: {"overall", "per_defect"}}, config)."""
     data = load_mvtec(args.dataset, include_validation=not args.no_validation)
     items = split_items([t for t in limit_per_defect(data.test, args.limit) if t.is_anomalous], args.split)
+    if getattr(args, "stress", None):  # synthesised defects on test/good instead (model/evaluation/stress.py)
+        from model.evaluation.stress import stress_items
+        items = stress_items(data, args.stress, args.stress_n, args.seed, args.split)
     names = [n for n in args.predictor.split(",") if n]
     if not args.no_grabcut and "grabcut" not in names:
         names.append("grabcut")
@@ -288,7 +300,7 @@ def _run_predictors(args, title: str, rows_of: Callable[[Predictor, list[TestIte
 def cmd_clicks(args) -> dict:
     names, results, config = _run_predictors(
         args, "clicks", lambda predictor, items: run_clicks_once(predictor, items, args),
-        lambda rs: _click_summary(rs, args.max_clicks), CLICK_KEYS)
+        lambda rs: _click_summary(rs, args.max_clicks), CLICK_KEYS + ("f1_last",))
     config.update(max_clicks=args.max_clicks, prompt=args.prompt, thr=args.thr)
     main = results[names[0]]
     others = {n: r for n, r in results.items() if n not in (names[0], "grabcut")}
@@ -394,6 +406,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="always make max-clicks (default: stop at IoU 0.9 after 5 clicks)")
     clicks.add_argument("--no-grabcut", action="store_true", help="skip the GrabCut baseline")
     clicks.add_argument("--grabcut-iters", type=int, default=5)
+    clicks.add_argument("--stress", default=None, metavar="KIND[,KIND]",
+                        help="instead of the test set, defects synthesised on test/good and skimage textures: "
+                             "lowcontrast, crack, border, multi, texture or all (model/evaluation/stress.py; "
+                             "--split picks even/odd test/good images, --seed the draws)")
+    clicks.add_argument("--stress-n", type=int, default=10, help="synthesised images per stress kind")
     boxes = sub.add_parser("boxes", help="the smart rectangle alone: IoU / recall / precision of one box per defect")
     _common(boxes, "window | softpos (matching of the residual engine)")
     boxes.add_argument("--predictor", default="residual", help="comma list of registered predictors (as clicks)")
