@@ -65,12 +65,19 @@ def _build_grabcut(engine, bank, args) -> Predictor:
 
 def get_builder(name: str) -> PredictorBuilder:
     """The builder of a registered predictor; NAME+refine wraps NAME in model.interactive.refine.RefinedPredictor (the
-    full-resolution refinement of every click's map, as the service serves by default)."""
-    base, plus, suffix = name.partition("+")
+    full-resolution refinement of every click's map, as the service serves by default); NAME+seeded wraps NAME in
+    model.interactive.seeded.SeededPredictor (clicks seed a geodesic segmentation; --seeded-opt to change it)."""
+    base, plus, suffix = name.rpartition("+")
     if plus:
-        if suffix != "refine":
-            raise ConfigError(f"unknown predictor suffix +{suffix} in {name!r}; known: +refine")
+        if suffix not in ("refine", "seeded"):
+            raise ConfigError(f"unknown predictor suffix +{suffix} in {name!r}; known: +refine, +seeded")
         inner = get_builder(base)
+        if suffix == "seeded":
+            def seeded(engine, bank, args) -> Predictor:
+                from model.interactive.seeded import SeededConfig, SeededPredictor
+                cfg = dataclasses.replace(SeededConfig(), **_overrides(getattr(args, "seeded_opt", [])))
+                return SeededPredictor(inner(engine, bank, args), cfg)
+            return seeded
 
         def refined(engine, bank, args) -> Predictor:
             from model.interactive.refine import RefineConfig, RefinedPredictor
@@ -411,6 +418,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "lowcontrast, crack, border, multi, texture or all (model/evaluation/stress.py; "
                              "--split picks even/odd test/good images, --seed the draws)")
     clicks.add_argument("--stress-n", type=int, default=10, help="synthesised images per stress kind")
+    clicks.add_argument("--seeded-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="model.interactive.seeded.SeededConfig override for NAME+seeded predictors")
     boxes = sub.add_parser("boxes", help="the smart rectangle alone: IoU / recall / precision of one box per defect")
     _common(boxes, "window | softpos (matching of the residual engine)")
     boxes.add_argument("--predictor", default="residual", help="comma list of registered predictors (as clicks)")

@@ -1,0 +1,338 @@
+"""Click-seeded appearance segmentation on top of any interactive predictor: clicks always win in the end.
+
+Why: the predictors' maps come from the residual between the image and its references. Where that residual is
+weak (large low-contrast areas, a product the references do not cover), nothing grows from a click and each
+further click only adds a small disk, so more clicks do not fix the mask. Here a click is evidence about the
+image: it claims the pixels that are geodesically close to it on the image, and it claims farther the less the
+map has agreed with the clicks so far.
+
+Method (`SeededPredictor.predict`, all clicks every time):
+1. The base predictor's map (prob > 0.49 = its mask) is computed as usual.
+2. Geodesic distance from each click on a small copy of the image (long side `work_size` px, Lab colours
+   smoothed): a step costs 1 + `gamma` x the colour gradient (over the image's mean gradient) + `kappa` x the
+   colour difference to the click's own colour (over the image's colour spread), divided by the cheapest tenth
+   of the costs within `norm_radius` of the click, so a step along the click's own structure costs about 1 px
+   whatever the product's contrast and texture, and steps onto different-looking pixels cost more. Each
+   click's distance map is computed once per image and remembered.
+3. Each click k has a reach r_k. A click whose label the base map already gave its pixel *before* the click was
+   made (the map agreed; the click corrects the previous combined mask, not the map) reaches `reach_low`. A
+   click the map contradicted reaches r = reach_low + (reach_high - reach_low) (1 - a), where a is the map's
+   agreement rate over the clicks so far ((agreeing + 1) / (known + 2)): the map's weight follows how well it
+   agrees with the clicks, and a map that keeps being contradicted is overruled farther from each click. The
+   first click counts as contradicting the map when the map's region at it is no larger than a click disk
+   (the map found nothing there of its own).
+4. A pixel changes side where a click of the other side reaches it (distance < reach) and that side's nearest
+   click is geodesically nearer than the other side's nearest click: the map decides wherever no contradicting
+   click reaches, and between clicks of both labels the geodesic competition places the boundary (on image
+   edges where there are some). A negative click therefore cannot remove what is nearer a positive click.
+5. Flipped pixels get a soft value from the margin, the changed area (and a band around it) is snapped to
+   image edges with the guided filter of model/interactive/refine.py at full resolution, and every click's
+   pixel ends up on its side.
+
+The base masks of earlier click prefixes (to know whether the map agreed with a click before it was made) are
+remembered per image, bit-packed, the newest `history`; the service's ClickHistory replays click prefixes in
+order, as the benchmark's simulator makes them. Measured against the served predictor and GrabCut in issue 13.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from model.interactive.refine import THRESHOLD, guided_filter, respect_clicks, state_image
+from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
+
+BIG = 1e6
+
+
+@dataclass(frozen=True)
+class SeededConfig:
+    work_size: int = 192  # px, long side of the copy the geodesic distances are computed on
+    gamma: float = 2.0  # weight of the colour gradient in a step's cost (1 = a flat step)
+    norm_radius: int = 8  # work px around a click whose cheapest tenth of step costs is the unit of distance
+    kappa: float = 4.0  # weight of the colour difference to the click's colour (over the image's colour spread)
+    smooth: float = 1.0  # px (work scale), Gaussian smoothing of the colours before the gradient
+    reach_low: float = 2.0  # work px: reach of a click the map agreed with
+    reach_high: float = 64.0  # work px: reach of a click the map contradicts when it never agreed
+    gate: float = 3.0  # click colour - background colour, in colour spreads, from which colour decides (0: off)
+    bg_sigma: float = 12.0  # work px, scale of "the background around" a reached pixel
+    temperature: float = 2.0  # work px: softness of a flipped pixel's value around the boundary
+    first_disk: float = 12.0  # px (full res): a map region at the first click no larger than this disk = nothing
+    radius: int = 4  # guided filter over the changed area (as model/interactive/refine.py)
+    eps: float = 1e-3
+    band: int = 12  # px around the changed area that the guided filter may change
+    click_radius: float = 8.0  # respect_clicks
+    history: int = 64  # base masks and click distance maps remembered per image (4 images)
+
+
+class _Costs:
+    """Colours and step costs of one image at the work scale."""
+
+    def __init__(self, image: np.ndarray, cfg: SeededConfig) -> None:
+        H, W = image.shape[:2]
+        self.cfg = cfg
+        self.scale = min(1.0, cfg.work_size / max(H, W))
+        self.shape = (max(1, int(round(H * self.scale))), max(1, int(round(W * self.scale))))
+        small = cv2.resize(image, (self.shape[1], self.shape[0]), interpolation=cv2.INTER_AREA)
+        lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
+        if cfg.smooth > 0:
+            lab = cv2.GaussianBlur(lab, (0, 0), cfg.smooth)
+        self.lab = lab
+        grad = np.zeros(self.shape, np.float32)
+        for c in range(3):
+            gx = cv2.Sobel(lab[..., c], cv2.CV_32F, 1, 0, ksize=3)
+            gy = cv2.Sobel(lab[..., c], cv2.CV_32F, 0, 1, ksize=3)
+            grad += gx * gx + gy * gy
+        grad = np.sqrt(grad)
+        mean = float(grad.mean())
+        self.edge = (cfg.gamma * grad / mean) if mean > 1e-6 else np.zeros(self.shape, np.float32)
+        spread = float(np.sqrt(lab.reshape(-1, 3).var(axis=0).sum()))  # the image's colour spread
+        self.spread = max(spread, 1e-3)
+        self._lock = threading.Lock()
+        self._dist: "OrderedDict[tuple[int, int], np.ndarray]" = OrderedDict()
+        self._masks: "OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]]" = OrderedDict()
+
+    def remember(self, key: tuple, mask: np.ndarray) -> None:
+        """The base mask of a click list (to know later whether the map agreed with the next click)."""
+        with self._lock:
+            self._masks[key] = (mask.shape, np.packbits(mask, axis=None))
+            self._masks.move_to_end(key)
+            while len(self._masks) > self.cfg.history:
+                self._masks.popitem(last=False)
+
+    def recall(self, key: tuple) -> Optional[np.ndarray]:
+        with self._lock:
+            hit = self._masks.get(key)
+        if hit is None:
+            return None
+        shape, packed = hit
+        return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+
+    def full_lab(self, image: np.ndarray) -> np.ndarray:
+        """The image's Lab colours at full resolution (float32, computed once)."""
+        with self._lock:
+            lab = getattr(self, "_full_lab", None)
+        if lab is None:
+            lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+            with self._lock:
+                self._full_lab = lab
+        return lab
+
+    def colour(self, c: Click) -> np.ndarray:
+        y, x = self.point(c)
+        return self.lab[max(0, y - 1):y + 2, max(0, x - 1):x + 2].reshape(-1, 3).mean(axis=0)
+
+    def point(self, c: Click) -> tuple[int, int]:
+        h, w = self.shape
+        return (int(np.clip(round((c.y + 0.5) * self.scale - 0.5), 0, h - 1)),
+                int(np.clip(round((c.x + 0.5) * self.scale - 0.5), 0, w - 1)))
+
+    def distance(self, c: Click) -> np.ndarray:
+        """Geodesic distance (work px) from the click, up to reach_high (inf beyond): a step costs 1, plus
+        gamma x the colour gradient, plus kappa x the colour difference to the click's own colour. Cached."""
+        from skimage.graph import MCP_Geometric
+
+        y, x = self.point(c)
+        with self._lock:
+            hit = self._dist.get((y, x))
+            if hit is not None:
+                self._dist.move_to_end((y, x))
+                return hit
+        y0, y1, x0, x1 = max(0, y - 1), y + 2, max(0, x - 1), x + 2
+        own = self.lab[y0:y1, x0:x1].reshape(-1, 3).mean(axis=0)
+        diff = np.sqrt(((self.lab - own) ** 2).sum(axis=-1)) / self.spread
+        cost = 1.0 + self.edge + self.cfg.kappa * diff
+        h, w = self.shape
+        r = int(self.cfg.norm_radius)
+        around = cost[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
+        # a step on the cheapest tenth of the click's surroundings costs 1 work px: the click's own structure
+        cost = (cost / max(float(np.percentile(around, 10)), 1e-6)).astype(np.float64)
+        dist, _ = MCP_Geometric(cost, fully_connected=True).find_costs([(y, x)])
+        out = np.where(np.isfinite(dist), dist, np.inf).astype(np.float32)
+        with self._lock:
+            self._dist[(y, x)] = out
+            while len(self._dist) > self.cfg.history:
+                self._dist.popitem(last=False)
+        return out
+
+
+def _agrees(mask: np.ndarray, c: Click) -> Optional[bool]:
+    y, x = int(round(c.y)), int(round(c.x))
+    if not (0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]):
+        return None
+    return bool(mask[y, x]) == bool(c.positive)
+
+
+class SeededPredictor:
+    """Any interactive predictor with the click-seeded geodesic stage above (Predictor protocol). detect() (no
+    clicks) is the base predictor's."""
+
+    def __init__(self, base, cfg: SeededConfig = SeededConfig()) -> None:
+        self.base, self.cfg = base, cfg
+        self.name = f"{getattr(base, 'name', 'predictor')}+seeded"
+        self.version = f"{getattr(base, 'version', 'predictor')}-seeded"
+        self._lock = threading.Lock()
+        self._costs: "OrderedDict[int, tuple[Any, _Costs]]" = OrderedDict()
+
+    def set_image(self, image: np.ndarray):
+        return self.base.set_image(image)
+
+    # ---- per-image memory (keyed by the image array, valid while that array lives) ----------------------
+    def _costs_of(self, image: np.ndarray) -> _Costs:
+        key = id(image)
+        with self._lock:
+            hit = self._costs.get(key)
+            if hit is not None and hit[0]() is image:
+                self._costs.move_to_end(key)
+                return hit[1]
+        costs = _Costs(image, self.cfg)
+        with self._lock:
+            self._costs[key] = (weakref.ref(image), costs)
+            while len(self._costs) > 4:
+                self._costs.popitem(last=False)
+        return costs
+
+    @staticmethod
+    def _key(clicks: Sequence[Click], box: Optional[Box]) -> tuple:
+        return (tuple((float(c.x), float(c.y), bool(c.positive)) for c in clicks),
+                None if box is None else tuple(float(v) for v in box))
+
+    # ---- the stage -------------------------------------------------------------------------------------
+    def reaches(self, image: np.ndarray, clicks: Sequence[Click], box: Optional[Box],
+                mask: np.ndarray) -> tuple[list[float], float]:
+        """Each click's reach (work px) and the map's agreement rate a."""
+        cfg = self.cfg
+        contradicted: list[Optional[bool]] = []
+        for k, c in enumerate(clicks):
+            if k == 0:
+                y, x = int(round(c.y)), int(round(c.x))
+                inside = 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]
+                if not inside:
+                    contradicted.append(None)
+                    continue
+                same = (mask if c.positive else ~mask).astype(np.uint8)
+                if not same[y, x]:
+                    contradicted.append(True)
+                    continue
+                _, labels = cv2.connectedComponents(same, connectivity=8)
+                area = int((labels == labels[y, x]).sum())
+                contradicted.append(area <= np.pi * cfg.first_disk ** 2 * 2.0)
+                continue
+            before = self._costs_of(image).recall(self._key(clicks[:k], box))
+            agree = None if before is None else _agrees(before, c)
+            contradicted.append(None if agree is None else not agree)
+        known = [d for d in contradicted[1:] if d is not None]
+        a = (sum(1 for d in known if not d) + 1.0) / (len(known) + 2.0)
+        far = cfg.reach_low + (cfg.reach_high - cfg.reach_low) * (1.0 - a)
+        return [far if d else cfg.reach_low for d in contradicted], a
+
+    def combine(self, image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click],
+                reaches: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """(new prob, changed) from the base map and the clicks' reaches."""
+        cfg = self.cfg
+        H, W = prob.shape
+        base = prob > THRESHOLD
+        costs = self._costs_of(image)
+        near = {True: np.full(costs.shape, np.inf, np.float32), False: np.full(costs.shape, np.inf, np.float32)}
+        slack = {True: np.full(costs.shape, -np.inf, np.float32), False: np.full(costs.shape, -np.inf, np.float32)}
+        colour = np.zeros(costs.shape + (3,), np.float32)  # colour of the nearest positive click
+        for c, r in zip(clicks, reaches):
+            d = costs.distance(c)
+            if c.positive:
+                closer = d < near[True]
+                colour[closer] = costs.colour(c)
+            np.minimum(near[c.positive], d, out=near[c.positive])
+            np.maximum(slack[c.positive], r - d, out=slack[c.positive])
+        if not ((slack[True] > 0).any() or (slack[False] > 0).any()):
+            return prob, np.zeros((H, W), bool)
+
+        def up(a: np.ndarray) -> np.ndarray:
+            a = np.clip(np.nan_to_num(a, posinf=1e4, neginf=-1e4), -1e4, 1e4).astype(np.float32)
+            return a if costs.shape == (H, W) else cv2.resize(a, (W, H), interpolation=cv2.INTER_LINEAR)
+
+        gate = None
+        if cfg.gate > 0 and np.isfinite(near[True]).any():
+            # where the nearest positive click's colour clearly differs from the background around it (the
+            # pixels no positive click reaches and the map calls normal), a reached pixel joins only if its
+            # full-resolution colour is nearer the click's than the background's: thin cracks are followed
+            # without the band around them; in low-contrast areas (no clear difference) the reach decides
+            small_base = base.astype(np.float32) if costs.shape == (H, W) else cv2.resize(
+                base.astype(np.float32), (costs.shape[1], costs.shape[0]), interpolation=cv2.INTER_AREA)
+            weight = ((slack[True] <= 0) & (small_base < 0.5)).astype(np.float32)
+            if weight.sum() >= 16:
+                wsum = cv2.GaussianBlur(weight, (0, 0), cfg.bg_sigma)
+                bg = cv2.GaussianBlur(costs.lab * weight[..., None], (0, 0), cfg.bg_sigma)
+                bg = bg / np.maximum(wsum, 1e-6)[..., None]
+                bg[wsum < 1e-3] = costs.lab[weight > 0].mean(axis=0)
+                clear = np.sqrt(((colour - bg) ** 2).sum(-1)) / costs.spread >= cfg.gate
+                gate = (colour, bg, clear)
+        pos_d, neg_d, pos_s, neg_s = up(near[True]), up(near[False]), up(slack[True]), up(slack[False])
+        # a pixel changes side where a click of the other side reaches it and wins the geodesic competition
+        m_fg = np.minimum(pos_s, neg_d - pos_d)
+        m_bg = np.minimum(neg_s, pos_d - neg_d)
+        to_fg = ~base & (m_fg > 0)
+        if gate is not None and to_fg.any():
+            colour, bg, clear = gate
+            near_up = (lambda a, how: a if costs.shape == (H, W) else cv2.resize(a, (W, H), interpolation=how))
+            clear_up = near_up(clear.astype(np.uint8), cv2.INTER_NEAREST) > 0
+            check = to_fg & clear_up
+            if check.any():
+                lab = costs.full_lab(image)[check]
+                col = near_up(colour, cv2.INTER_NEAREST)[check]
+                back = near_up(bg.astype(np.float32), cv2.INTER_LINEAR)[check]
+                unlike = ((lab - back) ** 2).sum(-1) <= ((lab - col) ** 2).sum(-1)
+                idx = np.flatnonzero(check)[unlike]
+                to_fg.flat[idx] = False
+        to_bg = base & (m_bg > 0)
+        changed = to_fg | to_bg
+        if not changed.any():
+            return prob, changed
+        t = cfg.temperature
+        out = prob.astype(np.float32, copy=True)
+        out[to_fg] = 0.5 + 0.5 / (1.0 + np.exp(-m_fg[to_fg] / t))
+        out[to_bg] = THRESHOLD * (1.0 - 1.0 / (1.0 + np.exp(-m_bg[to_bg] / t)))
+        return out, changed
+
+    def snap(self, image: np.ndarray, prob: np.ndarray, changed: np.ndarray) -> np.ndarray:
+        """The guided filter over the changed area and a band around it (full resolution)."""
+        cfg = self.cfg
+        ys, xs = np.nonzero(changed)
+        H, W = prob.shape
+        m = cfg.band + 2 * cfg.radius
+        y0, y1 = max(0, int(ys.min()) - m), min(H, int(ys.max()) + m + 1)
+        x0, x1 = max(0, int(xs.min()) - m), min(W, int(xs.max()) + m + 1)
+        grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY).astype(np.float32)
+        filt = np.clip(guided_filter(grey / 255.0, prob[y0:y1, x0:x1], cfg.radius, cfg.eps), 0.0, 1.0)
+        near = cv2.dilate(changed[y0:y1, x0:x1].astype(np.uint8),
+                          cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.band + 1, 2 * cfg.band + 1))) > 0
+        out = prob.copy()
+        out[y0:y1, x0:x1] = np.where(near, filt, prob[y0:y1, x0:x1])
+        return out
+
+    def predict(self, state, clicks: list[Click], box: Optional[Box] = None, prompt: str = "",
+                previous_mask: Optional[np.ndarray] = None) -> ClickResult:
+        result = self.base.predict(state, clicks, box, prompt, previous_mask)
+        image = state_image(state)
+        if image is None or not clicks:
+            return result
+        prob = np.asarray(result.prob, np.float32)
+        base = prob > THRESHOLD
+        reaches, _ = self.reaches(image, clicks, box, base)
+        self._costs_of(image).remember(self._key(clicks, box), base)
+        prob, changed = self.combine(image, prob, clicks, reaches)
+        if changed.any():
+            prob = self.snap(image, prob, changed)
+        prob = respect_clicks(prob, clicks, self.cfg.click_radius)
+        if box is not None:
+            prob = np.where(box_mask(box, prob.shape), prob, 0.0).astype(np.float32)
+        mask = prob > THRESHOLD
+        score = float(prob[mask].mean()) if mask.any() else float(result.score)
+        return ClickResult(prob=prob, mask=mask, score=score)
+
+    def detect(self, state, labels: Optional[list[str]] = None) -> AnomalyResult:
+        return self.base.detect(state, labels)
