@@ -54,6 +54,7 @@ BIG = 1e6
 class SeededConfig:
     work_size: int = 192  # px, long side of the copy the geodesic distances are computed on
     gamma: float = 2.0  # weight of the colour gradient in a step's cost (1 = a flat step)
+    window: int = 0  # work px: distances only within this half-size box around a click (0: the whole image)
     norm_radius: int = 8  # work px around a click whose cheapest tenth of step costs is the unit of distance
     kappa: float = 4.0  # weight of the colour difference to the click's colour (over the image's colour spread)
     smooth: float = 1.0  # px (work scale), Gaussian smoothing of the colours before the gradient
@@ -152,7 +153,11 @@ class _Costs:
         around = cost[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
         # a step on the cheapest tenth of the click's surroundings costs 1 work px: the click's own structure
         cost = (cost / max(float(np.percentile(around, 10)), 1e-6)).astype(np.float64)
-        dist, _ = MCP_Geometric(cost, fully_connected=True).find_costs([(y, x)])
+        b = int(self.cfg.window) if self.cfg.window > 0 else max(h, w)  # the claim stays in this box
+        y0, y1, x0, x1 = max(0, y - b), min(h, y + b + 1), max(0, x - b), min(w, x + b + 1)
+        part, _ = MCP_Geometric(cost[y0:y1, x0:x1], fully_connected=True).find_costs([(y - y0, x - x0)])
+        dist = np.full((h, w), np.inf)
+        dist[y0:y1, x0:x1] = part
         out = np.where(np.isfinite(dist), dist, np.inf).astype(np.float32)
         with self._lock:
             self._dist[(y, x)] = out
