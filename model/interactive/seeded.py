@@ -15,12 +15,12 @@ Method (`SeededPredictor.predict`, all clicks every time):
    whatever the product's contrast and texture, and steps onto different-looking pixels cost more. Each
    click's distance map is computed once per image and remembered.
 3. Each click k has a reach r_k. A click whose label the base map already gave its pixel *before* the click was
-   made (the map agreed; the click corrects the previous combined mask, not the map) reaches `reach_low`. A
-   click the map contradicted reaches r = reach_low + (reach_high - reach_low) (1 - a), where a is the map's
-   agreement rate over the clicks so far ((agreeing + 1) / (known + 2)): the map's weight follows how well it
-   agrees with the clicks, and a map that keeps being contradicted is overruled farther from each click. The
-   first click counts as contradicting the map when the map's region at it is no larger than a click disk
-   (the map found nothing there of its own).
+   made (the map agreed; the click corrects the previous combined mask, not the map), and the first click,
+   reach `reach_low`. A click the map contradicted reaches `depth_factor` times the depth of the error it
+   corrects (its distance to the nearest pixel of its label in the previous output: a boundary correction
+   stays local, a click deep inside a missed area claims far), at most reach_low + (reach_high - reach_low)
+   (1 - a), where a is the map's agreement rate over the clicks so far ((agreeing + 1) / (known + 2)): the
+   map's weight follows how well it agrees with the clicks.
 4. A pixel changes side where a click of the other side reaches it (distance < reach) and that side's nearest
    click is geodesically nearer than the other side's nearest click: the map decides wherever no contradicting
    click reaches, and between clicks of both labels the geodesic competition places the boundary (on image
@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from model.interactive.clicks import distance_to_other_label
 from model.interactive.refine import THRESHOLD, guided_filter, respect_clicks, state_image
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
@@ -63,7 +64,7 @@ class SeededConfig:
     gate: float = 3.0  # click colour - background colour, in colour spreads, from which colour decides (0: off)
     bg_sigma: float = 12.0  # work px, scale of "the background around" a reached pixel
     temperature: float = 2.0  # work px: softness of a flipped pixel's value around the boundary
-    first_disk: float = 12.0  # px (full res): a map region at the first click no larger than this disk = nothing
+    depth_factor: float = 1.5  # a contradicting click reaches this many times the depth of the error it corrects
     radius: int = 4  # guided filter over the changed area (as model/interactive/refine.py)
     eps: float = 1e-3
     band: int = 12  # px around the changed area that the guided filter may change
@@ -97,14 +98,37 @@ class _Costs:
         self._lock = threading.Lock()
         self._dist: "OrderedDict[tuple[int, int], np.ndarray]" = OrderedDict()
         self._masks: "OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]]" = OrderedDict()
+        self._depths: dict[tuple, float] = {}
 
     def remember(self, key: tuple, mask: np.ndarray) -> None:
         """The base mask of a click list (to know later whether the map agreed with the next click)."""
         with self._lock:
             self._masks[key] = (mask.shape, np.packbits(mask, axis=None))
             self._masks.move_to_end(key)
-            while len(self._masks) > self.cfg.history:
+            while len(self._masks) > 2 * self.cfg.history:
                 self._masks.popitem(last=False)
+
+    def depth(self, prefix: tuple, c: Click, reach: float) -> float:
+        """Full-res px from click `c` to the nearest pixel that had its label in the output for the clicks before
+        it (`prefix`): how deep the error it corrects is; inf when unknown or none within `reach` px."""
+        key = ("depth", prefix, float(c.x), float(c.y), bool(c.positive))
+        with self._lock:
+            hit = self._depths.get(key)
+        if hit is not None:
+            return hit
+        out = self.recall(("out",) + prefix)
+        d = np.inf
+        if out is not None:
+            y, x = int(round(c.y)), int(round(c.x))
+            if 0 <= y < out.shape[0] and 0 <= x < out.shape[1]:
+                if out[y, x] == bool(c.positive):
+                    d = 0.0
+                else:
+                    found = distance_to_other_label(out, y, x, int(np.ceil(reach)) + 1)
+                    d = np.inf if found is None else float(found)
+        with self._lock:
+            self._depths[key] = d
+        return d
 
     def recall(self, key: tuple) -> Optional[np.ndarray]:
         with self._lock:
@@ -212,29 +236,21 @@ class SeededPredictor:
                 mask: np.ndarray) -> tuple[list[float], float]:
         """Each click's reach (work px) and the map's agreement rate a."""
         cfg = self.cfg
-        contradicted: list[Optional[bool]] = []
-        for k, c in enumerate(clicks):
-            if k == 0:
-                y, x = int(round(c.y)), int(round(c.x))
-                inside = 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]
-                if not inside:
-                    contradicted.append(None)
-                    continue
-                same = (mask if c.positive else ~mask).astype(np.uint8)
-                if not same[y, x]:
-                    contradicted.append(True)
-                    continue
-                _, labels = cv2.connectedComponents(same, connectivity=8)
-                area = int((labels == labels[y, x]).sum())
-                contradicted.append(area <= np.pi * cfg.first_disk ** 2 * 2.0)
-                continue
-            before = self._costs_of(image).recall(self._key(clicks[:k], box))
+        memory = self._costs_of(image)
+        contradicted: list[Optional[bool]] = [False]  # the first click: the map gets the benefit of the doubt
+        depths: list[float] = [np.inf]
+        for k in range(1, len(clicks)):
+            c, prefix = clicks[k], self._key(clicks[:k], box)
+            before = memory.recall(("base",) + prefix)
             agree = None if before is None else _agrees(before, c)
             contradicted.append(None if agree is None else not agree)
+            depths.append(memory.depth(prefix, c, cfg.reach_high / memory.scale))
         known = [d for d in contradicted[1:] if d is not None]
         a = (sum(1 for d in known if not d) + 1.0) / (len(known) + 2.0)
         far = cfg.reach_low + (cfg.reach_high - cfg.reach_low) * (1.0 - a)
-        return [far if d else cfg.reach_low for d in contradicted], a
+        # a contradicting click reaches as far as the error it corrects is deep (times depth_factor), at most far
+        return [min(far, max(cfg.reach_low, cfg.depth_factor * depth * memory.scale)) if d else cfg.reach_low
+                for d, depth in zip(contradicted, depths)], a
 
     def combine(self, image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click],
                 reaches: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +344,8 @@ class SeededPredictor:
         prob = np.asarray(result.prob, np.float32)
         base = prob > THRESHOLD
         reaches, _ = self.reaches(image, clicks, box, base)
-        self._costs_of(image).remember(self._key(clicks, box), base)
+        memory = self._costs_of(image)
+        memory.remember(("base",) + self._key(clicks, box), base)
         prob, changed = self.combine(image, prob, clicks, reaches)
         if changed.any():
             prob = self.snap(image, prob, changed)
@@ -336,6 +353,7 @@ class SeededPredictor:
         if box is not None:
             prob = np.where(box_mask(box, prob.shape), prob, 0.0).astype(np.float32)
         mask = prob > THRESHOLD
+        memory.remember(("out",) + self._key(clicks, box), mask)
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
         return ClickResult(prob=prob, mask=mask, score=score)
 
