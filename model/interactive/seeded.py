@@ -11,9 +11,10 @@ Method (`SeededPredictor.predict`, all clicks every time):
 2. Geodesic distance from each click on a small copy of the image (long side `work_size` px, Lab colours
    smoothed): a step costs 1 + `gamma` x the colour gradient (over the image's mean gradient) + `kappa` x the
    colour difference to the click's own colour (over the image's colour spread), divided by the cheapest tenth
-   of the costs within `norm_radius` of the click, so a step along the click's own structure costs about 1 px
-   whatever the product's contrast and texture, and steps onto different-looking pixels cost more. Each
-   click's distance map is computed once per image and remembered.
+   of the costs within `norm_radius` of the click for its reach, so a step along the click's own structure
+   counts about 1 px whatever the product's contrast and texture, and steps onto different-looking pixels
+   more (the competition between clicks compares the undivided costs). Each click's distance map is computed
+   once per image and remembered.
 3. Each click k has a reach r_k. A click whose label the base map already gave its pixel *before* the click was
    made (the map agreed; the click corrects the previous combined mask, not the map), and the first click,
    reach `reach_low`. A click the map contradicted reaches `depth_factor` times the depth of the error it
@@ -96,7 +97,7 @@ class _Costs:
         spread = float(np.sqrt(lab.reshape(-1, 3).var(axis=0).sum()))  # the image's colour spread
         self.spread = max(spread, 1e-3)
         self._lock = threading.Lock()
-        self._dist: "OrderedDict[tuple[int, int], np.ndarray]" = OrderedDict()
+        self._dist: "OrderedDict[tuple[int, int], tuple[np.ndarray, float]]" = OrderedDict()
         self._masks: "OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]]" = OrderedDict()
         self._depths: dict[tuple, float] = {}
 
@@ -157,9 +158,10 @@ class _Costs:
         return (int(np.clip(round((c.y + 0.5) * self.scale - 0.5), 0, h - 1)),
                 int(np.clip(round((c.x + 0.5) * self.scale - 0.5), 0, w - 1)))
 
-    def distance(self, c: Click) -> np.ndarray:
-        """Geodesic distance (work px) from the click, up to reach_high (inf beyond): a step costs 1, plus
-        gamma x the colour gradient, plus kappa x the colour difference to the click's own colour. Cached."""
+    def distance(self, c: Click) -> tuple[np.ndarray, float]:
+        """(geodesic distance from the click, unit): a step costs 1 + gamma x the colour gradient + kappa x the
+        colour difference to the click's own colour (comparable between clicks: the geodesic competition), and
+        distance / unit is in steps along the click's own structure (the reach). Cached per click."""
         from skimage.graph import MCP_Geometric
 
         y, x = self.point(c)
@@ -176,13 +178,14 @@ class _Costs:
         r = int(self.cfg.norm_radius)
         around = cost[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
         # a step on the cheapest tenth of the click's surroundings costs 1 work px: the click's own structure
-        cost = (cost / max(float(np.percentile(around, 10)), 1e-6)).astype(np.float64)
+        unit = max(float(np.percentile(around, 10)), 1e-6)
+        cost = cost.astype(np.float64)
         b = int(self.cfg.window) if self.cfg.window > 0 else max(h, w)  # the claim stays in this box
         y0, y1, x0, x1 = max(0, y - b), min(h, y + b + 1), max(0, x - b), min(w, x + b + 1)
         part, _ = MCP_Geometric(cost[y0:y1, x0:x1], fully_connected=True).find_costs([(y - y0, x - x0)])
         dist = np.full((h, w), np.inf)
         dist[y0:y1, x0:x1] = part
-        out = np.where(np.isfinite(dist), dist, np.inf).astype(np.float32)
+        out = (np.where(np.isfinite(dist), dist, np.inf).astype(np.float32), unit)
         with self._lock:
             self._dist[(y, x)] = out
             while len(self._dist) > self.cfg.history:
@@ -263,12 +266,12 @@ class SeededPredictor:
         slack = {True: np.full(costs.shape, -np.inf, np.float32), False: np.full(costs.shape, -np.inf, np.float32)}
         colour = np.zeros(costs.shape + (3,), np.float32)  # colour of the nearest positive click
         for c, r in zip(clicks, reaches):
-            d = costs.distance(c)
+            d, unit = costs.distance(c)  # raw costs (comparable between clicks), unit: the click's own step
             if c.positive:
                 closer = d < near[True]
                 colour[closer] = costs.colour(c)
             np.minimum(near[c.positive], d, out=near[c.positive])
-            np.maximum(slack[c.positive], r - d, out=slack[c.positive])
+            np.maximum(slack[c.positive], r - d / unit, out=slack[c.positive])
         if not ((slack[True] > 0).any() or (slack[False] > 0).any()):
             return prob, np.zeros((H, W), bool)
 
