@@ -230,9 +230,9 @@ def texture_image(name: str, shape: tuple[int, int], rng: np.random.Generator) -
     """skimage.data texture `name` mirrored-tiled to (H, W) at a random offset, as RGB uint8."""
     import skimage.data
 
-    tex = np.asarray(getattr(skimage.data, name)(), np.uint8)
+    tex: np.ndarray = np.asarray(getattr(skimage.data, name)(), np.uint8)
     if tex.ndim == 3:
-        tex = cv2.cvtColor(tex[..., :3], cv2.COLOR_RGB2GRAY)
+        tex = np.asarray(cv2.cvtColor(tex[..., :3], cv2.COLOR_RGB2GRAY), np.uint8)
     H, W = shape
     th, tw = tex.shape
     reps = (int(np.ceil(H / th)) + 1, int(np.ceil(W / tw)) + 1)
@@ -310,7 +310,8 @@ def generate(data: MvtecDataset, kinds: Sequence[str], n: int, seed: int = 0,
 
 def write_items(samples: Sequence[StressSample] | Iterator[StressSample], folder: Path) -> list[TestItem]:
     """PNG image + mask of each sample in an MVTec-like layout under `folder`; the TestItems pointing at them."""
-    items, counts = [], {}
+    items: list[TestItem] = []
+    counts: dict[str, int] = {}
     for s in samples:
         k = counts.get(s.kind, 0)
         counts[s.kind] = k + 1

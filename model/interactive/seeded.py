@@ -82,16 +82,16 @@ class _Costs:
         self.scale = min(1.0, cfg.work_size / max(H, W))
         self.shape = (max(1, int(round(H * self.scale))), max(1, int(round(W * self.scale))))
         small = cv2.resize(image, (self.shape[1], self.shape[0]), interpolation=cv2.INTER_AREA)
-        lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
+        lab: np.ndarray = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
         if cfg.smooth > 0:
-            lab = cv2.GaussianBlur(lab, (0, 0), cfg.smooth)
+            lab = np.asarray(cv2.GaussianBlur(lab, (0, 0), cfg.smooth), np.float32)
         self.lab = lab
-        grad = np.zeros(self.shape, np.float32)
+        sq: np.ndarray = np.zeros(self.shape, np.float32)
         for c in range(3):
-            gx = cv2.Sobel(lab[..., c], cv2.CV_32F, 1, 0, ksize=3)
-            gy = cv2.Sobel(lab[..., c], cv2.CV_32F, 0, 1, ksize=3)
-            grad += gx * gx + gy * gy
-        grad = np.sqrt(grad)
+            gx = np.asarray(cv2.Sobel(lab[..., c], cv2.CV_32F, 1, 0, ksize=3), np.float32)
+            gy = np.asarray(cv2.Sobel(lab[..., c], cv2.CV_32F, 0, 1, ksize=3), np.float32)
+            sq = sq + gx * gx + gy * gy
+        grad = np.sqrt(sq)
         mean = float(grad.mean())
         self.edge = (cfg.gamma * grad / mean) if mean > 1e-6 else np.zeros(self.shape, np.float32)
         spread = float(np.sqrt(lab.reshape(-1, 3).var(axis=0).sum()))  # the image's colour spread
@@ -354,7 +354,7 @@ class SeededPredictor:
             prob = self.snap(image, prob, changed)
         prob = respect_clicks(prob, clicks, self.cfg.click_radius)
         if box is not None:
-            prob = np.where(box_mask(box, prob.shape), prob, 0.0).astype(np.float32)
+            prob = np.where(box_mask(box, (prob.shape[0], prob.shape[1])), prob, 0.0).astype(np.float32)
         mask = prob > THRESHOLD
         memory.remember(("out",) + self._key(clicks, box), mask)
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
