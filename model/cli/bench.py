@@ -84,6 +84,9 @@ def _run_predictors(args, title: str, rows_of: Callable[[Predictor, list[TestIte
     --split, one bank for all: (names, {name: {"overall", "per_defect"}}, config)."""
     data = load_mvtec(args.dataset, include_validation=not args.no_validation)
     items = split_items([t for t in limit_per_defect(data.test, args.limit) if t.is_anomalous], args.split)
+    if getattr(args, "stress", None):  # synthesised defects on test/good instead (model/evaluation/stress.py)
+        from model.evaluation.stress import stress_items
+        items = stress_items(data, args.stress, args.stress_n, args.seed, args.split)
     names = [n for n in args.predictor.split(",") if n]
     if not args.no_grabcut and "grabcut" not in names:
         names.append("grabcut")
@@ -112,7 +115,7 @@ def _run_predictors(args, title: str, rows_of: Callable[[Predictor, list[TestIte
 def cmd_clicks(args) -> dict:
     names, results, config = _run_predictors(
         args, "clicks", lambda predictor, items: run_clicks_once(predictor, items, args),
-        lambda rs: click_summary(rs, args.max_clicks), CLICK_KEYS)
+        lambda rs: click_summary(rs, args.max_clicks), (*CLICK_KEYS, "f1_last"))
     config.update(max_clicks=args.max_clicks, prompt=args.prompt, thr=args.thr)
     main = results[names[0]]
     others = {n: r for n, r in results.items() if n not in (names[0], "grabcut")}
@@ -162,6 +165,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="always make max-clicks (default: stop at IoU 0.9 after 5 clicks)")
     clicks.add_argument("--no-grabcut", action="store_true", help="skip the GrabCut baseline")
     clicks.add_argument("--grabcut-iters", type=int, default=5)
+    clicks.add_argument("--stress", default=None, metavar="KIND[,KIND]",
+                        help="instead of the test set, defects synthesised on test/good and skimage textures: "
+                             "lowcontrast, crack, border, multi, texture or all (model/evaluation/stress.py; "
+                             "--split picks even/odd test/good images, --seed the draws)")
+    clicks.add_argument("--stress-n", type=int, default=10, help="synthesised images per stress kind")
+    clicks.add_argument("--seeded-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="model.interactive.seeded.SeededConfig override for NAME+seeded predictors")
     boxes = sub.add_parser("boxes", help="the smart rectangle alone: IoU / recall / precision of one box per defect")
     add_common_flags(boxes, "window | softpos (matching of the residual engine)")
     boxes.add_argument("--predictor", default="residual", help="comma list of registered predictors (as clicks)")

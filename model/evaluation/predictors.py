@@ -47,12 +47,20 @@ def _build_grabcut(engine, bank, args) -> Predictor:
 
 def get_builder(name: str) -> PredictorBuilder:
     """The builder of a registered predictor; NAME+refine wraps NAME in model.interactive.refine.RefinedPredictor (the
-    full-resolution refinement of every click's map, as the service serves by default)."""
-    base, plus, suffix = name.partition("+")
+    full-resolution refinement of every click's map, as the service serves by default); NAME+seeded wraps NAME in
+    model.interactive.seeded.SeededPredictor (clicks seed a geodesic segmentation; --seeded-opt to change it).
+    Suffixes chain: adclick-blend+refine+seeded."""
+    base, plus, suffix = name.rpartition("+")
     if plus:
-        if suffix != "refine":
-            raise ConfigError(f"unknown predictor suffix +{suffix} in {name!r}; known: +refine")
+        if suffix not in ("refine", "seeded"):
+            raise ConfigError(f"unknown predictor suffix +{suffix} in {name!r}; known: +refine, +seeded")
         inner = get_builder(base)
+        if suffix == "seeded":
+            def seeded(engine, bank, args) -> Predictor:
+                from model.interactive.seeded import SeededConfig, SeededPredictor
+                cfg = dataclasses.replace(SeededConfig(), **parse_overrides(getattr(args, "seeded_opt", [])))
+                return SeededPredictor(inner(engine, bank, args), cfg)
+            return seeded
 
         def refined(engine, bank, args) -> Predictor:
             from model.interactive.refine import RefineConfig, RefinedPredictor

@@ -133,7 +133,14 @@ def click_summary(rows: list[dict], max_clicks: int) -> dict:
         "first_click_ms_p50": percentile(first, 50), "first_click_ms_p95": percentile(first, 95),
         "next_click_ms_p50": percentile(nxt, 50), "next_click_ms_p95": percentile(nxt, 95),
         "set_image_ms_p50": percentile([r["set_image_ms"] for r in rows], 50), "n_images": len(rows),
+        "f1_last": pooled_f1([r["last"] for r in rows]),
     }
+
+
+def pooled_f1(counts: list[tuple[int, int, int]]) -> float:
+    """Pixel F1 pooled over images from their (tp, fp, fn) counts (as AP pools pixels)."""
+    tp, fp, fn = (sum(c[i] for c in counts) for i in range(3))
+    return 2.0 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
 
 
 def split_items(items: list[TestItem], split: str) -> list[TestItem]:
@@ -163,13 +170,15 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
         state = predictor.set_image(image)
         set_ms = (time.perf_counter() - start) * 1000.0
         prompt = item.defect.replace("_", " ") if getattr(args, "prompt", "none") == "defect" else ""
-        sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=range(1, 6),
+        sim = simulate(predictor, state, gt, max_clicks=args.max_clicks, thr=args.thr, keep_probs=None,
                        stop_iou=None if args.all_clicks else 0.90, min_clicks=5, prompt=prompt)
         logger.info("clicks %s %s: IoU %s", getattr(predictor, "name", "?"), item.path.name,
                     " ".join(f"{v:.2f}" for v in sim.ious))
-        prob5 = sim.probs[max(sim.probs)]  # after click 5 (or the last one when it stopped earlier)
+        prob5 = sim.probs[min(5, max(sim.probs))]  # after click 5 (or the last one when it stopped earlier)
+        last = sim.probs[max(sim.probs)] > args.thr  # the mask after the last click (max_clicks with --all-clicks)
         rows.append({"defect": item.defect, "ious": sim.ious, "predict_ms": sim.predict_ms,
-                     "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(prob5, gt)})
+                     "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(prob5, gt),
+                     "last": (int((last & gt).sum()), int((last & ~gt).sum()), int((~last & gt).sum()))})
     return rows
 
 

@@ -1,0 +1,105 @@
+"""The click-seeded stage (model/interactive/seeded.py): clicks win where the map is weak or wrong."""
+import cv2
+import numpy as np
+import pytest
+
+from model.evaluation import stress
+from model.evaluation.simulate import simulate
+from model.interactive.seeded import SeededConfig, SeededPredictor
+from model.types import Click, ClickResult
+
+H, W = 240, 320
+
+
+class State:
+    def __init__(self, image):
+        self.image = image
+
+
+class FixedMap:
+    """A base predictor whose map ignores the clicks: `prob` (default: empty, a residual map that found nothing)."""
+
+    name, version = "fixed", "0"
+
+    def __init__(self, prob=None):
+        self.prob = prob
+
+    def set_image(self, image):
+        return State(image)
+
+    def predict(self, state, clicks, box=None, prompt="", previous_mask=None):
+        prob = np.zeros(state.image.shape[:2], np.float32) if self.prob is None else self.prob.copy()
+        return ClickResult(prob, prob > 0.49, 0.5)
+
+
+def patterned(seed, noise=5.0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W]
+    g = 90 + 25 * np.sin(yy / 6.0) * np.cos(xx / 9.0) + rng.normal(0, noise, (H, W))
+    return np.clip(np.repeat(g[..., None], 3, 2), 0, 255).astype(np.uint8)
+
+
+def f1(pred, gt):
+    return 2.0 * (pred & gt).sum() / (pred.sum() + gt.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_large_low_contrast_region_is_reachable_with_clicks(seed):
+    rng = np.random.default_rng([seed, 7])
+    image, gt, info = stress.lowcontrast(patterned(seed), rng)
+    assert 0.1 <= gt.mean() <= 0.4 and info["shift"] <= 13
+    scores = {}
+    for name, predictor in (("map", FixedMap()), ("seeded", SeededPredictor(FixedMap()))):
+        sim = simulate(predictor, predictor.set_image(image), gt, max_clicks=20, keep_probs=None)
+        scores[name] = f1(sim.probs[max(sim.probs)] > 0.49, gt)
+    assert scores["seeded"] >= 0.9, scores
+    assert scores["map"] < 0.5  # the empty map alone: clicks are ignored
+
+
+def test_thin_crack_is_followed_along_its_length():
+    rng = np.random.default_rng(3)
+    g = 150 + rng.normal(0, 3, (H, W))
+    image = np.clip(np.repeat(g[..., None], 3, 2), 0, 255).astype(np.uint8)
+    gt = np.zeros((H, W), np.uint8)
+    xs = np.arange(40, 281)
+    ys = np.rint(120 + 30 * np.sin((xs - 40) / 45.0)).astype(np.int32)
+    cv2.polylines(gt, [np.stack([xs, ys], 1).reshape(-1, 1, 2)], False, 1, thickness=2)
+    gt = gt > 0
+    image[gt] = 60
+    predictor = SeededPredictor(FixedMap())
+    sim = simulate(predictor, predictor.set_image(image), gt, max_clicks=8, keep_probs=None)
+    masks = [sim.probs[k] > 0.49 for k in sorted(sim.probs)]
+    cover = [m[gt].mean() for m in masks]
+    assert max(np.diff([0.0] + cover)) >= 0.3  # one click adds a third of the crack's length (an 8 px disk: < 0.1)
+    assert all((m & ~gt).sum() <= 0.1 * gt.sum() for m in masks)  # and the mask stays on the crack
+    assert f1(masks[-1], gt) >= 0.95  # within eight clicks, the whole crack
+
+
+def test_negative_click_removes_spill_but_keeps_the_clicked_defect():
+    image = patterned(4, noise=3.0)
+    defect = np.zeros((H, W), bool)
+    cv2.circle(defect.view(np.uint8), (120, 120), 28, 1, -1)
+    image[defect] = (200, 200, 200)
+    spill = np.zeros((H, W), bool)
+    cv2.ellipse(spill.view(np.uint8), (185, 120), (50, 35), 0, 0, 360, 1, -1)
+    spill &= ~defect
+    prob = np.where(defect | spill, 0.9, 0.05).astype(np.float32)  # the map spills to the right
+    predictor = SeededPredictor(FixedMap(prob))
+    sim = simulate(predictor, predictor.set_image(image), defect, max_clicks=5, keep_probs=None)
+    assert sim.clicks[0].positive and not sim.clicks[1].positive  # on the defect, then on the spill
+    masks = [sim.probs[k] > 0.49 for k in sorted(sim.probs)]
+    assert masks[0][spill].mean() > 0.9  # the map agrees with the click on the defect: kept as it was
+    assert masks[1][spill].mean() <= 0.3  # one negative click removes most of the spill
+    assert all(m[defect].mean() >= 0.97 for m in masks)  # the clicked defect always stays
+    assert masks[-1][spill].mean() <= 0.15
+
+
+def test_a_map_that_agrees_with_the_clicks_is_kept():
+    image = patterned(5)
+    prob = np.zeros((H, W), np.float32)
+    cv2.circle(prob, (160, 120), 30, 0.9, -1)
+    predictor = SeededPredictor(FixedMap(prob))
+    state = predictor.set_image(image)
+    out = predictor.predict(state, [Click(160.0, 120.0, True), Click(60.0, 60.0, False)])
+    assert (out.mask == (prob > 0.49)).mean() > 0.995
+    assert SeededConfig().reach_low < SeededConfig().reach_high
