@@ -5,7 +5,6 @@ import types
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from model.cli import bench
 from model.errors import ConfigError
@@ -14,6 +13,7 @@ from model.evaluation.baselines import GrabCutPredictor
 from model.evaluation.simulate import simulate
 from model.training.datasets import DatasetError, limit_per_defect, load_mask, load_mvtec, load_rgb
 from model.types import Click, ClickResult
+from tests.fixtures.images import save_png as save
 
 H, W = 96, 128
 
@@ -36,11 +36,6 @@ def painted(rng, defect):
         mask[y:y + 4, x:x + 24] = True
         img[mask] = (10, 10, 10)
     return img, mask
-
-
-def save(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
 
 
 @pytest.fixture(scope="session")

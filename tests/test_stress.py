@@ -13,6 +13,7 @@ from model.errors import ConfigError
 from model.evaluation import predictors, stress
 from model.training.datasets import load_mvtec
 from model.types import ClickResult
+from tests.fixtures.images import save_png as save
 
 H, W = 300, 360
 
@@ -22,11 +23,6 @@ def tread(rng):
     yy, xx = np.mgrid[0:H, 0:W]
     g = 60 + 20 * np.sin(yy / 5.0) * np.cos(xx / 7.0) + rng.normal(0, 4, (H, W))
     return np.clip(np.repeat(g[..., None], 3, axis=2), 0, 255).astype(np.uint8)
-
-
-def save(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
 
 
 @pytest.fixture(scope="module")
