@@ -130,7 +130,7 @@ def create_app(
     services = services or build_services(settings)
     app = Flask("adclick-backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # Flask's DefaultJSONProvider has it
     stats = RequestStats()
     app.extensions["adclick"] = {"settings": settings, "services": services, "stats": stats}
     _register_errors(app, settings)

@@ -154,7 +154,10 @@ def run(dataset: Path, n_refs: int, n_images: int, seed: int) -> dict:
     t0 = time.perf_counter()
     service.serving.model_for("1")
     out["bank_build_s"] = round(time.perf_counter() - t0, 2)
-    first, again, batch, ious = [], [], [], []
+    first: list[float] = []
+    again: list[float] = []
+    batch: list[float] = []
+    ious: list[float] = []
     bodies: list[dict] = []
     masks: list[np.ndarray] = []
     for path in tests:

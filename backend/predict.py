@@ -165,7 +165,7 @@ def predict_batch_one(service: Services, project: str, task: Any, cfg: LabelConf
     model, cached = service.serving.image_state(project, ref, task_id)
     result, version = _detect(service, project, model, cached.state, cfg)
     regions = anomaly_regions(result, cfg, (cached.height, cached.width))
-    if cfg.choices_name:
-        verdict = cfg.anomalous_choice if regions else cfg.ok_choice
+    verdict = (cfg.anomalous_choice if regions else cfg.ok_choice) if cfg.choices_name else None
+    if verdict is not None:  # a Choices tag without a matching choice gets no verdict
         regions.append(ls_format.choice_region(verdict, cfg, result.score))
     return ls_format.prediction(regions, result.score, version)

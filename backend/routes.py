@@ -146,7 +146,7 @@ def parse_extra_params(raw: Any) -> dict | None:
             return None
         try:
             raw = json.loads(text)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise BadRequest(
                 f"extra_params is not valid JSON ({exc.msg} at character {exc.pos}); "
                 'type a JSON object such as {"normal_dir": "/data/good"} or leave the box empty'

@@ -21,9 +21,14 @@ logger = logging.getLogger(__name__)
 class HasResidual(Protocol):
     """What `detect` needs of a residual-engine state (`model.engine.residuals.ResidualState` has it)."""
 
-    residual: Any  # (C, h, w) signed residual tokens, torch tensor or numpy array
-    features: Any  # (C, h, w) the image's feature tokens, or None (versions trained without them)
-    image_shape: tuple[int, int] | None  # (H, W) of the image, or None (then `detect` needs image_size)
+    @property
+    def residual(self) -> Any: ...  # (C, h, w) signed residual tokens, torch tensor or numpy array
+
+    @property
+    def features(self) -> Any: ...  # (C, h, w) the image's feature tokens, or None (trained without them)
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None: ...  # (H, W), or None (then `detect` needs image_size)
 
 
 def predict_grid(model: AdClickSeg | SegEnsemble, residual: torch.Tensor, prompts: torch.Tensor,
