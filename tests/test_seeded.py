@@ -103,3 +103,15 @@ def test_a_map_that_agrees_with_the_clicks_is_kept():
     out = predictor.predict(state, [Click(160.0, 120.0, True), Click(60.0, 60.0, False)])
     assert (out.mask == (prob > 0.49)).mean() > 0.995
     assert SeededConfig().reach_low < SeededConfig().reach_high
+
+
+def test_the_stage_can_start_late_leaving_the_first_clicks_to_the_base_predictor():
+    """SeededConfig.start_click = 6: clicks 1-5 give exactly the base predictor's mask (so mIoU@1..5 are the base's);
+    from the 6th click on the clicks reach the region the map missed."""
+    rng = np.random.default_rng([0, 7])
+    image, gt, _ = stress.lowcontrast(patterned(0), rng)
+    base = FixedMap()
+    late = SeededPredictor(base, SeededConfig(start_click=6))
+    sim = simulate(late, late.set_image(image), gt, max_clicks=20, keep_probs=None)
+    assert all(not (sim.probs[k] > 0.49).any() for k in range(1, 6))  # the empty map's mask, unchanged
+    assert f1(sim.probs[max(sim.probs)] > 0.49, gt) >= 0.9

@@ -72,6 +72,7 @@ class SeededConfig:
     band: int = 12  # px around the changed area that the guided filter may change
     click_radius: float = 8.0  # respect_clicks
     history: int = 64  # base masks and click distance maps remembered per image (4 images)
+    start_click: int = 1  # the stage acts from this click on (earlier clicks: the base predictor's mask alone)
 
 
 class _Costs:
@@ -343,7 +344,7 @@ class SeededPredictor:
                 previous_mask: np.ndarray | None = None) -> ClickResult:
         result = self.base.predict(state, clicks, box, prompt, previous_mask)
         image = state.image
-        if image is None or not clicks:
+        if image is None or not clicks or len(clicks) < self.cfg.start_click:
             return result
         prob = np.asarray(result.prob, np.float32)
         base = prob > THRESHOLD
