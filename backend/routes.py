@@ -158,14 +158,10 @@ def parse_extra_params(raw: Any) -> dict | None:
             f"extra_params must be a JSON object such as {{\"normal_dir\": \"/data/good\"}}, "
             f"got {type(raw).__name__}"
         )
-    try:
-        size = len(json.dumps(raw))
-    except (RecursionError, ValueError):
-        raise BadRequest("extra_params is nested too deeply") from None
-    if size > MAX_EXTRA_PARAMS_CHARS:  # kept in project.json and read on every request
-        raise BadRequest(f"extra_params is over the limit of {MAX_EXTRA_PARAMS_CHARS} characters as JSON")
-    if _depth(raw) > MAX_EXTRA_PARAMS_DEPTH:
+    if _depth(raw) > MAX_EXTRA_PARAMS_DEPTH:  # first: json.dumps below recurses once per level
         raise BadRequest(f"extra_params is nested too deeply (more than {MAX_EXTRA_PARAMS_DEPTH} levels)")
+    if len(json.dumps(raw)) > MAX_EXTRA_PARAMS_CHARS:  # kept in project.json and read on every request
+        raise BadRequest(f"extra_params is over the limit of {MAX_EXTRA_PARAMS_CHARS} characters as JSON")
     return raw or None
 
 
