@@ -37,7 +37,7 @@ from backend.errors import BackendError, NotReady
 from backend.images import ImageLoader
 from backend.projects import ProjectStore, list_images
 from backend.settings import Settings, interactive_config
-from model.interactive.choose import PredictorChoice, residual_choice, with_refinement
+from model.interactive.choose import PredictorChoice, residual_choice, with_refinement, with_seeded
 from model.interactive.clicks import ClickHistory
 from model.types import Engine, ImageState, Predictor, ReferenceSet
 
@@ -51,9 +51,10 @@ REQUEST_SLOT_WAIT_S = 0.25  # longest wait of a request for a free download slot
 
 def choose_predictor(settings: Settings, engine: Engine) -> PredictorChoice:
     """The served interactive predictor; unless ADCLICK_REFINE=off its maps get the full-resolution boundary
-    refinement of model/interactive/refine.py (guided filter by default, or GrabCut)."""
+    refinement of model/interactive/refine.py (guided filter by default, or GrabCut), and unless ADCLICK_SEEDED=off
+    the click-seeded stage of model/interactive/seeded.py on top."""
     config = interactive_config(settings)
-    return with_refinement(_choose_base(settings, engine), config.refine)
+    return with_seeded(with_refinement(_choose_base(settings, engine), config.refine), config.seeded)
 
 
 def _choose_base(settings: Settings, engine: Engine) -> PredictorChoice:

@@ -53,10 +53,11 @@ def test_real_model_click_masks_the_painted_defect(setup):
 
     learned = service.settings.predictor == "auto" and check_weights(service.model.engine)[0] is not None
     assert pred["model_version"].startswith("adclick-" if learned else "residual-click-")
-    assert pred["model_version"].endswith("-refine")  # ADCLICK_REFINE defaults to the guided filter
+    # ADCLICK_REFINE defaults to the guided filter, ADCLICK_SEEDED to the click-seeded stage on top
+    assert pred["model_version"].endswith("-refine-seeded")
     health = client.get("/health").get_json()["model"]
     assert health["kind"] == ("adclick" if learned else "residual-click")
-    assert "guided boundary refinement on" in health["reason"]
+    assert "guided boundary refinement on" in health["reason"] and "click-seeded stage on" in health["reason"]
     assert ("zero-training" in health["reason"]) != learned
     mask = decode_mask(pred["result"][0])
     assert mask.shape == (192, 256) and mask[95, 167] and not mask[30, 30]

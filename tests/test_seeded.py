@@ -84,7 +84,7 @@ def test_negative_click_removes_spill_but_keeps_the_clicked_defect():
     cv2.ellipse(spill.view(np.uint8), (185, 120), (50, 35), 0, 0, 360, 1, -1)
     spill &= ~defect
     prob = np.where(defect | spill, 0.9, 0.05).astype(np.float32)  # the map spills to the right
-    predictor = SeededPredictor(FixedMap(prob))
+    predictor = SeededPredictor(FixedMap(prob), SeededConfig(select=False))  # the stage's own mask at every click
     sim = simulate(predictor, predictor.set_image(image), defect, max_clicks=5, keep_probs=None)
     assert sim.clicks[0].positive and not sim.clicks[1].positive  # on the defect, then on the spill
     masks = [sim.probs[k] > 0.49 for k in sorted(sim.probs)]
@@ -115,3 +115,44 @@ def test_the_stage_can_start_late_leaving_the_first_clicks_to_the_base_predictor
     sim = simulate(late, late.set_image(image), gt, max_clicks=20, keep_probs=None)
     assert all(not (sim.probs[k] > 0.49).any() for k in range(1, 6))  # the empty map's mask, unchanged
     assert f1(sim.probs[max(sim.probs)] > 0.49, gt) >= 0.9
+
+
+def spilling_map():
+    image = patterned(4, noise=3.0)
+    defect = np.zeros((H, W), bool)
+    cv2.circle(defect.view(np.uint8), (120, 120), 28, 1, -1)
+    image[defect] = (200, 200, 200)
+    spill = np.zeros((H, W), bool)
+    cv2.ellipse(spill.view(np.uint8), (185, 120), (50, 35), 0, 0, 360, 1, -1)
+    spill &= ~defect
+    return image, defect, spill, np.where(defect | spill, 0.9, 0.05).astype(np.float32)
+
+
+def test_selection_serves_the_stage_once_the_clicks_prove_the_map_wrong():
+    """The served default (select=True): a map that keeps its spill whatever the negative clicks say is replaced
+    by the stage's mask within a few clicks, and the clicked defect stays."""
+    image, defect, spill, prob = spilling_map()
+    predictor = SeededPredictor(FixedMap(prob))
+    assert predictor.cfg.select
+    sim = simulate(predictor, predictor.set_image(image), defect, max_clicks=6, keep_probs=None)
+    masks = [sim.probs[k] > 0.49 for k in sorted(sim.probs)]
+    assert masks[1][spill].mean() > 0.8  # one contradicting click is not yet proof: still the map's mask
+    assert masks[-1][spill].mean() <= 0.15  # a few clicks later the stage's mask is served
+    assert all(m[defect].mean() >= 0.97 for m in masks)
+
+
+def test_selection_keeps_a_map_that_follows_the_clicks():
+    """A base predictor that gets each click right (its mask = the ground truth once clicked): the stage is never
+    served, the output is the base's mask at every click (the dev halves' case: unchanged by the stage)."""
+    image, defect, _spill, prob = spilling_map()
+
+    class Following(FixedMap):
+        def predict(self, state, clicks, box=None, prompt="", previous_mask=None):
+            p = np.where(defect, 0.9, 0.05).astype(np.float32) if len(clicks) > 1 else prob.copy()
+            return ClickResult(p, p > 0.49, 0.5)
+
+    base, predictor = Following(), SeededPredictor(Following())
+    sim = simulate(predictor, predictor.set_image(image), defect, max_clicks=5, keep_probs=None)
+    for k, click_prob in sim.probs.items():
+        expected = base.predict(None, sim.clicks[:k]).mask
+        assert ((click_prob > 0.49) == expected).all()

@@ -148,9 +148,10 @@ def test_one_set_of_interactive_defaults():
     served = interactive_config(Settings())
     assert served == InteractiveConfig()
     assert interactive_config(Settings.from_env({})) == InteractiveConfig()
-    env = {"ADCLICK_USE_PROMPT": "1", "ADCLICK_LEARNED_WEIGHT": "1", "ADCLICK_REFINE": "off"}
+    env = {"ADCLICK_USE_PROMPT": "1", "ADCLICK_LEARNED_WEIGHT": "1", "ADCLICK_REFINE": "off", "ADCLICK_SEEDED": "off"}
     assert interactive_config(Settings.from_env(env)) == InteractiveConfig(use_prompt=True, learned_weight=1.0,
-                                                                            refine="off")
+                                                                            refine="off", seeded=False)
+    assert InteractiveConfig().seeded and Settings.from_env({"ADCLICK_SEEDED": "1"}).seeded
     with pytest.raises(ValueError):
         InteractiveConfig(refine="sharpen")
 
@@ -189,3 +190,22 @@ def test_a_preloaded_app_starts_its_threads_in_each_forked_worker_only(tmp_path)
     done = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(tmp_path / "m")], cwd=root, timeout=120,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_served_chain_follows_the_settings():
+    """ADCLICK_REFINE and ADCLICK_SEEDED decide the wrappers, and the version names them (a cached state or a
+    published version of one chain is never taken for another's)."""
+    from backend.serving import choose_predictor
+
+    class Engine:
+        def config_hash(self):
+            return "cafe1234"
+
+    def chain(env):
+        return choose_predictor(Settings.from_env({"ADCLICK_PREDICTOR": "residual", **env}), Engine())
+
+    assert chain({}).version == "residual-click-cafe1234-refine-seeded"
+    assert "click-seeded stage on" in chain({}).reason
+    assert chain({"ADCLICK_SEEDED": "off"}).version == "residual-click-cafe1234-refine"
+    assert chain({"ADCLICK_SEEDED": "off", "ADCLICK_REFINE": "off"}).version == "residual-click-cafe1234"
+    assert chain({"ADCLICK_REFINE": "off"}).version == "residual-click-cafe1234-seeded"

@@ -170,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "lowcontrast, crack, border, multi, texture or all (model/evaluation/stress.py; "
                              "--split picks even/odd test/good images, --seed the draws)")
     clicks.add_argument("--stress-n", type=int, default=10, help="synthesised images per stress kind")
+    clicks.add_argument("--focus-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="model.interactive.focus.FocusConfig override for NAME+focus predictors")
     clicks.add_argument("--seeded-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="model.interactive.seeded.SeededConfig override for NAME+seeded predictors")
     boxes = sub.add_parser("boxes", help="the smart rectangle alone: IoU / recall / precision of one box per defect")

@@ -52,9 +52,15 @@ def get_builder(name: str) -> PredictorBuilder:
     Suffixes chain: adclick-blend+refine+seeded."""
     base, plus, suffix = name.rpartition("+")
     if plus:
-        if suffix not in ("refine", "seeded"):
-            raise ConfigError(f"unknown predictor suffix +{suffix} in {name!r}; known: +refine, +seeded")
+        if suffix not in ("refine", "seeded", "focus"):
+            raise ConfigError(f"unknown predictor suffix +{suffix} in {name!r}; known: +refine, +seeded, +focus")
         inner = get_builder(base)
+        if suffix == "focus":
+            def focused(engine, bank, args) -> Predictor:
+                from model.interactive.focus import FocusConfig, FocusPredictor
+                cfg = dataclasses.replace(FocusConfig(), **parse_overrides(getattr(args, "focus_opt", [])))
+                return FocusPredictor(inner(engine, bank, args), cfg)
+            return focused
         if suffix == "seeded":
             def seeded(engine, bank, args) -> Predictor:
                 from model.interactive.seeded import SeededConfig, SeededPredictor

@@ -6,7 +6,7 @@
 shown in /health and `build(engine, bank) -> Predictor` (one predictor per reference bank; the network's
 weights are shared through the engine's process). `residual_choice` is the zero-training click mode;
 `with_refinement` wraps any choice's predictors in the full-resolution boundary refinement
-(model/interactive/refine.py). The learned choice is `model.interactive.learned.load_interactive_predictor`.
+(model/interactive/refine.py), `with_seeded` in the click-seeded stage (model/interactive/seeded.py). The learned choice is `model.interactive.learned.load_interactive_predictor`.
 
 Light on purpose: nothing here imports torch (the settings module imports this one for its defaults)."""
 from __future__ import annotations
@@ -31,6 +31,7 @@ class InteractiveConfig:
     weights_dir: Path | None = None  # where the learned weights are; None = the bundled `weights` package
     object_name: str = ""  # the inspected object's name, part of the prompt
     refine: str = "guided"  # ADCLICK_REFINE: full-resolution boundary refinement, guided | grabcut | off
+    seeded: bool = True  # ADCLICK_SEEDED: the click-seeded stage (model/interactive/seeded.py) with selection
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.learned_weight) <= 1.0:
@@ -77,3 +78,21 @@ def with_refinement(choice: PredictorChoice, method: str) -> PredictorChoice:
     note = f"{method} boundary refinement on"
     reason = f"{choice.reason}; {note}" if choice.reason else note
     return PredictorChoice(choice.kind, f"{choice.version}-refine{suffix}", build, reason)
+
+
+def with_seeded(choice: PredictorChoice, on: bool) -> PredictorChoice:
+    """`choice` with each predictor wrapped in SeededPredictor (the default SeededConfig: the stage's mask is served
+    only once the clicks found clearly less error in it than in the map's); unchanged when `on` is False. The
+    version says so (`-seeded`)."""
+    if not on:
+        return choice
+    from model.interactive.seeded import SeededConfig, SeededPredictor
+
+    cfg, base_build = SeededConfig(), choice.build
+
+    def build(eng: Engine, bank: ReferenceSet) -> Predictor:
+        return SeededPredictor(base_build(eng, bank), cfg)
+
+    note = "click-seeded stage on (served where the clicks prove the map wrong)"
+    reason = f"{choice.reason}; {note}" if choice.reason else note
+    return PredictorChoice(choice.kind, f"{choice.version}-seeded", build, reason)

@@ -30,12 +30,23 @@ Method (`SeededPredictor.predict`, all clicks every time):
    image edges with the guided filter of model/interactive/refine.py at full resolution, and every click's
    pixel ends up on its side.
 
-The base masks of earlier click prefixes (to know whether the map agreed with a click before it was made) are
-remembered per image, bit-packed, the newest `history`; the service's ClickHistory replays click prefixes in
-order, as the benchmark's simulator makes them. Measured against the served predictor and GrabCut in issue 13.
+6. Selection (`select`, on by default, as served): the stage's mask is served only once the clicks have proved
+   the map wrong. Each click k > 1 is checked against the base map's and the stage's masks for the clicks before
+   it (0 when that mask already had the click's label there, else the depth of the error, at most `error_cap`
+   px); the stage's mask is served when its summed error depth is at least `select_margin` px below the map's,
+   i.e. about one deep error the stage had right and the map had wrong. Where the map follows the clicks (the
+   tire and pitting dev halves) nothing changes; where it is blind (large faint areas, texture) the stage takes
+   over after a few clicks. Without the margin (serve on any lower sum) the stage took over on near-ties and the
+   tire "combined" defects collapsed (mIoU@5 0.73 -> 0.69 on the tire dev half).
+
+The base masks (and with `select` the stage's) of earlier click prefixes are remembered per image, bit-packed,
+the newest 2 x `history`; the service's ClickHistory replays click prefixes in order, as the benchmark's
+simulator makes them (a process that has not seen the earlier prefixes serves the map's mask). Measured against
+the served predictor and GrabCut in issue 13 (README, Benchmarks).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -50,6 +61,7 @@ from model.interactive.clicks import distance_to_other_label
 from model.interactive.refine import THRESHOLD, guided_filter, respect_clicks
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
 
+logger = logging.getLogger(__name__)
 BIG = 1e6
 
 
@@ -73,6 +85,9 @@ class SeededConfig:
     click_radius: float = 8.0  # respect_clicks
     history: int = 64  # base masks and click distance maps remembered per image (4 images)
     start_click: int = 1  # the stage acts from this click on (earlier clicks: the base predictor's mask alone)
+    select: bool = True  # serve whichever of (base map, stage) the clicks so far found fewer / shallower errors in
+    error_cap: float = 64.0  # full-res px: an error's depth counts at most this much in the selection
+    select_margin: float = 32.0  # full-res px: the stage is served once its summed error depth is this much lower
 
 
 class _Costs:
@@ -340,6 +355,36 @@ class SeededPredictor:
         out[y0:y1, x0:x1] = np.where(near, filt, prob[y0:y1, x0:x1])
         return out
 
+    def errors(self, memory: _Costs, clicks: Sequence[Click], box: Box | None) -> tuple[float, float]:
+        """(base map's, stage's) summed error depth over the clicks so far: each click k > 1 is checked against
+        both candidates' masks for the clicks before it; a candidate that had the click's label there scores 0,
+        else the distance from the click to the nearest pixel of its label in that mask (the depth of the error
+        the click corrects, at most `error_cap` px). Prefixes either candidate was not computed for are skipped."""
+        cap = float(self.cfg.error_cap)
+        total = [0.0, 0.0]
+        for k in range(max(1, self.cfg.start_click), len(clicks)):
+            c, prefix = clicks[k], self._key(clicks[:k], box)
+            base, stage = memory.recall(("base",) + prefix), memory.recall(("stage",) + prefix)
+            if base is None or stage is None:
+                continue
+            y, x = int(round(c.y)), int(round(c.x))
+            for i, m in enumerate((base, stage)):
+                if not (0 <= y < m.shape[0] and 0 <= x < m.shape[1]) or m[y, x] == bool(c.positive):
+                    continue
+                found = distance_to_other_label(m, y, x, int(np.ceil(cap)))
+                total[i] += cap if found is None else min(cap, float(found))
+        return total[0], total[1]
+
+    def prefer_stage(self, memory: _Costs, clicks: Sequence[Click], box: Box | None) -> bool:
+        """Serve the stage's mask only when the clicks so far found clearly less error in it than in the base
+        map's (by `select_margin` px of error depth: about one deep error the stage had right and the map wrong;
+        near-ties, and the first clicks, keep the map's)."""
+        base_err, stage_err = self.errors(memory, clicks, box)
+        stage = stage_err + self.cfg.select_margin <= base_err
+        logger.debug("click %d: error depth base %.1f, stage %.1f -> %s", len(clicks), base_err, stage_err,
+                     "stage" if stage else "base")
+        return stage
+
     def predict(self, state, clicks: list[Click], box: Box | None = None, prompt: str = "",
                 previous_mask: np.ndarray | None = None) -> ClickResult:
         result = self.base.predict(state, clicks, box, prompt, previous_mask)
@@ -351,12 +396,17 @@ class SeededPredictor:
         reaches, _ = self.reaches(image, clicks, box, base)
         memory = self._costs_of(image)
         memory.remember(("base",) + self._key(clicks, box), base)
+        base_prob = prob
         prob, changed = self.combine(image, prob, clicks, reaches)
         if changed.any():
             prob = self.snap(image, prob, changed)
         prob = respect_clicks(prob, clicks, self.cfg.click_radius)
         if box is not None:
             prob = np.where(box_mask(box, (prob.shape[0], prob.shape[1])), prob, 0.0).astype(np.float32)
+        if self.cfg.select:
+            memory.remember(("stage",) + self._key(clicks, box), prob > THRESHOLD)
+            if not self.prefer_stage(memory, clicks, box):
+                prob = base_prob
         mask = prob > THRESHOLD
         memory.remember(("out",) + self._key(clicks, box), mask)
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
