@@ -88,6 +88,11 @@ class SeededConfig:
     select: bool = True  # serve whichever of (base map, stage) the clicks so far found fewer / shallower errors in
     error_cap: float = 64.0  # full-res px: an error's depth counts at most this much in the selection
     select_margin: float = 32.0  # full-res px: the stage is served once its summed error depth is this much lower
+    select_ratio: float = 1.0  # ... or once it is at most (1 - select_ratio) x the map's (1: the margin alone)
+    wand: bool = False  # a third candidate: full-resolution flood from each positive click (thin structures)
+    wand_window: int = 200  # px, half-size of the box around a positive click the flood stays in
+    wand_ring: tuple[float, float] = (5.0, 10.0)  # px, ring around the click whose median colour is "background"
+    wand_gate: float = 1.0  # click colour - ring colour, in colour spreads, from which the flood runs
 
 
 class _Costs:
@@ -117,6 +122,7 @@ class _Costs:
         self._dist: OrderedDict[tuple[int, int], tuple[np.ndarray, float]] = OrderedDict()
         self._masks: OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]] = OrderedDict()
         self._depths: dict[tuple, float] = {}
+        self._errors: dict[tuple, dict[str, float]] = {}  # (prefix, click, candidates) -> error depth of each
 
     def remember(self, key: tuple, mask: np.ndarray) -> None:
         """The base mask of a click list (to know later whether the map agreed with the next click)."""
@@ -355,35 +361,94 @@ class SeededPredictor:
         out[y0:y1, x0:x1] = np.where(near, filt, prob[y0:y1, x0:x1])
         return out
 
-    def errors(self, memory: _Costs, clicks: Sequence[Click], box: Box | None) -> tuple[float, float]:
-        """(base map's, stage's) summed error depth over the clicks so far: each click k > 1 is checked against
-        both candidates' masks for the clicks before it; a candidate that had the click's label there scores 0,
-        else the distance from the click to the nearest pixel of its label in that mask (the depth of the error
-        the click corrects, at most `error_cap` px). Prefixes either candidate was not computed for are skipped."""
+    def errors(self, memory: _Costs, clicks: Sequence[Click], box: Box | None,
+               names: Sequence[str] = ("base", "stage")) -> dict[str, float]:
+        """Each candidate's summed error depth over the clicks so far: each click k > 1 is checked against the
+        candidates' masks for the clicks before it; a candidate that had the click's label there scores 0, else the
+        distance from the click to the nearest pixel of its label in that mask (the depth of the error the click
+        corrects, at most `error_cap` px). Prefixes some candidate was not computed for are skipped."""
         cap = float(self.cfg.error_cap)
-        total = [0.0, 0.0]
+        total = dict.fromkeys(names, 0.0)
+        depths: dict[str, float]
         for k in range(max(1, self.cfg.start_click), len(clicks)):
             c, prefix = clicks[k], self._key(clicks[:k], box)
-            base, stage = memory.recall(("base",) + prefix), memory.recall(("stage",) + prefix)
-            if base is None or stage is None:
+            key = (prefix, float(c.x), float(c.y), bool(c.positive), tuple(names))
+            with memory._lock:
+                hit = memory._errors.get(key)
+            if hit is not None:
+                depths = hit
+            else:
+                masks = {name: memory.recall((name,) + prefix) for name in names}
+                if any(m is None for m in masks.values()):
+                    continue
+                y, x = int(round(c.y)), int(round(c.x))
+                depths = {}
+                for name, m in masks.items():
+                    assert m is not None
+                    if not (0 <= y < m.shape[0] and 0 <= x < m.shape[1]) or m[y, x] == bool(c.positive):
+                        depths[name] = 0.0
+                        continue
+                    found = distance_to_other_label(m, y, x, int(np.ceil(cap)))
+                    depths[name] = cap if found is None else min(cap, float(found))
+                with memory._lock:
+                    memory._errors[key] = depths
+            for name in names:
+                total[name] += depths[name]
+        return total
+
+    def choose(self, memory: _Costs, clicks: Sequence[Click], box: Box | None, names: Sequence[str]) -> str:
+        """The candidate to serve: the base map's unless another one's summed error depth is at least
+        `select_margin` px lower (about one deep error it had right and the map had wrong; near-ties and the first
+        clicks keep the map's)."""
+        errors = self.errors(memory, clicks, box, names)
+        best = min((n for n in names if n != "base"), key=lambda n: errors[n], default="base")
+        margin = min(self.cfg.select_margin, self.cfg.select_ratio * errors["base"])
+        chosen = best if errors[best] + margin <= errors["base"] and errors[best] < errors["base"] else "base"
+        logger.debug("click %d: error depths %s -> %s", len(clicks),
+                     " ".join(f"{n} {e:.1f}" for n, e in errors.items()), chosen)
+        return chosen
+
+    def wand(self, image: np.ndarray, clicks: Sequence[Click], box: Box | None, prob: np.ndarray) -> np.ndarray:
+        """The flood candidate (prob): from each positive click whose colour clearly differs from the median of a
+        ring around it, the 8-connected pixels (full resolution, within `wand_window` px) whose colour is nearer the
+        click's than the ring's and that are nearer the click than any negative click; 0.75 there, the base map
+        squeezed below 0.49 elsewhere, then every click's pixel on its side."""
+        cfg = self.cfg
+        H, W = prob.shape
+        memory = self._costs_of(image)
+        lab = memory.full_lab(image)
+        out = np.zeros((H, W), bool)
+        negatives = [c for c in clicks if not c.positive]
+        r0, r1 = cfg.wand_ring
+        for c in clicks:
+            if not c.positive:
                 continue
             y, x = int(round(c.y)), int(round(c.x))
-            for i, m in enumerate((base, stage)):
-                if not (0 <= y < m.shape[0] and 0 <= x < m.shape[1]) or m[y, x] == bool(c.positive):
-                    continue
-                found = distance_to_other_label(m, y, x, int(np.ceil(cap)))
-                total[i] += cap if found is None else min(cap, float(found))
-        return total[0], total[1]
-
-    def prefer_stage(self, memory: _Costs, clicks: Sequence[Click], box: Box | None) -> bool:
-        """Serve the stage's mask only when the clicks so far found clearly less error in it than in the base
-        map's (by `select_margin` px of error depth: about one deep error the stage had right and the map wrong;
-        near-ties, and the first clicks, keep the map's)."""
-        base_err, stage_err = self.errors(memory, clicks, box)
-        stage = stage_err + self.cfg.select_margin <= base_err
-        logger.debug("click %d: error depth base %.1f, stage %.1f -> %s", len(clicks), base_err, stage_err,
-                     "stage" if stage else "base")
-        return stage
+            if not (0 <= y < H and 0 <= x < W):
+                continue
+            b = int(cfg.wand_window)
+            y0, y1, x0, x1 = max(0, y - b), min(H, y + b + 1), max(0, x - b), min(W, x + b + 1)
+            crop = lab[y0:y1, x0:x1]
+            yy, xx = np.ogrid[y0:y1, x0:x1]
+            d2 = ((yy - c.y) ** 2 + (xx - c.x) ** 2).astype(np.float32)
+            ring = (d2 >= r0 * r0) & (d2 <= r1 * r1)
+            if not ring.any():
+                continue
+            own, bg = lab[y, x], np.median(crop[ring], axis=0)
+            if np.sqrt(((own - bg) ** 2).sum()) / memory.spread < cfg.wand_gate:
+                continue
+            like = ((crop - own) ** 2).sum(-1) < ((crop - bg) ** 2).sum(-1)
+            for n in negatives:
+                like &= d2 < ((yy - n.y) ** 2 + (xx - n.x) ** 2)
+            if not like[y - y0, x - x0]:
+                continue
+            _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
+            out[y0:y1, x0:x1] |= comp == comp[y - y0, x - x0]
+        cand = np.where(out, 0.75, np.minimum(prob, 1.0) * THRESHOLD).astype(np.float32)
+        cand = respect_clicks(cand, clicks, self.cfg.click_radius)
+        if box is not None:
+            cand = np.where(box_mask(box, (H, W)), cand, 0.0).astype(np.float32)
+        return cand
 
     def predict(self, state, clicks: list[Click], box: Box | None = None, prompt: str = "",
                 previous_mask: np.ndarray | None = None) -> ClickResult:
@@ -404,9 +469,14 @@ class SeededPredictor:
         if box is not None:
             prob = np.where(box_mask(box, (prob.shape[0], prob.shape[1])), prob, 0.0).astype(np.float32)
         if self.cfg.select:
-            memory.remember(("stage",) + self._key(clicks, box), prob > THRESHOLD)
-            if not self.prefer_stage(memory, clicks, box):
-                prob = base_prob
+            key = self._key(clicks, box)
+            candidates = {"base": base_prob, "stage": prob}
+            if self.cfg.wand:
+                candidates["wand"] = self.wand(image, clicks, box, base_prob)
+            for name, p in candidates.items():
+                if name != "base":
+                    memory.remember((name,) + key, p > THRESHOLD)
+            prob = candidates[self.choose(memory, clicks, box, list(candidates))]
         mask = prob > THRESHOLD
         memory.remember(("out",) + self._key(clicks, box), mask)
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
