@@ -1,9 +1,9 @@
 """The benchmark's predictor registry: `PREDICTORS` / `@register_predictor(name)` of
 `builder(engine, bank, args) -> Predictor`.
 
-"residual", "grabcut" and "service" / "service-exact" (the served backend over HTTP) are registered here; the modules of PLUGIN_MODULES (model/interactive/learned.py) are
-imported on demand and offer theirs through `bench_builders()`; NAME+refine wraps any of them in
-model.interactive.refine.RefinedPredictor.
+"residual", "grabcut" and "service" / "service-exact" (the served backend over HTTP) are registered here; the
+modules of PLUGIN_MODULES (model/interactive/learned.py) are imported on demand and offer theirs through
+`bench_builders()`; NAME+refine wraps any of them in model.interactive.refine.RefinedPredictor.
 """
 from __future__ import annotations
 
