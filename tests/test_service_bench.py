@@ -53,26 +53,25 @@ def _items(dataset: Path):
 
 
 # ---- what is sent ------------------------------------------------------------------------------------------
-def test_keypoints_read_back_as_the_simulators_pixels_or_their_centres():
-    """"exact" clicks come back from the service's percent -> pixel conversion as the simulator's own pixel
-    (without its rounding to 1e-6 px, 17% of the pixels of these sizes came back as e.g. 62.000000000000014, which
-    changed the served mask); "centre" ones as the pixel's centre, where an annotator clicks."""
+def test_a_click_at_a_pixels_centre_reads_back_as_that_pixel():
+    """Label Studio's percent is of the continuous image plane (pixel i spans [i, i + 1)); the service reads a
+    click at pixel (x, y)'s centre back as exactly (x, y), the simulator's click. Before, it read x + 0.5 (half a
+    pixel off), and without its rounding to 1e-6 px 17% of the pixels of these sizes came back as e.g.
+    62.000000000000014, each changing the served mask."""
     cfg = ls_format.parse_label_config(label_config(["Defect", "hole"]))
     rng = np.random.default_rng(0)
     for width, height in ((128, 96), (800, 600), (1130, 460), (1540, 645)):
         clicks = [Click(float(rng.integers(0, width)), float(rng.integers(0, height)), bool(rng.integers(2)))
-                  for _ in range(300)]
-        for click_at, offset in (("exact", 0.0), ("centre", 0.5)):
-            regions = [keypoint_region(c, width, height, "hole", k, click_at) for k, c in enumerate(clicks)]
-            request = ls_format.parse_context({"result": regions}, cfg, max_clicks=1000)
-            assert request is not None and request.label == "hole"
-            back = request.clicks_px(width, height)
-            assert [c.positive for c in back] == [c.positive for c in clicks]
-            if click_at == "exact":
-                assert [(c.x, c.y) for c in back] == [(c.x, c.y) for c in clicks]
-            else:
-                assert [(b.x, b.y) for b in back] == [(min(c.x + offset, width - 1.0), min(c.y + offset, height - 1.0))
-                                                      for c in clicks]  # the last row / column: clamped
+                  for _ in range(300)] + [Click(0.0, 0.0), Click(width - 1.0, height - 1.0, False)]
+        regions = [keypoint_region(c, width, height, "hole", k) for k, c in enumerate(clicks)]
+        request = ls_format.parse_context({"result": regions}, cfg, max_clicks=1000)
+        assert request is not None and request.label == "hole"
+        assert request.clicks_px(width, height) == clicks
+        # anywhere inside the pixel rounds to it
+        inside = [dict(r, value={**r["value"], "x": r["value"]["x"] + 0.49 / width * 100 * (1 - 2 * (k % 2))})
+                  for k, r in enumerate(regions)]
+        back = ls_format.parse_context({"result": inside}, cfg, max_clicks=1000).clicks_px(width, height)
+        assert [(round(b.x), b.y) for b in back] == [(c.x, c.y) for c in clicks]
     assert regions[0]["original_width"] == 1540 and regions[0]["value"]["keypointlabels"] == ["hole"]
 
 
@@ -86,7 +85,7 @@ def test_tiny_service_over_http_gives_the_in_process_masks_click_by_click(datase
                                   "WARM_ON_SETUP": "1", "LOG_LEVEL": "WARNING"})
     app, services, engine = make_app(settings)
     local = LocalService(app)
-    service = ServicePredictor(local.url, files=[t.path for t in _items(dataset)], click_at="exact")
+    service = ServicePredictor(local.url, files=[t.path for t in _items(dataset)])
     try:
         service.connect(expected_references=3)
         bank = services.serving.model_for("1").bank
@@ -121,7 +120,7 @@ def test_tiny_service_over_http_gives_the_in_process_masks_click_by_click(datase
 @pytest.mark.slow
 def test_served_predictor_over_http_matches_adclick_blend_refine_click_by_click(dataset, tmp_path):
     """The real app (bundled weights, served defaults) started as the benchmark starts it: its masks over HTTP
-    are identical, click by click, to the in-process `adclick-blend+refine` (exact clicks); the bank comes from
+    are identical, click by click, to the in-process `adclick-blend+refine`; the bank comes from
     the benchmark's cache (not rebuilt, the cache survives the service's clean-up)."""
     cache = tmp_path / "cache"
     args = bench.parse_args(["clicks", "--dataset", str(dataset), "--no-grabcut", "--cache-dir", str(cache)])
@@ -130,7 +129,7 @@ def test_served_predictor_over_http_matches_adclick_blend_refine_click_by_click(
     assert stats["n_refs"] == 4  # train/good and validation/good, both with a 000.png
     cached = sorted(cache.iterdir())
     ours_predictor = predictors.get_builder("adclick-blend+refine")(engine, bank, args)
-    service = build_service_predictor(engine, args, click_at="exact")
+    service = build_service_predictor(engine, args)
     try:
         assert service.version.startswith("adclick-") and service.version.endswith("-noprompt-blend0.5-refine")
         for item in _items(dataset):
@@ -227,8 +226,8 @@ def test_a_keypoint_without_its_label_is_refused_by_the_real_app(dataset, tmp_pa
     local = LocalService(app)
     service = ServicePredictor(local.url)
 
-    def unlabelled(click, width, height, label, k, click_at="centre"):
-        region = keypoint_region(click, width, height, label, k, click_at)
+    def unlabelled(click, width, height, label, k):
+        region = keypoint_region(click, width, height, label, k)
         if k == 1:  # the second click: the label was not selected again
             region["value"].pop("keypointlabels")
         return region

@@ -1,7 +1,7 @@
 """The benchmark's predictor registry: `PREDICTORS` / `@register_predictor(name)` of
 `builder(engine, bank, args) -> Predictor`.
 
-"residual", "grabcut" and "service" / "service-exact" (the served backend over HTTP) are registered here; the
+"residual", "grabcut" and "service" (the served backend over HTTP) are registered here; the
 modules of PLUGIN_MODULES (model/interactive/learned.py) are imported on demand and offer theirs through
 `bench_builders()`; NAME+refine wraps any of them in model.interactive.refine.RefinedPredictor.
 """
@@ -48,17 +48,9 @@ def _build_grabcut(engine, bank, args) -> Predictor:
 @register_predictor("service")
 def _build_service(engine, bank, args) -> Predictor:
     """The served backend over HTTP, as Label Studio calls it (model/evaluation/service.py): --service-url, else
-    the real app started in this process with the benchmark's references and bank cache; a click on a pixel is
-    sent at the pixel's centre."""
+    the real app started in this process with the benchmark's references and bank cache."""
     from model.evaluation.service import build_service_predictor
     return build_service_predictor(engine, args)
-
-
-@register_predictor("service-exact")
-def _build_service_exact(engine, bank, args) -> Predictor:
-    """"service" with each click sent at the coordinates the service reads back as the simulator's exactly."""
-    from model.evaluation.service import build_service_predictor
-    return build_service_predictor(engine, args, click_at="exact")
 
 
 def get_builder(name: str) -> PredictorBuilder:

@@ -7,9 +7,8 @@ a smart keypoint: every keypoint placed so far on the image (`keypointlabels`, `
 `is_positive` false for a negative click, `original_width/height`), each with the label the annotator selected
 before placing it (Label Studio drops the selection after each smart keypoint, so the annotator selects it again;
 a keypoint without one is refused by the service). A click on pixel (x, y) is sent at that pixel's centre,
-((x + 0.5) / W, (y + 0.5) / H) in percent, where an annotator clicks (the service reads it as (x + 0.5, y + 0.5)
-px); `click_at="exact"` (the `service-exact` predictor) sends (x / W, y / H), which the service reads back as the
-simulator's (x, y) exactly (backend/ls_format.py rounds to 1e-6 px). Label Studio does not send the previous mask:
+((x + 0.5) / W, (y + 0.5) / H) in percent, where an annotator clicks; the service reads it back as the pixel
+(x, y) exactly (backend/ls_format.py: InteractiveRequest.clicks_px). Label Studio does not send the previous mask:
 `previous_mask` is ignored and the service rebuilds it from its own click history (model/interactive/clicks.py
 ClickHistory). The answer's brush RLE is decoded with label-studio-sdk and returned as the mask, `prob` = the mask
 as float, so the simulator's `prob > 0.49` is that mask. Anything but one brush mask of the image's size (an HTTP
@@ -53,14 +52,13 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from model.errors import ConfigError, ModelError
+from model.errors import ModelError
 from model.types import AnomalyResult, Box, Click, ClickResult
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LABEL = "Defect"  # the label sent when the run has no prompt (--prompt none)
 LS_PREDICT_TIMEOUT_S = 100.0  # Label Studio 1.23's ML_TIMEOUT_PREDICT: it gives up on /predict after this
-CLICK_AT = ("centre", "exact")  # where a click on a pixel is sent: its centre, or its exact coordinates
 SERVED_MAX_REFERENCES = 200  # the service's default ADCLICK_MAX_REFERENCES (backend/settings.py)
 _CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
                   ".tif": "image/tiff", ".tiff": "image/tiff"}
@@ -160,11 +158,9 @@ def label_config(labels: Iterable[str]) -> str:
             "</RectangleLabels>\n</View>")
 
 
-def keypoint_region(click: Click, width: int, height: int, label: str, k: int, click_at: str = "centre") -> dict:
-    """The keypoint Label Studio 1.23.2's editor puts in a smart request's context for a click on pixel
-    (click.x, click.y): at the pixel's centre (x + 0.5, y + 0.5), or "exact": at (x, y) as the service reads
-    it back, the simulator's own click."""
-    off = 0.5 if click_at == "centre" else 0.0
+def keypoint_region(click: Click, width: int, height: int, label: str, k: int) -> dict:
+    """The keypoint Label Studio 1.23.2's editor puts in a smart request's context for a click at the centre of
+    pixel (click.x, click.y)."""
     return {
         "id": f"bench-kp{k}",
         "from_name": "click",
@@ -175,7 +171,7 @@ def keypoint_region(click: Click, width: int, height: int, label: str, k: int, c
         "original_height": int(height),
         "image_rotation": 0,
         "is_positive": bool(click.positive),
-        "value": {"x": (float(click.x) + off) / width * 100.0, "y": (float(click.y) + off) / height * 100.0,
+        "value": {"x": (float(click.x) + 0.5) / width * 100.0, "y": (float(click.y) + 0.5) / height * 100.0,
                   "width": 0.5, "keypointlabels": [label]},
     }
 
@@ -216,18 +212,15 @@ class ServicePredictor:
     """The Predictor protocol (model/types.py) over a running service's HTTP API, as Label Studio calls it."""
 
     def __init__(self, url: str, images: ImageHost | None = None, project: str = "1",
-                 files: Sequence[str | Path] = (), click_at: str = "centre",
+                 files: Sequence[str | Path] = (),
                  timeout_s: float = LS_PREDICT_TIMEOUT_S, session: Any = None):
         import requests
 
-        if click_at not in CLICK_AT:
-            raise ConfigError(f"click_at must be one of {CLICK_AT}, got {click_at!r}")
         self.url = url.rstrip("/")
         self.images = images or ImageHost()
         self._own_images = images is None
         self.project = str(project)
-        self.click_at = click_at
-        self.name = "service" if click_at == "centre" else f"service-{click_at}"
+        self.name = "service"
         self.timeout_s = float(timeout_s)
         self.session = session or requests.Session()
         self.session.trust_env = False  # no proxy from the environment for a service on this machine
@@ -327,7 +320,7 @@ class ServicePredictor:
         label = prompt.strip() or DEFAULT_LABEL
         if label not in self._labels:
             self._labels.append(label)
-        regions = [keypoint_region(c, w, h, label, k, self.click_at) for k, c in enumerate(clicks)]
+        regions = [keypoint_region(c, w, h, label, k) for k, c in enumerate(clicks)]
         if box is not None:
             regions.append(rectangle_region(box, w, h, label))
         body = {"tasks": [self._task(state)], "model_version": self.version, "project": f"{self.project}.1",
@@ -443,7 +436,7 @@ def start_local_service(env: dict[str, str], services: Any = None) -> tuple[Loca
     return LocalService(create_app(settings, services, start_jobs=True)), services
 
 
-def build_service_predictor(engine: Any, args: Any, click_at: str = "centre") -> ServicePredictor:
+def build_service_predictor(engine: Any, args: Any) -> ServicePredictor:
     """The `service` predictor of `python -m model.bench`: over --service-url, else over the real app started in
     this process with the benchmark's references and bank cache (module docstring)."""
     from model.evaluation.runs import select_refs, split_items
@@ -470,7 +463,7 @@ def build_service_predictor(engine: Any, args: Any, click_at: str = "centre") ->
         if hasattr(engine, "config_hash") and served != engine.config_hash():
             logger.warning("the served engine (%s) is configured unlike the benchmark's (%s: --match, --backbone-opt, "
                            "--residual-opt?): it builds its own bank", served, engine.config_hash())
-    predictor = ServicePredictor(url, files=files, click_at=click_at)
+    predictor = ServicePredictor(url, files=files)
     predictor._on_close += on_close
     atexit.register(predictor.close)
     try:
