@@ -167,9 +167,13 @@ class InteractiveRequest:
     prompt: str
 
     def clicks_px(self, width: int, height: int) -> list[Click]:
-        return [Click(_to_px(x, width), _to_px(y, height), positive) for x, y, positive in self.clicks_pct]
+        """Clicks as pixel indices (model/types.py: pixel i's centre is at i). Label Studio's percent is of the
+        continuous image plane, where pixel i spans [i, i + 1): a click at p lands on p - 0.5, so a click anywhere
+        inside pixel i rounds to i, and one at its centre is exactly i (the benchmark's simulated click)."""
+        return [Click(_to_px(x, width, 0.5), _to_px(y, height, 0.5), positive) for x, y, positive in self.clicks_pct]
 
     def box_px(self, width: int, height: int) -> Box | None:
+        """The rectangle's edges on the continuous plane (x1 = last column + 1, as the benchmark's `gt_box`)."""
         if self.box_pct is None:
             return None
         x0, y0, x1, y1 = self.box_pct
@@ -194,8 +198,11 @@ def _inside(x: float, y: float, what: str) -> None:
         raise BadRequest(f"{what} at x={x:.2f}%, y={y:.2f}% lies outside the image (0-100%)")
 
 
-def _to_px(pct: float, size: int) -> float:
-    return min(max(pct / 100.0 * size, 0.0), size - 1.0)
+def _to_px(pct: float, size: int, shift: float = 0.0) -> float:
+    """Percent -> px (minus `shift`), rounded to 1e-6 px: the round trip px / size * 100 / 100 * size otherwise
+    leaves float noise (62 -> 62.000000000000014) that moves the edge pixels of the click disks the predictors
+    draw."""
+    return min(max(round(pct / 100.0 * size - shift, 6), 0.0), size - 1.0)
 
 
 def _region_label(region: dict, kind: str) -> str:

@@ -128,7 +128,8 @@ def test_context_percent_to_pixels_with_negatives_box_and_prompt():
     req = ls_format.parse_context(ctx, cfg)
     assert req.label == "Scratch"
     clicks = req.clicks_px(width=200, height=100)
-    assert [(c.x, c.y, c.positive) for c in clicks] == [(100.0, 50.0, True), (50.0, 10.0, False)]
+    # pixel indices: 50 % of 200 px is the edge between pixels 99 and 100, i.e. 99.5
+    assert [(c.x, c.y, c.positive) for c in clicks] == [(99.5, 49.5, True), (49.5, 9.5, False)]
     assert req.box_px(width=200, height=100) == pytest.approx((20.0, 20.0, 80.0, 60.0))
     assert req.prompt == "Scratch, long thin mark"
 

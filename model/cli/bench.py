@@ -2,6 +2,7 @@
 
   python -m model.bench anomaly --dataset DIR [--json FILE] [--refs all,1,5,10] [--match window,softpos]
   python -m model.bench clicks  --dataset DIR --predictor residual[,adclick-blend+refine] [--json FILE]
+  python -m model.bench clicks  --dataset DIR --predictor adclick-blend+refine,service [--service-url URL]
   python -m model.bench boxes   --dataset DIR --predictor adclick-blend+refine [--split even] [--json FILE]
   python -m model.bench fit ...   (dispatched to model.cli.bench_fit:main)
 
@@ -174,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model.interactive.focus.FocusConfig override for NAME+focus predictors")
     clicks.add_argument("--seeded-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="model.interactive.seeded.SeededConfig override for NAME+seeded predictors")
+    clicks.add_argument("--service-url", default=None, metavar="URL",
+                        help="the `service` predictor drives this running backend (make serve on this machine; "
+                             "http://user:pass@host:port with basic auth) instead of the app started in-process")
     boxes = sub.add_parser("boxes", help="the smart rectangle alone: IoU / recall / precision of one box per defect")
     add_common_flags(boxes, "window | softpos (matching of the residual engine)")
     boxes.add_argument("--predictor", default="residual", help="comma list of registered predictors (as clicks)")

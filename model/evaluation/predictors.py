@@ -1,9 +1,9 @@
 """The benchmark's predictor registry: `PREDICTORS` / `@register_predictor(name)` of
 `builder(engine, bank, args) -> Predictor`.
 
-"residual" and "grabcut" are registered here; the modules of PLUGIN_MODULES (model/interactive/learned.py) are
-imported on demand and offer theirs through `bench_builders()`; NAME+refine wraps any of them in
-model.interactive.refine.RefinedPredictor.
+"residual", "grabcut" and "service" (the served backend over HTTP) are registered here; the
+modules of PLUGIN_MODULES (model/interactive/learned.py) are imported on demand and offer theirs through
+`bench_builders()`; NAME+refine wraps any of them in model.interactive.refine.RefinedPredictor.
 """
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def _build_residual(engine, bank, args) -> Predictor:
 @register_predictor("grabcut")
 def _build_grabcut(engine, bank, args) -> Predictor:
     return GrabCutPredictor(GrabCutConfig(iterations=args.grabcut_iters))
+
+
+@register_predictor("service")
+def _build_service(engine, bank, args) -> Predictor:
+    """The served backend over HTTP, as Label Studio calls it (model/evaluation/service.py): --service-url, else
+    the real app started in this process with the benchmark's references and bank cache."""
+    from model.evaluation.service import build_service_predictor
+    return build_service_predictor(engine, args)
 
 
 def get_builder(name: str) -> PredictorBuilder:
