@@ -93,6 +93,7 @@ class SeededConfig:
     wand_window: int = 200  # px, half-size of the box around a positive click the flood stays in
     wand_ring: tuple[float, float] = (5.0, 10.0)  # px, ring around the click whose median colour is "background"
     wand_gate: float = 1.0  # click colour - ring colour, in colour spreads, from which the flood runs
+    wand_max_width: float = 4.0  # px: a flood is kept only if this thin (2 x area / boundary; 0: any width)
 
 
 class _Costs:
@@ -409,10 +410,12 @@ class SeededPredictor:
         return chosen
 
     def wand(self, image: np.ndarray, clicks: Sequence[Click], box: Box | None, prob: np.ndarray) -> np.ndarray:
-        """The flood candidate (prob): from each positive click whose colour clearly differs from the median of a
-        ring around it, the 8-connected pixels (full resolution, within `wand_window` px) whose colour is nearer the
-        click's than the ring's and that are nearer the click than any negative click; 0.75 there, the base map
-        squeezed below 0.49 elsewhere, then every click's pixel on its side."""
+        """The flood candidate (prob), for thin structures (cracks, scratches) the 192 px copy of the geodesic
+        stage cannot see: from each positive click whose colour clearly differs from the median of a ring around it,
+        the 8-connected pixels (full resolution, within `wand_window` px) whose colour is nearer the click's than
+        the ring's and that are nearer the click than any negative click, kept if at most `wand_max_width` px wide;
+        0.75 there, the base map squeezed below 0.49 elsewhere, then every click's pixel on its side. Without any
+        such flood it is the base map itself (so it never wins the selection by click disks alone)."""
         cfg = self.cfg
         H, W = prob.shape
         memory = self._costs_of(image)
@@ -443,7 +446,15 @@ class SeededPredictor:
             if not like[y - y0, x - x0]:
                 continue
             _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
-            out[y0:y1, x0:x1] |= comp == comp[y - y0, x - x0]
+            region = comp == comp[y - y0, x - x0]
+            if cfg.wand_max_width > 0:
+                inner = cv2.erode(region.view(np.uint8), np.ones((3, 3), np.uint8), borderValue=0) > 0
+                boundary = int(np.count_nonzero(region & ~inner))
+                if 2.0 * np.count_nonzero(region) > cfg.wand_max_width * max(boundary, 1):
+                    continue  # a blob, not a thin structure: the map and the geodesic stage handle those
+            out[y0:y1, x0:x1] |= region
+        if not out.any():  # no thin structure at any click: the candidate is the map itself (never preferred)
+            return prob
         cand = np.where(out, 0.75, np.minimum(prob, 1.0) * THRESHOLD).astype(np.float32)
         cand = respect_clicks(cand, clicks, self.cfg.click_radius)
         if box is not None:
