@@ -156,3 +156,49 @@ def test_selection_keeps_a_map_that_follows_the_clicks():
     for k, click_prob in sim.probs.items():
         expected = base.predict(None, sim.clicks[:k]).mask
         assert ((click_prob > 0.49) == expected).all()
+
+
+def crack_image(seed=3, width=2):
+    rng = np.random.default_rng(seed)
+    g = 60 + 12 * np.sin(np.mgrid[0:H, 0:W][1] / 5.0) + rng.normal(0, 4, (H, W))
+    image = np.clip(np.repeat(g[..., None], 3, 2), 0, 255).astype(np.uint8)
+    gt = np.zeros((H, W), np.uint8)
+    xs = np.arange(40, 281)
+    ys = np.rint(120 + 30 * np.sin((xs - 40) / 45.0)).astype(np.int32)
+    cv2.polylines(gt, [np.stack([xs, ys], 1).reshape(-1, 1, 2)], False, 1, thickness=width)
+    gt = gt > 0
+    image[gt] = 120
+    return image, gt
+
+
+def test_a_thin_crack_is_followed_where_the_map_only_gives_a_blob():
+    """The map finds a blob around part of the crack (as a residual map on a 12 px grid does) and ignores clicks;
+    the wand candidate floods along the crack at full resolution and the selection serves it after a few clicks."""
+    image, gt = crack_image()
+    blob = cv2.dilate(gt.view(np.uint8), np.ones((15, 15), np.uint8)) > 0
+    blob[:, 160:] = False
+    prob = np.where(blob, 0.8, 0.05).astype(np.float32)
+    scores = {}
+    for wand in (False, True):
+        predictor = SeededPredictor(FixedMap(prob), SeededConfig(wand=wand))
+        sim = simulate(predictor, predictor.set_image(image), gt, max_clicks=12, keep_probs=None)
+        scores[wand] = f1(sim.probs[max(sim.probs)] > 0.49, gt)
+    assert scores[True] >= 0.9, scores
+    assert scores[True] >= scores[False] + 0.2, scores
+
+
+def test_the_wand_floods_only_thin_structures():
+    """A click inside a large uniform blob (not a thin structure): the wand candidate is the map itself."""
+    image = patterned(6, noise=2.0)
+    blob = np.zeros((H, W), bool)
+    cv2.circle(blob.view(np.uint8), (160, 120), 40, 1, -1)
+    image[blob] = (210, 210, 210)
+    prob = np.full((H, W), 0.05, np.float32)
+    predictor = SeededPredictor(FixedMap(prob), SeededConfig(wand=True))
+    predictor.set_image(image)
+    cand = predictor.wand(image, [Click(160.0, 120.0, True)], None, prob)
+    assert (cand == prob).all()
+    line, gt = crack_image()
+    on_line = Click(100.0, float(np.nonzero(gt[:, 100])[0][0]), True)
+    flood = predictor.wand(line, [on_line], None, prob) > 0.49
+    assert f1(flood, gt) >= 0.95  # the whole crack from one click on it

@@ -94,6 +94,7 @@ class SeededConfig:
     wand_ring: tuple[float, float] = (5.0, 10.0)  # px, ring around the click whose median colour is "background"
     wand_gate: float = 1.0  # click colour - ring colour, in colour spreads, from which the flood runs
     wand_max_width: float = 4.0  # px: a flood is kept only if this thin (2 x area / boundary; 0: any width)
+    wand_cut: float = 4.0  # px: a negative click removes this disk from the flood (cutting a leak through it)
 
 
 class _Costs:
@@ -319,31 +320,42 @@ class SeededPredictor:
                 bg[wsum < 1e-3] = costs.lab[weight > 0].mean(axis=0)
                 clear = np.sqrt(((colour - bg) ** 2).sum(-1)) / costs.spread >= cfg.gate
                 gate = (colour, bg, clear)
-        pos_d, neg_d, pos_s, neg_s = up(near[True]), up(near[False]), up(slack[True]), up(slack[False])
+        # only pixels some click reaches can change: the full-resolution work stays in their bounding box (the
+        # upsampled slack is interpolated, so the box gets a 2 work px margin; the result is the same)
+        ys, xs = np.nonzero((slack[True] > 0) | (slack[False] > 0))
+        inv = 1.0 / costs.scale
+        fy0, fy1 = max(0, int((ys.min() - 2) * inv)), min(H, int(np.ceil((ys.max() + 3) * inv)) + 1)
+        fx0, fx1 = max(0, int((xs.min() - 2) * inv)), min(W, int(np.ceil((xs.max() + 3) * inv)) + 1)
+        box_sl = (slice(fy0, fy1), slice(fx0, fx1))
+        pos_d, neg_d, pos_s, neg_s = (up(a)[box_sl] for a in (near[True], near[False], slack[True], slack[False]))
+        crop_base = base[box_sl]
         # a pixel changes side where a click of the other side reaches it and wins the geodesic competition
         m_fg = np.minimum(pos_s, neg_d - pos_d)
         m_bg = np.minimum(neg_s, pos_d - neg_d)
-        to_fg = ~base & (m_fg > 0)
+        to_fg = ~crop_base & (m_fg > 0)
         if gate is not None and to_fg.any():
             colour, bg, clear = gate
-            near_up = (lambda a, how: a if costs.shape == (H, W) else cv2.resize(a, (W, H), interpolation=how))
+            near_up = (lambda a, how: (a if costs.shape == (H, W) else cv2.resize(a, (W, H), interpolation=how))[box_sl])
             clear_up = near_up(clear.astype(np.uint8), cv2.INTER_NEAREST) > 0
             check = to_fg & clear_up
             if check.any():
-                lab = costs.full_lab(image)[check]
+                lab = costs.full_lab(image)[box_sl][check]
                 col = near_up(colour, cv2.INTER_NEAREST)[check]
                 back = near_up(bg.astype(np.float32), cv2.INTER_LINEAR)[check]
                 unlike = ((lab - back) ** 2).sum(-1) <= ((lab - col) ** 2).sum(-1)
                 idx = np.flatnonzero(check)[unlike]
                 to_fg.flat[idx] = False
-        to_bg = base & (m_bg > 0)
-        changed = to_fg | to_bg
-        if not changed.any():
+        to_bg = crop_base & (m_bg > 0)
+        crop_changed = to_fg | to_bg
+        changed = np.zeros((H, W), bool)
+        if not crop_changed.any():
             return prob, changed
+        changed[box_sl] = crop_changed
         t = cfg.temperature
         out = prob.astype(np.float32, copy=True)
-        out[to_fg] = 0.5 + 0.5 / (1.0 + np.exp(-m_fg[to_fg] / t))
-        out[to_bg] = THRESHOLD * (1.0 - 1.0 / (1.0 + np.exp(-m_bg[to_bg] / t)))
+        crop = out[box_sl]
+        crop[to_fg] = 0.5 + 0.5 / (1.0 + np.exp(-m_fg[to_fg] / t))
+        crop[to_bg] = THRESHOLD * (1.0 - 1.0 / (1.0 + np.exp(-m_bg[to_bg] / t)))
         return out, changed
 
     def snap(self, image: np.ndarray, prob: np.ndarray, changed: np.ndarray) -> np.ndarray:
@@ -413,7 +425,7 @@ class SeededPredictor:
         """The flood candidate (prob), for thin structures (cracks, scratches) the 192 px copy of the geodesic
         stage cannot see: from each positive click whose colour clearly differs from the median of a ring around it,
         the 8-connected pixels (full resolution, within `wand_window` px) whose colour is nearer the click's than
-        the ring's and that are nearer the click than any negative click, kept if at most `wand_max_width` px wide;
+        the ring's, minus a `wand_cut` px disk around each negative click, kept if at most `wand_max_width` px wide;
         0.75 there, the base map squeezed below 0.49 elsewhere, then every click's pixel on its side. Without any
         such flood it is the base map itself (so it never wins the selection by click disks alone)."""
         cfg = self.cfg
@@ -441,8 +453,8 @@ class SeededPredictor:
             if np.sqrt(((own - bg) ** 2).sum()) / memory.spread < cfg.wand_gate:
                 continue
             like = ((crop - own) ** 2).sum(-1) < ((crop - bg) ** 2).sum(-1)
-            for n in negatives:
-                like &= d2 < ((yy - n.y) ** 2 + (xx - n.x) ** 2)
+            for n in negatives:  # a negative click cuts the flood where it lies (a leak across it is cut off)
+                like &= ((yy - n.y) ** 2 + (xx - n.x) ** 2) > cfg.wand_cut ** 2
             if not like[y - y0, x - x0]:
                 continue
             _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
