@@ -89,7 +89,7 @@ class SeededConfig:
     error_cap: float = 64.0  # full-res px: an error's depth counts at most this much in the selection
     select_margin: float = 32.0  # full-res px: the stage is served once its summed error depth is this much lower
     select_ratio: float = 1.0  # ... or once it is at most (1 - select_ratio) x the map's (1: the margin alone)
-    wand: bool = False  # a third candidate: full-resolution flood from each positive click (thin structures)
+    wand: bool = True  # a third candidate: full-resolution flood from each positive click (thin structures)
     wand_window: int = 200  # px, half-size of the box around a positive click the flood stays in
     wand_ring: tuple[float, float] = (5.0, 10.0)  # px, ring around the click whose median colour is "background"
     wand_gate: float = 1.0  # click colour - ring colour, in colour spreads, from which the flood runs
