@@ -30,16 +30,20 @@ Method (`SeededPredictor.predict`, all clicks every time):
    image edges with the guided filter of model/interactive/refine.py at full resolution, and every click's
    pixel ends up on its side.
 
-6. Selection (`select`, on by default, as served): the stage's mask is served only once the clicks have proved
-   the map wrong. Each click k > 1 is checked against the base map's and the stage's masks for the clicks before
+6. The wand (`wand`, on by default): a third candidate for thin structures (cracks, scratches of 1-3 px) the
+   192 px copy cannot see: from each positive click whose colour clearly differs from a ring around it, a
+   full-resolution flood of the pixels nearer its colour than the ring's, cut by a small disk at each negative
+   click, kept only if at most `wand_max_width` px wide; without such a flood the candidate is the map itself.
+7. Selection (`select`, on by default, as served): a candidate other than the map is served only once the clicks
+   have proved the map wrong. Each click k > 1 is checked against every candidate's mask for the clicks before
    it (0 when that mask already had the click's label there, else the depth of the error, at most `error_cap`
-   px); the stage's mask is served when its summed error depth is at least `select_margin` px below the map's,
-   i.e. about one deep error the stage had right and the map had wrong. Where the map follows the clicks (the
+   px); the best candidate is served when its summed error depth is at least min(`select_margin` px,
+   `select_ratio` x the map's) below the map's, i.e. about one deep error it had right and the map had wrong. Where the map follows the clicks (the
    tire and pitting dev halves) nothing changes; where it is blind (large faint areas, texture) the stage takes
    over after a few clicks. Without the margin (serve on any lower sum) the stage took over on near-ties and the
    tire "combined" defects collapsed (mIoU@5 0.73 -> 0.69 on the tire dev half).
 
-The base masks (and with `select` the stage's) of earlier click prefixes are remembered per image, bit-packed,
+The base masks (and with `select` the other candidates') of earlier click prefixes are remembered per image, bit-packed,
 the newest 2 x `history`; the service's ClickHistory replays click prefixes in order, as the benchmark's
 simulator makes them (a process that has not seen the earlier prefixes serves the map's mask). Measured against
 the served predictor and GrabCut in issue 13 (README, Benchmarks).
@@ -88,7 +92,8 @@ class SeededConfig:
     select: bool = True  # serve whichever of (base map, stage) the clicks so far found fewer / shallower errors in
     error_cap: float = 64.0  # full-res px: an error's depth counts at most this much in the selection
     select_margin: float = 32.0  # full-res px: the stage is served once its summed error depth is this much lower
-    select_ratio: float = 1.0  # ... or once it is at most (1 - select_ratio) x the map's (1: the margin alone)
+    select_ratio: float = 1.0  # margin = min(select_margin, select_ratio x the map's error): 1 = while the map's
+    # summed error is under 32 px, only a candidate with none at all is served
     wand: bool = True  # a third candidate: full-resolution flood from each positive click (thin structures)
     wand_window: int = 200  # px, half-size of the box around a positive click the flood stays in
     wand_ring: tuple[float, float] = (5.0, 10.0)  # px, ring around the click whose median colour is "background"
