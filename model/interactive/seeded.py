@@ -38,13 +38,14 @@ Method (`SeededPredictor.predict`, all clicks every time):
    have proved the map wrong. Each click k > 1 is checked against every candidate's mask for the clicks before
    it (0 when that mask already had the click's label there, else the depth of the error, at most `error_cap`
    px); the best candidate is served when its summed error depth is at least min(`select_margin` px,
-   `select_ratio` x the map's) below the map's, i.e. about one deep error it had right and the map had wrong. Where the map follows the clicks (the
-   tire and pitting dev halves) nothing changes; where it is blind (large faint areas, texture) the stage takes
-   over after a few clicks. Without the margin (serve on any lower sum) the stage took over on near-ties and the
-   tire "combined" defects collapsed (mIoU@5 0.73 -> 0.69 on the tire dev half).
+   `select_ratio` x the map's) below the map's, i.e. about one deep error it had right and the map had wrong.
+   Where the map follows the clicks (the tire and pitting dev halves) nothing changes; where it is blind (large
+   faint areas, texture) the stage takes over after a few clicks. Without the margin (serve on any lower sum) the
+   stage took over on near-ties and the tire "combined" defects collapsed (mIoU@5 0.73 -> 0.69 on the tire dev
+   half).
 
-The base masks (and with `select` the other candidates') of earlier click prefixes are remembered per image, bit-packed,
-the newest 2 x `history`; the service's ClickHistory replays click prefixes in order, as the benchmark's
+The base masks (and with `select` the other candidates') of earlier click prefixes are remembered per image,
+bit-packed, the newest 2 x `history`; the service's ClickHistory replays click prefixes in order, as the benchmark's
 simulator makes them (a process that has not seen the earlier prefixes serves the map's mask). Measured against
 the served predictor and GrabCut in issue 13 (README, Benchmarks).
 """
@@ -130,6 +131,8 @@ class _Costs:
         self._masks: OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]] = OrderedDict()
         self._depths: dict[tuple, float] = {}
         self._errors: dict[tuple, dict[str, float]] = {}  # (prefix, click, candidates) -> error depth of each
+        self._like: dict[tuple[int, int], np.ndarray] = {}  # wand: a positive click's "looks like it" window
+        self._floods: OrderedDict[tuple, Any] = OrderedDict()  # wand: (click, cuts) -> (window, region) | None
 
     def remember(self, key: tuple, mask: np.ndarray) -> None:
         """The base mask of a click list (to know later whether the map agreed with the next click)."""
@@ -340,7 +343,9 @@ class SeededPredictor:
         to_fg = ~crop_base & (m_fg > 0)
         if gate is not None and to_fg.any():
             colour, bg, clear = gate
-            near_up = (lambda a, how: (a if costs.shape == (H, W) else cv2.resize(a, (W, H), interpolation=how))[box_sl])
+            def near_up(a: np.ndarray, how: int) -> np.ndarray:
+                return (a if costs.shape == (H, W) else cv2.resize(a, (W, H), interpolation=how))[box_sl]
+
             clear_up = near_up(clear.astype(np.uint8), cv2.INTER_NEAREST) > 0
             check = to_fg & clear_up
             if check.any():
@@ -426,6 +431,64 @@ class SeededPredictor:
                      " ".join(f"{n} {e:.1f}" for n, e in errors.items()), chosen)
         return chosen
 
+    def _flood(self, image: np.ndarray, memory: _Costs, c: Click, negatives: Sequence[Click]
+               ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+        """One positive click's thin flood (window, region) or None; cached per click and the negative clicks
+        inside its window (the colour test per click, the cut and the flood per set of those negatives)."""
+        cfg = self.cfg
+        lab = memory.full_lab(image)
+        H, W = lab.shape[:2]
+        y, x = int(round(c.y)), int(round(c.x))
+        if not (0 <= y < H and 0 <= x < W):
+            return None
+        b = int(cfg.wand_window)
+        y0, y1, x0, x1 = max(0, y - b), min(H, y + b + 1), max(0, x - b), min(W, x + b + 1)
+        m = cfg.wand_cut
+        cuts = tuple(sorted((float(n.x), float(n.y)) for n in negatives
+                            if y0 - m <= n.y < y1 + m and x0 - m <= n.x < x1 + m))
+        key = (float(c.x), float(c.y), cuts)
+        with memory._lock:
+            if key in memory._floods:
+                memory._floods.move_to_end(key)
+                return memory._floods[key]
+            like = memory._like.get((y, x))
+        if like is None:
+            crop = lab[y0:y1, x0:x1]
+            yy, xx = np.ogrid[y0:y1, x0:x1]
+            d2 = ((yy - c.y) ** 2 + (xx - c.x) ** 2).astype(np.float32)
+            r0, r1 = cfg.wand_ring
+            ring = (d2 >= r0 * r0) & (d2 <= r1 * r1)
+            like = np.zeros((0, 0), bool)  # no flood from this click
+            if ring.any():
+                own, bg = lab[y, x], np.median(crop[ring], axis=0)
+                if np.sqrt(((own - bg) ** 2).sum()) / memory.spread >= cfg.wand_gate:
+                    like = ((crop - own) ** 2).sum(-1) < ((crop - bg) ** 2).sum(-1)
+            with memory._lock:
+                memory._like[(y, x)] = like
+        result = None
+        if like.size:
+            like = like.copy()
+            yy, xx = np.ogrid[y0:y1, x0:x1]
+            for nx, ny in cuts:  # a negative click cuts the flood where it lies (a leak across it is cut off)
+                like &= ((yy - ny) ** 2 + (xx - nx) ** 2) > cfg.wand_cut ** 2
+            if like[y - y0, x - x0]:
+                _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
+                region = comp == comp[y - y0, x - x0]
+                thin = True
+                if cfg.wand_max_width > 0:
+                    inner = cv2.erode(region.view(np.uint8), np.ones((3, 3), np.uint8), borderValue=0) > 0
+                    boundary = int(np.count_nonzero(region & ~inner))
+                    thin = 2.0 * np.count_nonzero(region) <= cfg.wand_max_width * max(boundary, 1)
+                if thin:  # else a blob, not a thin structure: the map and the geodesic stage handle those
+                    result = ((y0, y1, x0, x1), region)
+        with memory._lock:
+            memory._floods[key] = result
+            while len(memory._floods) > self.cfg.history:
+                memory._floods.popitem(last=False)
+            while len(memory._like) > self.cfg.history:
+                memory._like.pop(next(iter(memory._like)))
+        return result
+
     def wand(self, image: np.ndarray, clicks: Sequence[Click], box: Box | None, prob: np.ndarray) -> np.ndarray:
         """The flood candidate (prob), for thin structures (cracks, scratches) the 192 px copy of the geodesic
         stage cannot see: from each positive click whose colour clearly differs from the median of a ring around it,
@@ -433,43 +496,16 @@ class SeededPredictor:
         the ring's, minus a `wand_cut` px disk around each negative click, kept if at most `wand_max_width` px wide;
         0.75 there, the base map squeezed below 0.49 elsewhere, then every click's pixel on its side. Without any
         such flood it is the base map itself (so it never wins the selection by click disks alone)."""
-        cfg = self.cfg
         H, W = prob.shape
         memory = self._costs_of(image)
-        lab = memory.full_lab(image)
         out = np.zeros((H, W), bool)
         negatives = [c for c in clicks if not c.positive]
-        r0, r1 = cfg.wand_ring
         for c in clicks:
-            if not c.positive:
-                continue
-            y, x = int(round(c.y)), int(round(c.x))
-            if not (0 <= y < H and 0 <= x < W):
-                continue
-            b = int(cfg.wand_window)
-            y0, y1, x0, x1 = max(0, y - b), min(H, y + b + 1), max(0, x - b), min(W, x + b + 1)
-            crop = lab[y0:y1, x0:x1]
-            yy, xx = np.ogrid[y0:y1, x0:x1]
-            d2 = ((yy - c.y) ** 2 + (xx - c.x) ** 2).astype(np.float32)
-            ring = (d2 >= r0 * r0) & (d2 <= r1 * r1)
-            if not ring.any():
-                continue
-            own, bg = lab[y, x], np.median(crop[ring], axis=0)
-            if np.sqrt(((own - bg) ** 2).sum()) / memory.spread < cfg.wand_gate:
-                continue
-            like = ((crop - own) ** 2).sum(-1) < ((crop - bg) ** 2).sum(-1)
-            for n in negatives:  # a negative click cuts the flood where it lies (a leak across it is cut off)
-                like &= ((yy - n.y) ** 2 + (xx - n.x) ** 2) > cfg.wand_cut ** 2
-            if not like[y - y0, x - x0]:
-                continue
-            _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
-            region = comp == comp[y - y0, x - x0]
-            if cfg.wand_max_width > 0:
-                inner = cv2.erode(region.view(np.uint8), np.ones((3, 3), np.uint8), borderValue=0) > 0
-                boundary = int(np.count_nonzero(region & ~inner))
-                if 2.0 * np.count_nonzero(region) > cfg.wand_max_width * max(boundary, 1):
-                    continue  # a blob, not a thin structure: the map and the geodesic stage handle those
-            out[y0:y1, x0:x1] |= region
+            if c.positive:
+                flood = self._flood(image, memory, c, negatives)
+                if flood is not None:
+                    (y0, y1, x0, x1), region = flood
+                    out[y0:y1, x0:x1] |= region
         if not out.any():  # no thin structure at any click: the candidate is the map itself (never preferred)
             return prob
         cand = np.where(out, 0.75, np.minimum(prob, 1.0) * THRESHOLD).astype(np.float32)
