@@ -182,6 +182,16 @@ class _Costs:
                 self._full_lab = lab
         return lab
 
+    def full_grey(self, image: np.ndarray) -> np.ndarray:
+        """The image's grey levels / 255 at full resolution (float32, computed once): the snap's guide."""
+        with self._lock:
+            grey = getattr(self, "_full_grey", None)
+        if grey is None:
+            grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+            with self._lock:
+                self._full_grey = grey
+        return grey
+
     def colour(self, c: Click) -> np.ndarray:
         y, x = self.point(c)
         return self.lab[max(0, y - 1):y + 2, max(0, x - 1):x + 2].reshape(-1, 3).mean(axis=0)
@@ -376,8 +386,8 @@ class SeededPredictor:
         m = cfg.band + 2 * cfg.radius
         y0, y1 = max(0, int(ys.min()) - m), min(H, int(ys.max()) + m + 1)
         x0, x1 = max(0, int(xs.min()) - m), min(W, int(xs.max()) + m + 1)
-        grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY).astype(np.float32)
-        filt = np.clip(guided_filter(grey / 255.0, prob[y0:y1, x0:x1], cfg.radius, cfg.eps), 0.0, 1.0)
+        grey = self._costs_of(image).full_grey(image)[y0:y1, x0:x1]
+        filt = np.clip(guided_filter(grey, prob[y0:y1, x0:x1], cfg.radius, cfg.eps), 0.0, 1.0)
         near = cv2.dilate(changed[y0:y1, x0:x1].astype(np.uint8),
                           cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.band + 1, 2 * cfg.band + 1))) > 0
         out = prob.copy()
