@@ -75,7 +75,7 @@ def test_thin_crack_is_followed_along_its_length():
     assert f1(masks[-1], gt) >= 0.95  # within eight clicks, the whole crack
 
 
-def test_negative_click_removes_spill_but_keeps_the_clicked_defect():
+def spilling_map():
     image = patterned(4, noise=3.0)
     defect = np.zeros((H, W), bool)
     cv2.circle(defect.view(np.uint8), (120, 120), 28, 1, -1)
@@ -83,7 +83,11 @@ def test_negative_click_removes_spill_but_keeps_the_clicked_defect():
     spill = np.zeros((H, W), bool)
     cv2.ellipse(spill.view(np.uint8), (185, 120), (50, 35), 0, 0, 360, 1, -1)
     spill &= ~defect
-    prob = np.where(defect | spill, 0.9, 0.05).astype(np.float32)  # the map spills to the right
+    return image, defect, spill, np.where(defect | spill, 0.9, 0.05).astype(np.float32)
+
+
+def test_negative_click_removes_spill_but_keeps_the_clicked_defect():
+    image, defect, spill, prob = spilling_map()  # the map spills to the right of the defect
     predictor = SeededPredictor(FixedMap(prob), SeededConfig(select=False))  # the stage's own mask at every click
     sim = simulate(predictor, predictor.set_image(image), defect, max_clicks=5, keep_probs=None)
     assert sim.clicks[0].positive and not sim.clicks[1].positive  # on the defect, then on the spill
@@ -116,16 +120,6 @@ def test_the_stage_can_start_late_leaving_the_first_clicks_to_the_base_predictor
     assert all(not (sim.probs[k] > 0.49).any() for k in range(1, 6))  # the empty map's mask, unchanged
     assert f1(sim.probs[max(sim.probs)] > 0.49, gt) >= 0.9
 
-
-def spilling_map():
-    image = patterned(4, noise=3.0)
-    defect = np.zeros((H, W), bool)
-    cv2.circle(defect.view(np.uint8), (120, 120), 28, 1, -1)
-    image[defect] = (200, 200, 200)
-    spill = np.zeros((H, W), bool)
-    cv2.ellipse(spill.view(np.uint8), (185, 120), (50, 35), 0, 0, 360, 1, -1)
-    spill &= ~defect
-    return image, defect, spill, np.where(defect | spill, 0.9, 0.05).astype(np.float32)
 
 
 def test_selection_serves_the_stage_once_the_clicks_prove_the_map_wrong():
