@@ -196,3 +196,15 @@ def test_the_wand_floods_only_thin_structures():
     on_line = Click(100.0, float(np.nonzero(gt[:, 100])[0][0]), True)
     flood = predictor.wand(line, [on_line], None, prob) > 0.49
     assert f1(flood, gt) >= 0.95  # the whole crack from one click on it
+
+
+def test_a_click_where_the_map_found_nothing_gets_the_clicked_thin_structure_at_once():
+    """Requirement: a click far from any anomaly the map knows still yields a mask around the clicked structure
+    (here a thin line the map does not see): the first click's mask follows it, not just a disk."""
+    image, gt = crack_image(seed=5)
+    on_line = Click(150.0, float(np.nonzero(gt[:, 150])[0][0]), True)
+    predictor = SeededPredictor(FixedMap())
+    out = predictor.predict(predictor.set_image(image), [on_line])
+    assert f1(out.mask, gt) >= 0.9
+    off = SeededPredictor(FixedMap(), SeededConfig(first_click_wand=False))
+    assert f1(off.predict(off.set_image(image), [on_line]).mask, gt) < 0.2

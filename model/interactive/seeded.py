@@ -34,6 +34,8 @@ Method (`SeededPredictor.predict`, all clicks every time):
    192 px copy cannot see: from each positive click whose colour clearly differs from a ring around it, a
    full-resolution flood of the pixels nearer its colour than the ring's, cut by a small disk at each negative
    click, kept only if at most `wand_max_width` px wide; without such a flood the candidate is the map itself.
+   On the first click, where the map's mask at the click is no more than the click's own disk (the map found
+   nothing there) and the wand found a thin structure, the wand's flood is served at once (`first_click_wand`).
 7. Selection (`select`, on by default, as served): a candidate other than the map is served only once the clicks
    have proved the map wrong. Each click k > 1 is checked against every candidate's mask for the clicks before
    it (0 when that mask already had the click's label there, else the depth of the error, at most `error_cap`
@@ -101,6 +103,7 @@ class SeededConfig:
     wand_gate: float = 1.0  # click colour - ring colour, in colour spreads, from which the flood runs
     wand_max_width: float = 4.0  # px: a flood is kept only if this thin (2 x area / boundary; 0: any width)
     wand_cut: float = 4.0  # px: a negative click removes this disk from the flood (cutting a leak through it)
+    first_click_wand: bool = True  # the first click serves the wand's flood where the map has nothing at the click
 
 
 class _Costs:
@@ -429,6 +432,21 @@ class SeededPredictor:
                 total[name] += depths[name]
         return total
 
+    def _map_missed(self, mask: np.ndarray, c: Click) -> bool:
+        """Whether the map's mask at a positive click is no more than the click's own disk (respect_clicks): the
+        map found nothing where the user clicked."""
+        y, x = int(round(c.y)), int(round(c.x))
+        if not c.positive or not (0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]):
+            return False
+        if not mask[y, x]:
+            return True
+        r = int(np.ceil(self.cfg.click_radius)) + 2
+        y0, y1, x0, x1 = max(0, y - r), min(mask.shape[0], y + r + 1), max(0, x - r), min(mask.shape[1], x + r + 1)
+        _n, comp = cv2.connectedComponents(mask[y0:y1, x0:x1].view(np.uint8), connectivity=8)
+        region = comp == comp[y - y0, x - x0]
+        touches_edge = region[0].any() or region[-1].any() or region[:, 0].any() or region[:, -1].any()
+        return not touches_edge and int(region.sum()) <= np.pi * self.cfg.click_radius ** 2 + 1
+
     def choose(self, memory: _Costs, clicks: Sequence[Click], box: Box | None, names: Sequence[str]) -> str:
         """The candidate to serve: the base map's unless another one's summed error depth is at least
         `select_margin` px lower (about one deep error it had right and the map had wrong; near-ties and the first
@@ -550,7 +568,11 @@ class SeededPredictor:
             for name, p in candidates.items():
                 if name != "base":
                     memory.remember((name,) + key, p > THRESHOLD)
-            prob = candidates[self.choose(memory, clicks, box, list(candidates))]
+            chosen = self.choose(memory, clicks, box, list(candidates))
+            if (len(clicks) == 1 and self.cfg.first_click_wand and "wand" in candidates
+                    and candidates["wand"] is not base_prob and self._map_missed(base_prob > THRESHOLD, clicks[0])):
+                chosen = "wand"  # the map has nothing where the user clicked, and a thin structure is there
+            prob = candidates[chosen]
         mask = prob > THRESHOLD
         memory.remember(("out",) + self._key(clicks, box), mask)
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
