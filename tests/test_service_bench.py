@@ -118,9 +118,9 @@ def test_tiny_service_over_http_gives_the_in_process_masks_click_by_click(datase
 
 
 @pytest.mark.slow
-def test_served_predictor_over_http_matches_adclick_blend_refine_click_by_click(dataset, tmp_path):
+def test_served_predictor_over_http_matches_the_benchmark_click_by_click(dataset, tmp_path):
     """The real app (bundled weights, served defaults) started as the benchmark starts it: its masks over HTTP
-    are identical, click by click, to the in-process `adclick-blend+refine`; the bank comes from
+    are identical, click by click, to the in-process `adclick-blend+refine+seeded`; the bank comes from
     the benchmark's cache (not rebuilt, the cache survives the service's clean-up)."""
     cache = tmp_path / "cache"
     args = bench.parse_args(["clicks", "--dataset", str(dataset), "--no-grabcut", "--cache-dir", str(cache)])
@@ -128,10 +128,10 @@ def test_served_predictor_over_http_matches_adclick_blend_refine_click_by_click(
     bank, stats = runs.build_bank(engine, runs.select_refs(load_mvtec(dataset), "all", 0))
     assert stats["n_refs"] == 4  # train/good and validation/good, both with a 000.png
     cached = sorted(cache.iterdir())
-    ours_predictor = predictors.get_builder("adclick-blend+refine")(engine, bank, args)
+    ours_predictor = predictors.get_builder("adclick-blend+refine+seeded")(engine, bank, args)
     service = build_service_predictor(engine, args)
     try:
-        assert service.version.startswith("adclick-") and service.version.endswith("-noprompt-blend0.5-refine")
+        assert service.version.startswith("adclick-") and service.version.endswith("-noprompt-blend0.5-refine-seeded")
         for item in _items(dataset):
             image = load_rgb(item.path)
             gt = load_mask(item, image.shape[:2])
