@@ -5,26 +5,20 @@ import numpy as np
 from model.evaluation.simulate import simulate
 from model.interactive.focus import FocusPredictor, local_change
 from model.types import Click, ClickResult
+from tests.test_seeded import FixedMap
 
 H, W = 120, 160
 
 
-class State:
-    def __init__(self, image):
-        self.image = image
-
-
-class Scripted:
+class Scripted(FixedMap):
     """A base predictor whose map for n clicks is maps[n - 1] (the last one from then on)."""
 
     name, version = "scripted", "0"
 
     def __init__(self, maps):
+        super().__init__()
         self.maps = [m.astype(np.float32) for m in maps]
         self.calls = 0
-
-    def set_image(self, image):
-        return State(image)
 
     def predict(self, state, clicks, box=None, prompt="", previous_mask=None):
         self.calls += 1
