@@ -132,8 +132,7 @@ class _Costs:
         self._lock = threading.Lock()
         self._dist: OrderedDict[tuple[int, int], tuple[np.ndarray, float]] = OrderedDict()
         self._masks: OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]] = OrderedDict()
-        self._depths: dict[tuple, float] = {}
-        self._errors: dict[tuple, dict[str, float]] = {}  # (prefix, click, candidates) -> error depth of each
+        self._depths: dict[tuple, float] = {}  # (candidate, prefix, click, cap) -> error depth (error_depth)
         self._like: dict[tuple[int, int], np.ndarray] = {}  # wand: a positive click's "looks like it" window
         self._floods: OrderedDict[tuple, Any] = OrderedDict()  # wand: (click, cuts) -> (window, region) | None
 
@@ -145,24 +144,24 @@ class _Costs:
             while len(self._masks) > 2 * self.cfg.history:
                 self._masks.popitem(last=False)
 
-    def depth(self, prefix: tuple, c: Click, reach: float) -> float:
-        """Full-res px from click `c` to the nearest pixel that had its label in the output for the clicks before
-        it (`prefix`): how deep the error it corrects is; inf when unknown or none within `reach` px."""
-        key = ("depth", prefix, float(c.x), float(c.y), bool(c.positive))
+    def error_depth(self, name: str, prefix: tuple, c: Click, cap: float) -> float | None:
+        """How wrong candidate `name`'s mask for the clicks before `c` (`prefix`) was at `c`: 0 when it had the
+        click's label there (or the click lies outside), else the full-res px from the click to the nearest pixel of
+        its label (the depth of the error the click corrects), at most `cap`; None when that mask is not
+        remembered. Computed once per (candidate, prefix, click, cap)."""
+        key = (name, prefix, float(c.x), float(c.y), bool(c.positive), float(cap))
         with self._lock:
             hit = self._depths.get(key)
         if hit is not None:
             return hit
-        out = self.recall(("out",) + prefix)
-        d = np.inf
-        if out is not None:
-            y, x = int(round(c.y)), int(round(c.x))
-            if 0 <= y < out.shape[0] and 0 <= x < out.shape[1]:
-                if out[y, x] == bool(c.positive):
-                    d = 0.0
-                else:
-                    found = distance_to_other_label(out, y, x, int(np.ceil(reach)) + 1)
-                    d = np.inf if found is None else float(found)
+        mask = self.recall((name,) + prefix)
+        if mask is None:
+            return None
+        y, x = int(round(c.y)), int(round(c.x))
+        d = 0.0
+        if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] != bool(c.positive):
+            found = distance_to_other_label(mask, y, x, int(np.ceil(cap)))
+            d = cap if found is None else min(cap, float(found))
         with self._lock:
             self._depths[key] = d
         return d
@@ -239,13 +238,6 @@ class _Costs:
         return out
 
 
-def _agrees(mask: np.ndarray, c: Click) -> bool | None:
-    y, x = int(round(c.y)), int(round(c.x))
-    if not (0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]):
-        return None
-    return bool(mask[y, x]) == bool(c.positive)
-
-
 class SeededPredictor:
     """Any interactive predictor with the click-seeded geodesic stage above (Predictor protocol). detect() (no
     clicks) is the base predictor's."""
@@ -288,12 +280,13 @@ class SeededPredictor:
         memory = self._costs_of(image)
         contradicted: list[bool | None] = [False]  # the first click: the map gets the benefit of the doubt
         depths: list[float] = [np.inf]
+        reach = cfg.reach_high / memory.scale  # full-res px: deeper errors all reach `far`
         for k in range(1, len(clicks)):
             c, prefix = clicks[k], self._key(clicks[:k], box)
-            before = memory.recall(("base",) + prefix)
-            agree = None if before is None else _agrees(before, c)
-            contradicted.append(None if agree is None else not agree)
-            depths.append(memory.depth(prefix, c, cfg.reach_high / memory.scale))
+            wrong = memory.error_depth("base", prefix, c, float(cfg.error_cap))
+            contradicted.append(None if wrong is None else wrong > 0)
+            depth = memory.error_depth("out", prefix, c, reach)
+            depths.append(np.inf if depth is None else depth)
         known = [d for d in contradicted[1:] if d is not None]
         a = (sum(1 for d in known if not d) + 1.0) / (len(known) + 2.0)
         far = cfg.reach_low + (cfg.reach_high - cfg.reach_low) * (1.0 - a)
@@ -403,33 +396,14 @@ class SeededPredictor:
         candidates' masks for the clicks before it; a candidate that had the click's label there scores 0, else the
         distance from the click to the nearest pixel of its label in that mask (the depth of the error the click
         corrects, at most `error_cap` px). Prefixes some candidate was not computed for are skipped."""
-        cap = float(self.cfg.error_cap)
         total = dict.fromkeys(names, 0.0)
-        depths: dict[str, float]
         for k in range(max(1, self.cfg.start_click), len(clicks)):
             c, prefix = clicks[k], self._key(clicks[:k], box)
-            key = (prefix, float(c.x), float(c.y), bool(c.positive), tuple(names))
-            with memory._lock:
-                hit = memory._errors.get(key)
-            if hit is not None:
-                depths = hit
-            else:
-                masks = {name: memory.recall((name,) + prefix) for name in names}
-                if any(m is None for m in masks.values()):
-                    continue
-                y, x = int(round(c.y)), int(round(c.x))
-                depths = {}
-                for name, m in masks.items():
-                    assert m is not None
-                    if not (0 <= y < m.shape[0] and 0 <= x < m.shape[1]) or m[y, x] == bool(c.positive):
-                        depths[name] = 0.0
-                        continue
-                    found = distance_to_other_label(m, y, x, int(np.ceil(cap)))
-                    depths[name] = cap if found is None else min(cap, float(found))
-                with memory._lock:
-                    memory._errors[key] = depths
-            for name in names:
-                total[name] += depths[name]
+            depths = [memory.error_depth(name, prefix, c, float(self.cfg.error_cap)) for name in names]
+            if any(d is None for d in depths):
+                continue
+            for name, d in zip(names, depths):
+                total[name] += float(d or 0.0)
         return total
 
     def _map_missed(self, mask: np.ndarray, c: Click) -> bool:
