@@ -28,8 +28,8 @@ the default 200 (else the service would use a spread subset: another bank), DEVI
 temporary folder whose banks/ is the benchmark's bank cache (--cache-dir, or the run's temporary one): the bank
 is keyed by the images' content and the engine's configuration, so the service loads the bank the benchmark built
 instead of building it again, and the comparison is of the predictions alone. The other settings are the served
-defaults (the served predictor: learned ADClick averaged 0.5:0.5 with the click mode, guided refinement, i.e.
-`adclick-blend+refine`). Before the first click the predictor calls /setup (as Label Studio does on connecting)
+defaults (the served predictor: learned ADClick averaged 0.5:0.5 with the click mode, guided refinement and the
+click-seeded stage, i.e. `adclick-blend+refine+seeded`). Before the first click the predictor calls /setup (as Label Studio does on connecting)
 and waits until /health reports the project's reference bank complete (the service grows a bank from a few
 references in the background when it is not cached).
 """
@@ -40,6 +40,7 @@ import hashlib
 import http.server
 import io
 import logging
+import mimetypes
 import shutil
 import tempfile
 import threading
@@ -59,9 +60,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LABEL = "Defect"  # the label sent when the run has no prompt (--prompt none)
 LS_PREDICT_TIMEOUT_S = 100.0  # Label Studio 1.23's ML_TIMEOUT_PREDICT: it gives up on /predict after this
-SERVED_MAX_REFERENCES = 200  # the service's default ADCLICK_MAX_REFERENCES (backend/settings.py)
-_CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
-                  ".tif": "image/tiff", ".tiff": "image/tiff"}
+
 
 
 class ServiceError(ModelError):
@@ -105,17 +104,21 @@ class ImageHost:
     def add_file(self, key: str, path: Path) -> str:
         suffix = path.suffix.lower()
         with self._lock:
-            self._items[f"/{key}{suffix}"] = (path, _CONTENT_TYPES.get(suffix, "application/octet-stream"))
+            self._items[f"/{key}{suffix}"] = (path, _content_type(suffix))
         return f"{self.url}/{key}{suffix}"
 
     def add_bytes(self, key: str, data: bytes, suffix: str = ".png") -> str:
         with self._lock:
-            self._items[f"/{key}{suffix}"] = (data, _CONTENT_TYPES[suffix])
+            self._items[f"/{key}{suffix}"] = (data, _content_type(suffix))
         return f"{self.url}/{key}{suffix}"
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _content_type(suffix: str) -> str:
+    return mimetypes.guess_type(f"image{suffix}")[0] or "application/octet-stream"
 
 
 def _pixels_key(image: np.ndarray) -> str:
@@ -419,7 +422,9 @@ def served_environment(references: Sequence[str | Path], work: Path, device: str
         (model_dir / "banks").symlink_to(Path(bank_cache).resolve(), target_is_directory=True)
     env = {"MODEL_DIR": str(model_dir), "ADCLICK_NORMAL_DIR": str(refs_dir), "DEVICE": device,
            "BANK_WAIT_S": "3600", "LOG_LEVEL": "WARNING"}
-    if len(references) > SERVED_MAX_REFERENCES:
+    from backend.settings import Settings
+
+    if len(references) > Settings().max_reference_images:  # else the service would use a spread subset
         env["ADCLICK_MAX_REFERENCES"] = str(len(references))
     return env
 
