@@ -1,6 +1,7 @@
 """Synthetic anomalies: every kind changes the image where (and mostly only where) its mask says."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -60,3 +61,52 @@ def test_defects_land_on_the_object(image):
     on = [synthesize(image, rng, on_object=1.0, n_defects=1, kinds=("hole",)).masks[0] for _ in range(10)]
     centres = [np.argwhere(m).mean(0).astype(int) for m in on]
     assert np.mean([fg[y, x] for y, x in centres]) >= 0.8
+
+
+def test_faint_areas_are_large_soft_and_low_contrast(image):
+    """The faint kind: a large area (several % of the image) shifted by a few grey levels only."""
+    rng = np.random.default_rng(11)
+    shares = []
+    for _ in range(8):
+        out, mask = GENERATORS["faint"](image, rng, ())
+        diff = np.abs(out.astype(int) - image.astype(int)).max(-1)
+        shares.append(mask.mean())
+        assert 2 <= np.median(diff[mask]) <= 20  # a shift of 4-16 levels, uneven
+    assert min(shares) >= 0.01 and np.median(shares) >= 0.05 and max(shares) <= 0.6
+
+
+def test_cracks_are_long_and_thin(image):
+    rng = np.random.default_rng(5)
+    _out, mask = GENERATORS["crack"](image, rng, ())
+    depth = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    assert np.percentile(depth[mask], 90) <= 3.0  # 1-3 px wide (where it does not cross itself)
+    ys, xs = np.nonzero(mask)
+    assert max(np.ptp(ys), np.ptp(xs)) >= 20  # long: spans tens of pixels on this 160x200 image
+
+
+def test_border_defects_touch_the_image_border(image):
+    rng = np.random.default_rng(2)
+    for _ in range(6):
+        syn = synthesize(image, rng, n_defects=1, kinds=("hole", "contamination"), at_border=1.0)
+        m = syn.masks[0]
+        assert m[:4].any() or m[-4:].any() or m[:, :4].any() or m[:, -4:].any()
+
+
+def test_multi_draws_several_separate_defects_of_one_kind_under_one_label(image):
+    rng = np.random.default_rng(4)
+    syn = synthesize(image, rng, kinds=("hole",), multi=1.0)
+    assert len(syn.kinds) >= 2 and set(syn.kinds) == {"hole"}
+    union = np.any(syn.masks, axis=0)
+    assert cv2.connectedComponents(union.astype(np.uint8))[0] - 1 >= 2
+
+
+def test_products_of_other_sizes_are_brought_to_the_training_grid():
+    from model.training.prepare import TEXTURE_SIZE, fit_to_grid
+
+    wide = np.zeros((460, 1130, 3), np.uint8)
+    wide[:, :565] = 200  # left half bright: after the quarter turn it is the bottom... or top half
+    out = fit_to_grid(wide)
+    assert out.shape[:2] == TEXTURE_SIZE
+    assert len(np.unique(out[..., 0])) >= 2  # both halves survive the centre crop
+    same = np.zeros(TEXTURE_SIZE + (3,), np.uint8)
+    assert fit_to_grid(same) is same

@@ -40,7 +40,23 @@ def _parse(argv: Sequence[str] | None):
     p.add_argument("--workers", type=int, default=1, help="synthesis worker processes")
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and steps (smoke runs)")
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start from these weights (e.g. weights/adclick.pt: fine-tuning keeps their input scales)")
     return p.parse_args(argv)
+
+
+def folder_specs(data: dict, dataset_arg: str | None, scale: float) -> list:
+    """The config's product folders: `data.products` ([{"dataset", "object", "samples"}]), or the older single
+    `data.dataset` with `data.tire_samples` (overridden by --dataset)."""
+    from model.training.prepare import FolderSpec
+
+    if data.get("products"):
+        return [FolderSpec(Path(p["dataset"]), p.get("object", "product surface"), int(p["samples"] * scale))
+                for p in data["products"]]
+    dataset = dataset_arg or data.get("dataset")
+    if not dataset:
+        return []
+    return [FolderSpec(Path(dataset), data.get("objects", ["tire"])[0], int(data.get("tire_samples", 0) * scale))]
 
 
 def _prompts(args, cfg: dict, cache: Path) -> dict[str, torch.Tensor]:
@@ -79,23 +95,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             bb = dict(cfg.get("backbone", {}), device=str(device))
             engine = ResidualEngine(BackboneConfig(**bb), ResidualConfig(**cfg.get("residual", {})),
                                     cache_dir=cache.parent / "banks")
-            dataset = Path(args.dataset or data["dataset"]) if (args.dataset or data.get("dataset")) else None
-            samples = build_training_set(engine, dataset, int(data["tire_samples"] * args.scale),
+            opts = {k: data[k] for k in ("kinds", "at_border", "multi") if k in data}
+            samples = build_training_set(engine, folder_specs(data, args.dataset, args.scale),
                                          int(data["texture_samples"] * args.scale), args.seed, device,
-                                         args.workers)
+                                         args.workers, opts)
             save_samples(samples, cache)
     loop = LoopConfig(**dict(cfg.get("loop", {}), steps=max(1, int(cfg["loop"]["steps"] * args.scale))))
     if args.max_minutes is not None:
         loop = LoopConfig(**dict(asdict(loop), max_minutes=args.max_minutes))
     text_dim = int(next(iter(prompts.values())).shape[1])
     net = build_net(cfg.get("model", {}), samples, text_dim)
+    if args.init:
+        from model.checkpoint import load_checkpoint
+
+        start = load_checkpoint(args.init, ARCH)
+        net.load_state_dict(start["state_dict"])
+        logger.info("starting from %s (its input scales kept)", args.init)
     meta = {"seed": args.seed, "samples": len(samples), "config_file": Path(args.config).name,
             "products": sorted({s.product for s in samples}),
             "backbone": {k: v for k, v in BackboneConfig(**cfg.get("backbone", {})).to_dict().items()
                          if k not in ("device", "batch_size")},
             "residual": cfg.get("residual", {}), "text": cfg.get("text", {})}
     ckpt = Path(args.ckpt) if args.ckpt else out.with_suffix(".ckpt")
-    losses = train(net, samples, prompts, loop, args.seed, device, ckpt, args.resume, meta, dist=ctx)
+    if args.init:
+        meta["init"] = Path(args.init).name
+    losses = train(net, samples, prompts, loop, args.seed, device, ckpt, args.resume, meta, dist=ctx,
+                   init_scales=not args.init)
     meta["final_loss"] = distributed.all_reduce_mean(float(np.mean(losses[-50:])), ctx) if losses else None
     meta["steps"] = len(losses)
     net.cpu()

@@ -1,10 +1,11 @@
 """Build the ADClick training set: products (defect-free images), their reference banks, synthetic defects,
 residuals, and the prompt table; cached to one file so training iterates fast.
 
-Products: the tire's train/good + validation/good (never its test images) and the three CC0 textures bundled
-in scikit-image (brick, grass, gravel), so the network does not overfit one product. Each product's normals
-are
-split: every second train/good image (or half the texture views) builds the reference bank, the others are the
+Products: MVTec-style folders' train/good + validation/good (never their test images; the tire and the ball
+screw pitting data here) and the three CC0 textures bundled in scikit-image (brick, grass, gravel), so the
+network does not overfit one product. Every product's images are brought to one (800, 600) grid so batches
+stack (turned a quarter when that keeps more of them, scaled to cover it, centre-cropped). Each product's
+normals are split: every second train/good image (or half the texture views) builds the reference bank, the others are the
 sources of synthetic defects, so a source image is never its own reference (its residual would be zero).
 Synthesis runs in worker processes; residuals run in the main process on the engine's device.
 """
@@ -37,11 +38,35 @@ class Product:
     sources: list[np.ndarray]
 
 
-def tire_product(dataset: Path, object_name: str = "tire") -> Product:
+@dataclass(frozen=True)
+class FolderSpec:
+    """One MVTec-style product folder of the training set and how many synthetic samples to draw over it."""
+    dataset: Path
+    object_name: str
+    samples: int
+
+
+def fit_to_grid(image: np.ndarray, size: tuple[int, int] = TEXTURE_SIZE) -> np.ndarray:
+    """`image` on the (H, W) training grid: turned a quarter when its orientation differs, scaled to cover
+    the grid (aspect kept), centre-cropped. Images already of that size come back unchanged."""
+    H, W = size
+    if image.shape[:2] == (H, W):
+        return image
+    if (image.shape[0] >= image.shape[1]) != (H >= W):
+        image = np.ascontiguousarray(np.rot90(image))
+    h, w = image.shape[:2]
+    s = max(H / h, W / w)
+    nh, nw = max(H, round(h * s)), max(W, round(w * s))
+    image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    y0, x0 = (nh - H) // 2, (nw - W) // 2
+    return np.ascontiguousarray(image[y0:y0 + H, x0:x0 + W])
+
+
+def folder_product(dataset: Path, object_name: str) -> Product:
     from model.training.datasets import list_images
 
-    train = [load_image(p) for p in list_images(dataset / "train" / "good")]
-    val = [load_image(p) for p in list_images(dataset / "validation" / "good")]
+    train = [fit_to_grid(load_image(p)) for p in list_images(dataset / "train" / "good")]
+    val = [fit_to_grid(load_image(p)) for p in list_images(dataset / "validation" / "good")]
     if not train:
         raise FileNotFoundError(f"no train/good images under {dataset}")
     return Product(dataset.name, object_name, train[::2], train[1::2] + val)
@@ -86,19 +111,20 @@ def make_residual_fn(engine: ResidualEngine, bank):
 _WORKER: dict = {}
 
 
-def _init_worker(sources: Sequence[np.ndarray], textures: Sequence[np.ndarray]) -> None:
+def _init_worker(sources: Sequence[np.ndarray], textures: Sequence[np.ndarray], opts: dict | None = None) -> None:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    _WORKER["sources"], _WORKER["textures"] = sources, textures
+    _WORKER["sources"], _WORKER["textures"], _WORKER["opts"] = sources, textures, opts or {}
 
 
 def _synth_job(args: tuple[int, int]) -> tuple:
     index, seed = args
-    return synth_one(_WORKER["sources"][index], np.random.default_rng(seed), _WORKER["textures"])
+    return synth_one(_WORKER["sources"][index], np.random.default_rng(seed), _WORKER["textures"],
+                     **_WORKER["opts"])
 
 
 def product_samples(engine: ResidualEngine, product: Product, n: int, seed: int, device: torch.device,
-                    textures: Sequence[np.ndarray], workers: int = 1) -> list[Sample]:
+                    textures: Sequence[np.ndarray], workers: int = 1, opts: dict | None = None) -> list[Sample]:
     """`n` synthetic samples of one product; synthesis in `workers` spawned processes (fork can deadlock
     after torch/OpenCV started their thread pools), residuals here on `device`."""
     bank = engine.build_bank(product.bank_images)
@@ -108,9 +134,9 @@ def product_samples(engine: ResidualEngine, product: Product, n: int, seed: int,
     out: list[Sample] = []
     pool = None
     if workers > 1:
-        pool = mp.get_context("spawn").Pool(workers, _init_worker, (product.sources, list(textures)))
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, (product.sources, list(textures), opts))
     else:
-        _init_worker(product.sources, list(textures))
+        _init_worker(product.sources, list(textures), opts)
     try:
         results = pool.imap(_synth_job, jobs, chunksize=4) if pool else map(_synth_job, jobs)
         for i, (image, masks, kinds) in enumerate(results):
@@ -139,19 +165,19 @@ def prompt_table(encoder, objects: Sequence[str]) -> dict[str, torch.Tensor]:
     return table
 
 
-def build_training_set(engine: ResidualEngine, dataset: Path | None, n_tire: int, n_texture: int,
+def build_training_set(engine: ResidualEngine, folders: Sequence[FolderSpec], n_texture: int,
                        seed: int, device: torch.device, workers: int = 1,
-                       object_name: str = "tire") -> list[Sample]:
+                       opts: dict | None = None) -> list[Sample]:
+    """Samples over every folder product (its own count) and `n_texture` over each skimage texture product;
+    `opts`: synth_one's keywords (kinds, at_border, multi)."""
     rng = np.random.default_rng(seed)
     from model.training.synth import skimage_textures
 
     textures = skimage_textures()
-    products = texture_products(rng) if n_texture > 0 else []
-    if dataset is not None and n_tire > 0:
-        products.insert(0, tire_product(dataset, object_name))
+    plan = [(folder_product(f.dataset, f.object_name), f.samples) for f in folders if f.samples > 0]
+    plan += [(p, n_texture) for p in (texture_products(rng) if n_texture > 0 else [])]
     samples: list[Sample] = []
-    for k, prod in enumerate(products):
-        n = n_tire if k == 0 and dataset is not None and n_tire > 0 else n_texture
-        samples += product_samples(engine, prod, n, seed * 1000 + k, device, textures, workers)
+    for k, (prod, n) in enumerate(plan):
+        samples += product_samples(engine, prod, n, seed * 1000 + k, device, textures, workers, opts)
         logger.info("product %s: %d samples (total %d)", prod.name, n, len(samples))
     return samples

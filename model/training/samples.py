@@ -49,10 +49,13 @@ def half_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def synth_one(source: np.ndarray, rng: np.random.Generator, textures: Sequence[np.ndarray] = (),
-              kinds: Sequence[str] = KINDS) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
-    """One synthetic defect image over `source` (flipped half the time): (image, half-size masks, kinds)."""
+              kinds: Sequence[str] = KINDS, at_border: float = 0.0,
+              multi: float = 0.0) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """One synthetic defect image over `source` (flipped half the time): (image, half-size masks, kinds).
+    `at_border` and `multi`: the chances of a defect cut by the image border and of several defects of one
+    kind (see synth.synthesize)."""
     base = source[:, ::-1].copy() if rng.random() < 0.5 else source
-    syn = synthesize(base, rng, textures, kinds=kinds)
+    syn = synthesize(base, rng, textures, kinds=kinds, at_border=at_border, multi=multi)
     return syn.image, [half_mask(m) for m in syn.masks], list(syn.kinds)
 
 

@@ -6,8 +6,14 @@ Each generator draws one local defect of a named kind and returns the new image 
 - cut: a structural cut, a dark polyline with the surface displaced on either side;
 - scratch: a thin bright or dark curve;
 - hole: a small dark blob with a shaded rim;
-- deformation: a local warp of the surface inside a Perlin region.
-Sizes follow small industrial defects (roughly 0.01 % to 3 % of the image). Images are (H, W, 3) uint8 RGB;
+- deformation: a local warp of the surface inside a Perlin region;
+- faint: a large low-contrast area (about 5-40 % of the image) whose brightness shifts by 4-16 grey levels,
+  unevenly, with soft edges (the residual is weak there);
+- crack: a long thin crack (1-3 px wide, 50-350 px long) that shifts the brightness along a smooth random walk.
+Sizes of the first six follow small industrial defects (roughly 0.01 % to 3 % of the image). `synthesize`
+also places defects at the image border (cut off by it) and draws several separate defects of one kind
+(one label, several regions). These last kinds and placements are written independently of the stress
+benchmark's generators (model/evaluation/stress.py), so that the benchmark measures generalisation. Images are (H, W, 3) uint8 RGB;
 masks (H, W) bool. Everything is driven by the given numpy Generator (reproducible).
 """
 from __future__ import annotations
@@ -29,6 +35,8 @@ KIND_WORDS: dict[str, tuple[str, ...]] = {
     "scratch": ("scratch", "thin scratch", "scrape"),
     "hole": ("hole", "puncture", "pit"),
     "deformation": ("deformation", "dent", "bulge"),
+    "faint": ("stain", "faint discoloration", "uneven area"),
+    "crack": ("crack", "thin crack", "hairline crack"),
 }
 KINDS = tuple(KIND_WORDS)
 Textures = Sequence[np.ndarray]
@@ -217,6 +225,66 @@ def deformation(img: np.ndarray, rng: np.random.Generator, textures: Textures, w
     return _blend(img, shade, weight), region
 
 
+def faint(img: np.ndarray, rng: np.random.Generator, textures: Textures, where=None) -> tuple:
+    h, w = img.shape[:2]
+    size = int(min(h, w) * rng.uniform(0.35, 0.95))
+    region = _place(blob(size, rng), (h, w), rng, where)
+    alpha = _soft(region, rng.uniform(3.0, 12.0))
+    mask = alpha >= 0.5
+    if not mask.any():
+        mask = region
+    level = rng.uniform(4.0, 16.0) * (1 if rng.random() < 0.5 else -1)
+    uneven = 1.0 + 0.35 * perlin((h, w), int(rng.integers(2, 5)), rng)  # the shift varies across the area
+    out = img.astype(np.float32) + (alpha * level * uneven)[..., None]
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out, mask
+
+
+def _walk(shape: tuple[int, int], rng: np.random.Generator, length: float, where=None) -> np.ndarray:
+    """A smooth random walk of `length` px in 2 px steps (its heading drifts slowly): (n, 2) int32 x, y."""
+    p = _point(shape, rng, where)
+    heading, turn = rng.uniform(0, 2 * np.pi), 0.0
+    pts = [p.copy()]
+    for _ in range(max(2, int(length / 2))):
+        turn = 0.9 * turn + rng.normal(0.0, 0.012)
+        heading += turn
+        p = p + 2.0 * np.array([np.cos(heading), np.sin(heading)])
+        pts.append(p.copy())
+    return np.round(np.array(pts)).astype(np.int32)
+
+
+def crack(img: np.ndarray, rng: np.random.Generator, textures: Textures, where=None) -> tuple:
+    h, w = img.shape[:2]
+    pts = _walk((h, w), rng, rng.uniform(50, 350), where)
+    region = np.zeros((h, w), np.uint8)
+    cv2.polylines(region, [pts], False, 1, int(rng.integers(1, 4)))
+    mask = region > 0
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    around = float(grey[mask].mean()) if mask.any() else 128.0
+    sign = -1.0 if around > 70 and rng.random() < 0.75 else 1.0  # mostly dark cracks, bright on dark ground
+    shift = sign * rng.uniform(20.0, 70.0) * rng.uniform(0.75, 1.0, (h, w)).astype(np.float32)
+    alpha = _soft(mask, 0.5)
+    out = np.clip(np.rint(img.astype(np.float32) + (alpha * shift)[..., None]), 0, 255).astype(np.uint8)
+    return out, mask
+
+
+def border_band(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Pixels along one random side of the image: a defect centred there is cut by the border."""
+    h, w = shape
+    band = np.zeros((h, w), bool)
+    d = max(2, int(0.03 * min(h, w)))
+    side = int(rng.integers(4))
+    if side == 0:
+        band[:d] = True
+    elif side == 1:
+        band[-d:] = True
+    elif side == 2:
+        band[:, :d] = True
+    else:
+        band[:, -d:] = True
+    return band
+
+
 GENERATORS: dict[str, Callable] = {
     "contamination": contamination,
     "discoloration": discoloration,
@@ -224,7 +292,10 @@ GENERATORS: dict[str, Callable] = {
     "scratch": scratch,
     "hole": hole,
     "deformation": deformation,
+    "faint": faint,
+    "crack": crack,
 }
+MULTI_KINDS = ("contamination", "discoloration", "scratch", "hole", "deformation", "crack")
 
 
 def synthesize(
@@ -234,17 +305,28 @@ def synthesize(
     n_defects: int | None = None,
     kinds: Sequence[str] = KINDS,
     on_object: float = 0.85,
+    at_border: float = 0.0,
+    multi: float = 0.0,
 ) -> SynthSample:
     """Draw 1-2 defects (different kinds) onto a copy of `image`; every instance mask has >= 4 pixels.
 
-    With probability `on_object` the defects are centred on the rough object mask (`foreground`)."""
-    n = n_defects if n_defects is not None else (1 if rng.random() < 0.7 else 2)
-    chosen = rng.choice(len(kinds), size=min(n, len(kinds)), replace=False)
+    With probability `on_object` the defects are centred on the rough object mask (`foreground`); with
+    probability `at_border` on a band along one side of the image instead. With probability `multi` (and
+    `n_defects` unset) one kind of `MULTI_KINDS` is drawn 2-4 times: several separate defects under one label."""
+    multi_kinds = [k for k in kinds if k in MULTI_KINDS]
+    if n_defects is None and multi > 0 and multi_kinds and rng.random() < multi:
+        kind = multi_kinds[int(rng.integers(len(multi_kinds)))]
+        chosen_kinds = [kind] * int(rng.integers(2, 5))
+    else:
+        n = n_defects if n_defects is not None else (1 if rng.random() < 0.7 else 2)
+        chosen_kinds = [kinds[int(i)] for i in rng.choice(len(kinds), size=min(n, len(kinds)), replace=False)]
     out = image.copy()
     sample = SynthSample(image=out)
-    where = foreground(image) if rng.random() < on_object else None
-    for idx in chosen:
-        kind = kinds[int(idx)]
+    if at_border > 0 and rng.random() < at_border:
+        where = border_band(image.shape[:2], rng)
+    else:
+        where = foreground(image) if rng.random() < on_object else None
+    for kind in chosen_kinds:
         for _ in range(5):
             new, mask = GENERATORS[kind](out, rng, textures, where)
             if mask.sum() >= 4:

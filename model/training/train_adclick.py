@@ -185,10 +185,11 @@ def input_scales(samples: Sequence[Sample]) -> tuple[float, float]:
 def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.Tensor], cfg: LoopConfig,
           seed: int, device: torch.device, ckpt_path: Path | None = None, resume: bool = False,
           meta: dict | None = None,
-          dist: distributed.DistContext | None = None) -> list[float]:
+          dist: distributed.DistContext | None = None, init_scales: bool = True) -> list[float]:
     """Train `net` in place; returns the per-step losses. Resumes from `ckpt_path` when asked and present.
     Under torchrun (`dist` from model/distributed.init, or joined here when `dist` is None): each rank
-    samples batches from its own shard, gradients are averaged every step, rank 0 alone saves checkpoints."""
+    samples batches from its own shard, gradients are averaged every step, rank 0 alone saves checkpoints.
+    `init_scales=False` keeps the net's input scales (fine-tuning from trained weights)."""
     owns_group = dist is None and distributed.launched_by_torchrun()  # then leave the group again at the end
     ctx = dist or (distributed.init(device) if owns_group else distributed.DistContext(device=device))
     device = ctx.device
@@ -201,7 +202,7 @@ def train(net: AdClickNet, samples: Sequence[Sample], prompts: dict[str, torch.T
         opt.load_state_dict(state["meta"]["optimizer"])
         start = int(state["meta"]["step"])
         logger.info("resumed from %s at step %d", ckpt_path, start)
-    elif not resume:
+    elif not resume and init_scales:
         rs, gs = input_scales(samples)
         net.res_scale.fill_(rs)
         net.grid_scale.fill_(gs)
