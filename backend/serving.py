@@ -389,6 +389,7 @@ class ServingService:
             build.target = len(images)
             bank = engine.cached_bank(images)
             if bank is not None:
+                self._calibrate(build, engine, choice, bank, images)
                 self._publish(build, engine, choice, bank, complete=True)
             else:
                 self._grow(build, engine, choice, images)
@@ -429,7 +430,32 @@ class ServingService:
             else:
                 bank = engine.extend(bank, ordered[done:size], progress=self._yield_to_requests, save=final)
             done = size
+            if final:
+                self._calibrate(build, engine, choice, bank, ordered)
             self._publish(build, engine, choice, bank, complete=final)
+
+    def _calibrate(self, build: _BankBuild, engine: Engine, choice: PredictorChoice, bank: ReferenceSet,
+                   images: list[Path]) -> None:
+        """The complete bank's per-project click calibration (model/interactive/calibration.py), read from the
+        bank cache's JSON when this bank and predictor version were calibrated before. Best effort: a failure
+        is logged and the predictor keeps its defaults."""
+        if choice.calibrate is None or len(bank.source_keys) < 2:
+            return
+        try:
+            from model.engine.residuals import content_hash
+
+            started = time.monotonic()
+            result = choice.calibrate(engine, bank, [(content_hash(p), p) for p in images],
+                                      getattr(engine, "cache_dir", None))
+            if result is not None:
+                logger.info("reference bank %s of project(s) %s: click calibration weight %.2f threshold %.2f "
+                            "(synthetic defects' mean IoU %.3f, defaults %.3f; %.1f s)", build.key,
+                            ", ".join(self._projects_of(build.key)), result["weight"], result["threshold"],
+                            result["iou"], result["default_iou"], time.monotonic() - started)
+        except _BuildStopped:
+            raise
+        except Exception:
+            logger.exception("reference bank %s: click calibration failed; the defaults stay", build.key)
 
     def _publish(
         self, build: _BankBuild, engine: Engine, choice: PredictorChoice, bank: ReferenceSet, complete: bool

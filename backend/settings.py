@@ -66,6 +66,7 @@ class Settings:
     use_prompt: bool = _INTERACTIVE.use_prompt  # send the label name / TextArea text to the network as its prompt
     refine: str = _INTERACTIVE.refine  # full-resolution boundary refinement of each click's map: guided | grabcut | off
     seeded: bool = _INTERACTIVE.seeded  # ADCLICK_SEEDED: the click-seeded stage (model/interactive/seeded.py)
+    calibrate: bool = _INTERACTIVE.calibrate  # ADCLICK_CALIBRATE: per-project calibration of the blend (calibration.py)
     max_reference_images: int = 200
     warm_on_setup: bool = True  # /setup starts loading the model and the project's bank in the background
     sync_card_title: bool = True  # LS_SYNC_CARD_TITLE: rename the Label Studio model card to the served version
@@ -148,6 +149,7 @@ class Settings:
             use_prompt=_flag(env, "ADCLICK_USE_PROMPT", _INTERACTIVE.use_prompt),
             refine=refine,
             seeded=_flag(env, "ADCLICK_SEEDED", _INTERACTIVE.seeded),
+            calibrate=_flag(env, "ADCLICK_CALIBRATE", _INTERACTIVE.calibrate),
             max_reference_images=int(_number(env, "ADCLICK_MAX_REFERENCES", 200, minimum=1)),
             redis_url=_text(env, "REDIS_URL"),
             bank_wait_s=_number(env, "BANK_WAIT_S", 60.0),
@@ -172,4 +174,4 @@ def interactive_config(settings: Settings) -> InteractiveConfig:
     """The interactive predictor's configuration, built once from the settings (the bundled weights; the
     object name is not a setting of the interactive predictor)."""
     return InteractiveConfig(use_prompt=settings.use_prompt, learned_weight=settings.learned_weight,
-                             refine=settings.refine, seeded=settings.seeded)
+                             refine=settings.refine, seeded=settings.seeded, calibrate=settings.calibrate)

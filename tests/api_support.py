@@ -296,14 +296,14 @@ CONTRACT_CONFIG = """<View>
 
 
 def make_app(settings, delay_s: float = 0.0, start_jobs: bool = False, build_delay_s: float = 0.0,
-             delay_per: int = 0, loader=None):
-    """(app, services, engine) with the tiny engine/predictor; no network weights."""
+             delay_per: int = 0, loader=None, chooser=None):
+    """(app, services, engine) with the tiny engine/predictor (or `chooser`'s); no network weights."""
     from backend.app import create_app
     from backend.services import build_services
 
     engine = TinyEngine(build_delay_s, delay_per)
     services = build_services(settings, loader=loader, engine_factory=lambda s: engine,
-                              predictor_chooser=tiny_chooser(delay_s))
+                              predictor_chooser=chooser or tiny_chooser(delay_s))
     return create_app(settings, services, start_jobs=start_jobs), services, engine
 
 

@@ -26,6 +26,7 @@ from tests.api_support import (
     CONTRACT_CONFIG,
     RecordingServer,
     Route,
+    TinyPredictor,
     decode_mask,
     defect_image,
     encode,
@@ -33,6 +34,7 @@ from tests.api_support import (
     iou,
     keypoint,
     make_app,
+    tiny_chooser,
 )
 
 CLICK = keypoint(62.5, 41.7)  # on the defect of defect_image() (80, 40)
@@ -326,3 +328,61 @@ def test_screen_references_reads_headers_only(tmp_path):
     t0 = time.monotonic()
     kept = screen_references(sorted(folder.iterdir()), 50_000_000)
     assert [p.name for p in kept] == ["n000.png", "n001.png"] and time.monotonic() - t0 < 1.0
+
+
+# ---- per-project click calibration (issue 13 req 2) --------------------------------------------------------------
+
+
+def _calibrating_app(tmp_path, calibrate, n: int = 40):
+    folder = normals(tmp_path / "good", n)
+    settings = replace(Settings(), model_dir=tmp_path / "m", normal_dir=str(folder), first_references=4)
+    base = tiny_chooser()
+    built = []
+
+    def chooser(s, engine):
+        choice = base(s, engine)
+
+        def build(eng, bank):
+            built.append((len(bank), dict(calibrated)))
+            return TinyPredictor(eng, bank)
+
+        return replace(choice, build=build, calibrate=calibrate)
+
+    calibrated: dict = {}
+    app, service, engine = make_app(settings, chooser=chooser)
+    return app, service, engine, built, calibrated, folder
+
+
+def test_only_the_complete_bank_is_calibrated_before_it_is_served(tmp_path, server):
+    calls = []
+
+    def calibrate(engine, bank, references, cache_dir=None):
+        calls.append((len(bank), references))
+        calibrated[len(bank)] = True
+        return {"weight": 0.75, "threshold": 0.42, "iou": 0.6, "default_iou": 0.5}
+
+    app, _service, _engine, built, calibrated, folder = _calibrating_app(tmp_path, calibrate)
+    client = app.test_client()
+    assert client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG}).status_code == 200
+    resp = client.post("/predict", json=interactive_body(f"{server.url}/a.png", [CLICK]))
+    assert resp.status_code == 200, resp.get_json()
+    assert wait_for(lambda: not client.get("/health").get_json()["reference_banks"]["projects"]["1"]["building"])
+    assert [n for n, _ in calls] == [40]  # the partial banks (4, 16) are never calibrated
+    refs = calls[0][1]
+    assert sorted(Path(p).name for _, p in refs) == sorted(p.name for p in folder.iterdir())
+    assert all(len(h) >= 16 for h, _ in refs)  # content hashes, as the bank's source keys
+    assert built[-1] == (40, {40: True})  # the complete bank's predictor is built after its calibration
+
+
+def test_a_failing_calibration_keeps_the_defaults_and_the_bank(tmp_path, server, caplog):
+    def calibrate(engine, bank, references, cache_dir=None):
+        raise RuntimeError("calibration exploded")
+
+    app, service, _engine, _built, _calibrated, _folder = _calibrating_app(tmp_path, calibrate, n=8)
+    client = app.test_client()
+    assert client.post("/setup", json={"project": "1", "schema": CONTRACT_CONFIG}).status_code == 200
+    with caplog.at_level(logging.ERROR):
+        assert wait_for(lambda: service.serving.model_for("1").complete)
+    resp = client.post("/predict", json=interactive_body(f"{server.url}/a.png", [CLICK]))
+    assert resp.status_code == 200 and iou(decode_mask(resp.get_json()["results"][0]["result"][0]), server.truth) > 0.9
+    assert "click calibration failed" in caplog.text

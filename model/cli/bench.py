@@ -95,7 +95,9 @@ def _run_predictors(args, title: str, rows_of: Callable[[Predictor, list[TestIte
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-bank-")
     try:
         engine = make_engine(args, args.match.split(",")[0], cache_dir)
-        bank, stats = build_bank(engine, select_refs(data, args.refs.split(",")[0], args.seed))
+        refs = select_refs(data, args.refs.split(",")[0], args.seed)
+        bank, stats = build_bank(engine, refs)
+        args.ref_paths = refs  # the per-project click calibration (--calibrate) runs on these, as the service does
         results = {}
         for name, builder in builders.items():
             rows = rows_of(builder(engine, bank, args), items)
@@ -173,6 +175,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     clicks.add_argument("--stress-n", type=int, default=10, help="synthesised images per stress kind")
     clicks.add_argument("--focus-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="model.interactive.focus.FocusConfig override for NAME+focus predictors")
+    clicks.add_argument("--calibrate", choices=("on", "off"), default="off",
+                        help="per-project click calibration of the blend on the references (as ADCLICK_CALIBRATE)")
+    clicks.add_argument("--blend-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="the blend's weight / threshold / use_calibration (adclick-blend predictors)")
     clicks.add_argument("--seeded-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="model.interactive.seeded.SeededConfig override for NAME+seeded predictors")
     clicks.add_argument("--service-url", default=None, metavar="URL",

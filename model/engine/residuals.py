@@ -323,16 +323,18 @@ class ResidualEngine:
         return torch.cat(feats), keys, shape
 
     # ---- residuals ----------------------------------------------------------------------------------------
-    def compute(self, image: np.ndarray, bank: ReferenceBank) -> ResidualState:
+    def compute(self, image: np.ndarray, bank: ReferenceBank, exclude: str | None = None) -> ResidualState:
         """Residual state of one RGB uint8 image against the bank (self-similarity when the bank is empty).
-        Matching runs on the extractor's device; the state holds CPU tensors."""
+        Matching runs on the extractor's device; the state holds CPU tensors. exclude: the content hash of a
+        source whose views are not matched (leave-one-out, as the calibrations do)."""
         img = load_image(image)
         q = bank.project(self.extractor.extract([img]))[0]
         if len(bank) and q.shape[1:] != bank.grid:
             q = F.interpolate(q[None], size=bank.grid, mode="bilinear", align_corners=False)[0]
         with torch.inference_mode():
             q = q.to(self.extractor.device)
-            matched, idx = self._match(q, bank)
+            skip = torch.tensor([k == exclude for k in bank.keys]) if exclude is not None and len(bank) else None
+            matched, idx = self._match(q, bank, skip=skip if skip is not None and bool(skip.any()) else None)
             residual = (matched - q).cpu()
             q = q.cpu()
         grid_map = residual.norm(dim=0).numpy().astype(np.float32)

@@ -3,8 +3,9 @@
 `InteractiveConfig` holds every knob of the served click predictor with the project's ONE set of defaults
 (backend/settings.py builds it from the environment, `python -m model.bench` from its arguments).
 `PredictorChoice` is what choosing a predictor yields: kind, a cheap version (no weights loaded), the reason
-shown in /health and `build(engine, bank) -> Predictor` (one predictor per reference bank; the network's
-weights are shared through the engine's process). `residual_choice` is the zero-training click mode;
+shown in /health, `build(engine, bank) -> Predictor` (one predictor per reference bank; the network's
+weights are shared through the engine's process) and, for the blended learned predictor, `calibrate` (the
+per-project click calibration run when a project's bank is complete). `residual_choice` is the zero-training click mode;
 `with_refinement` wraps any choice's predictors in the full-resolution boundary refinement
 (model/interactive/refine.py), `with_seeded` in the click-seeded stage (model/interactive/seeded.py). The learned choice is `model.interactive.learned.load_interactive_predictor`.
 
@@ -32,6 +33,7 @@ class InteractiveConfig:
     object_name: str = ""  # the inspected object's name, part of the prompt
     refine: str = "guided"  # ADCLICK_REFINE: full-resolution boundary refinement, guided | grabcut | off
     seeded: bool = True  # ADCLICK_SEEDED: the click-seeded stage (model/interactive/seeded.py) with selection
+    calibrate: bool = False  # ADCLICK_CALIBRATE: the blend's weight and threshold calibrated per project (calibration.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.learned_weight) <= 1.0:
@@ -49,6 +51,10 @@ class PredictorChoice:
     version: str
     build: Callable[[Engine, ReferenceSet], Predictor]
     reason: str = ""
+    # calibrate(engine, bank, references, cache_dir) -> dict | None: the per-project click calibration of this
+    # predictor (model/interactive/calibration.py; (content hash, RGB image) references; sets
+    # bank.meta["click_calibration"]). None: this predictor has nothing to calibrate.
+    calibrate: Callable[..., dict | None] | None = None
 
 
 def residual_choice(engine: Engine, reason: str = "") -> PredictorChoice:
@@ -77,7 +83,7 @@ def with_refinement(choice: PredictorChoice, method: str) -> PredictorChoice:
     suffix = "" if method == "guided" else f"-{method}"
     note = f"{method} boundary refinement on"
     reason = f"{choice.reason}; {note}" if choice.reason else note
-    return PredictorChoice(choice.kind, f"{choice.version}-refine{suffix}", build, reason)
+    return PredictorChoice(choice.kind, f"{choice.version}-refine{suffix}", build, reason, choice.calibrate)
 
 
 def with_seeded(choice: PredictorChoice, on: bool) -> PredictorChoice:
@@ -95,4 +101,4 @@ def with_seeded(choice: PredictorChoice, on: bool) -> PredictorChoice:
 
     note = "click-seeded stage on (served where the clicks prove the map wrong)"
     reason = f"{choice.reason}; {note}" if choice.reason else note
-    return PredictorChoice(choice.kind, f"{choice.version}-seeded", build, reason)
+    return PredictorChoice(choice.kind, f"{choice.version}-seeded", build, reason, choice.calibrate)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from model.engine.references import ReferenceBank
 from model.engine.residuals import ResidualEngine, ResidualState
-from model.errors import CheckpointError, InputError
+from model.errors import CheckpointError, ConfigError, InputError
 from model.interactive.choose import InteractiveConfig, PredictorChoice
 from model.interactive.clicks import click_maps, half
 from model.modeling.adclick import ImageEmbedding
@@ -72,7 +72,10 @@ class AdClickPredictor:
     def set_image(self, image: np.ndarray) -> AdClickState:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InputError(f"expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        rs = self.engine.compute(image, self.bank)
+        return self.state_of(image, self.engine.compute(image, self.bank))
+
+    def state_of(self, image: np.ndarray, rs: ResidualState) -> AdClickState:
+        """The per-image state from the engine's residual state of `image` (computed by the caller)."""
         with torch.inference_mode():
             res = rs.residual.float()[None]
             grid = torch.from_numpy(np.asarray(rs.grid_map, np.float32))[None, None]
@@ -135,6 +138,18 @@ def _box_peak(state: AdClickState, box: Box) -> Click:
     return Click(float(x), float(y), True)
 
 
+def to_threshold(prob: np.ndarray, level: float) -> np.ndarray:
+    """`prob` moved monotonically so that `level` lands on THRESHOLD (the level every later stage cuts at):
+    piecewise linear on [0, level] and [level, 1]; unchanged when level == THRESHOLD."""
+    prob = np.asarray(prob, np.float32)
+    level = float(np.clip(level, 0.02, 0.98))
+    if abs(level - THRESHOLD) < 1e-9:
+        return prob
+    low = prob * np.float32(THRESHOLD / level)
+    high = np.float32(THRESHOLD) + (prob - np.float32(level)) * np.float32((1 - THRESHOLD) / (1 - level))
+    return np.where(prob <= level, low, high).astype(np.float32)
+
+
 class BlendPredictor:
     """The learned network's map averaged with the zero-training click mode's, on one residual state (the
     AdClickState carries the engine's ResidualState, so the click mode costs no extra backbone pass)."""
@@ -142,9 +157,19 @@ class BlendPredictor:
     name = "adclick-blend"
 
     def __init__(self, learned: AdClickPredictor, click_mode, weight: float = 0.5,
-                 threshold: float = THRESHOLD) -> None:
+                 threshold: float = THRESHOLD, use_calibration: bool = True) -> None:
         self.learned, self.click_mode, self.weight, self.threshold = learned, click_mode, weight, threshold
+        self.use_calibration = use_calibration
         self.version = learned.version
+
+    def params(self) -> tuple[float, float]:
+        """(weight, threshold): the network's share and the blended level that makes the mask. The project's
+        click calibration (bank.meta["click_calibration"], model/interactive/calibration.py) when present and
+        used, else this predictor's own."""
+        cal = self.click_mode.bank.meta.get("click_calibration") if self.use_calibration else None
+        if cal:
+            return float(cal["weight"]), float(cal["threshold"])
+        return self.weight, self.threshold
 
     def set_image(self, image: np.ndarray) -> AdClickState:
         return self.learned.set_image(image)
@@ -161,8 +186,9 @@ class BlendPredictor:
             seeded = list(clicks) + [Click(float(x), float(y), True) for y, x in seeds]
         a = self.learned.predict(state, seeded, box, prompt, previous_mask)
         b = self.click_mode.predict(state.residual, clicks, box, prompt, previous_mask)
-        prob = (self.weight * a.prob + (1 - self.weight) * b.prob).astype(np.float32)
-        mask = prob > self.threshold
+        weight, level = self.params()
+        prob = to_threshold(weight * a.prob + (1 - weight) * b.prob, level)
+        mask = prob > THRESHOLD
         return ClickResult(prob=prob, mask=mask, score=float(prob[mask].mean()) if mask.any() else 0.0)
 
     def detect(self, state: AdClickState, labels: list[str] | None = None) -> AnomalyResult:
@@ -256,7 +282,16 @@ def load_interactive_predictor(engine: Engine, config: InteractiveConfig = DEFAU
         return BlendPredictor(learned, ResidualClickPredictor(eng, bank), learned_weight)
 
     blend = "" if learned_weight >= 1 else f", averaged {learned_weight:g}:{1 - learned_weight:g} with the click mode"
-    return PredictorChoice("adclick", version, build, reason + blend)
+    calibrate = None
+    if learned_weight < 1 and config.calibrate:
+        def calibrate(eng, bank, references, cache_dir=None):  # the blend's weight and threshold per project
+            from model.interactive.calibration import CalibrationConfig, calibrate_bank
+
+            cfg = CalibrationConfig(default_weight=learned_weight)
+            return calibrate_bank(lambda b: build(eng, b), bank, references, version, cache_dir, cfg)
+
+        blend += "; weight and threshold calibrated per project on its references"
+    return PredictorChoice("adclick", version, build, reason + blend, calibrate)
 
 
 def bench_builders() -> dict[str, Callable[[Any, Any, Any], Any]]:
@@ -270,7 +305,21 @@ def bench_builders() -> dict[str, Callable[[Any, Any, Any], Any]]:
             choice = load_interactive_predictor(engine, config, name=name)
             if choice is None:
                 raise CheckpointError(check_weights(engine, config.weights_dir, name)[1])
-            return choice.build(engine, bank)
+            predictor = choice.build(engine, bank)
+            refs = getattr(args, "ref_paths", None)
+            if getattr(args, "calibrate", "off") == "on" and choice.calibrate is not None and refs:
+                from model.engine.residuals import content_hash
+
+                choice.calibrate(engine, bank, [(content_hash(p), p) for p in refs], engine.cache_dir)
+            blend = getattr(args, "blend_opt", None) or []
+            if blend and isinstance(predictor, BlendPredictor):
+                from model.evaluation.runs import parse_overrides
+
+                for key, value in parse_overrides(blend).items():
+                    if key not in ("weight", "threshold", "use_calibration"):
+                        raise ConfigError(f"--blend-opt {key}: known keys are weight, threshold, use_calibration")
+                    setattr(predictor, key, value)
+            return predictor
         return make
 
     return {
