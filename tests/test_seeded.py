@@ -5,7 +5,9 @@ import pytest
 
 from model.evaluation import stress
 from model.evaluation.simulate import simulate
+from model.interactive.refine import RefineConfig, RefinedPredictor
 from model.interactive.seeded import SeededConfig, SeededPredictor
+from model.metrics import iou
 from model.types import Click, ClickResult
 
 H, W = 240, 320
@@ -208,3 +210,22 @@ def test_a_click_where_the_map_found_nothing_gets_the_clicked_thin_structure_at_
     assert f1(out.mask, gt) >= 0.9
     off = SeededPredictor(FixedMap(), SeededConfig(first_click_wand=False))
     assert f1(off.predict(off.set_image(image), [on_line]).mask, gt) < 0.2
+
+
+@pytest.mark.parametrize("radius", [5, 10, 18])
+def test_a_click_where_the_map_found_nothing_gets_the_clicked_spot_at_once(radius):
+    """Requirement: a click far from any anomaly the map knows still yields a mask around the clicked structure,
+    here a compact spot (not a thin line) of several sizes; a click on the plain background grows nothing."""
+    image = patterned(3)
+    spot = np.zeros((H, W), bool)
+    cv2.ellipse(spot.view(np.uint8), (150, 110), (radius, int(radius * 0.7)), 30.0, 0, 360, 1, -1)
+    image[spot] = (image[spot] * 0.4).astype(np.uint8)
+    click = Click(150.0, 110.0, True)
+    predictor = SeededPredictor(RefinedPredictor(FixedMap(), RefineConfig()))
+    out = predictor.predict(predictor.set_image(image), [click])
+    assert iou(out.mask, spot) >= 0.85
+    off = SeededPredictor(RefinedPredictor(FixedMap(), RefineConfig()), SeededConfig(first_click_structure=False))
+    disk = off.predict(off.set_image(image), [click]).mask
+    assert disk.sum() <= np.pi * 9 ** 2  # without the rule: the click's disk only
+    plain = predictor.predict(predictor.set_image(patterned(3)), [click]).mask
+    assert plain.sum() <= 2 * np.pi * 9 ** 2  # no spot under the click: no flood over the background

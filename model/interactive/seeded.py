@@ -35,7 +35,11 @@ Method (`SeededPredictor.predict`, all clicks every time):
    full-resolution flood of the pixels nearer its colour than the ring's, cut by a small disk at each negative
    click, kept only if at most `wand_max_width` px wide; without such a flood the candidate is the map itself.
    On the first click, where the map's mask at the click is no more than the click's own disk (the map found
-   nothing there) and the wand found a thin structure, the wand's flood is served at once (`first_click_wand`).
+   nothing there) and the wand found a thin structure, the wand's flood is served at once (`first_click_wand`);
+   where instead a compact structure of the click's colour surrounds the click (a spot inside a ring of
+   another colour, the smallest ring of `structure_rings` that differs; at most `structure_max_share` of the
+   image), that spot is served (`first_click_structure`): a click far from any anomaly the map sees still
+   gives the clicked structure, not a disk. Later clicks never serve a wide flood (that proved worse).
 7. Selection (`select`, on by default, as served): a candidate other than the map is served only once the clicks
    have proved the map wrong. Each click k > 1 is checked against every candidate's mask for the clicks before
    it (0 when that mask already had the click's label there, else the depth of the error, at most `error_cap`
@@ -104,6 +108,10 @@ class SeededConfig:
     wand_max_width: float = 4.0  # px: a flood is kept only if this thin (2 x area / boundary; 0: any width)
     wand_cut: float = 4.0  # px: a negative click removes this disk from the flood (cutting a leak through it)
     first_click_wand: bool = True  # the first click serves the wand's flood where the map has nothing at the click
+    first_click_structure: bool = True  # ... and a compact (not thin) flood of the click's colour likewise
+    structure_max_share: float = 0.02  # the largest such flood served, as a share of the image
+    structure_rings: tuple[float, ...] = (6.0, 12.0, 24.0)  # px, inner radii of the rings tried (r..1.5 r): spots
+    # up to 24 px across are served (larger floods from one click were background structures on the pitting dev)
 
 
 class _Costs:
@@ -516,6 +524,56 @@ class SeededPredictor:
             cand = np.where(box_mask(box, (H, W)), cand, 0.0).astype(np.float32)
         return cand
 
+    def _blob(self, image: np.ndarray, memory: _Costs, c: Click) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+        """The compact structure of the click's colour around a positive click: for rings of growing radius r
+        (`structure_rings`, each r..1.5 r), the first whose median colour clearly differs from the click's
+        (`wand_gate` colour spreads) gives the flood of pixels nearer the click's colour than the ring's; it is
+        kept when it stays inside r (surrounded by the ring's colour: a spot, not the background)."""
+        lab = memory.full_lab(image)
+        H, W = lab.shape[:2]
+        y, x = int(round(c.y)), int(round(c.x))
+        if not (0 <= y < H and 0 <= x < W):
+            return None
+        own = lab[y, x]
+        for r in self.cfg.structure_rings:
+            b = int(np.ceil(1.5 * r)) + 1
+            y0, y1, x0, x1 = max(0, y - b), min(H, y + b + 1), max(0, x - b), min(W, x + b + 1)
+            crop = lab[y0:y1, x0:x1]
+            yy, xx = np.ogrid[y0:y1, x0:x1]
+            d2 = ((yy - c.y) ** 2 + (xx - c.x) ** 2).astype(np.float32)
+            ring = (d2 >= r * r) & (d2 <= 2.25 * r * r)
+            if not ring.any():
+                continue
+            bg = np.median(crop[ring], axis=0)
+            if np.sqrt(((own - bg) ** 2).sum()) / memory.spread < self.cfg.wand_gate:
+                continue  # the ring still lies on the clicked structure (or there is none): a larger ring
+            like = ((crop - own) ** 2).sum(-1) < ((crop - bg) ** 2).sum(-1)
+            _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
+            region = comp == comp[y - y0, x - x0]
+            outside = np.count_nonzero(region & (d2 >= r * r))
+            if outside > 0.02 * np.count_nonzero(region):
+                continue  # the flood leaves the ring's inside: a larger structure (or the background's)
+            return (y0, y1, x0, x1), region
+        return None
+
+    def structure(self, image: np.ndarray, click: Click, box: Box | None, prob: np.ndarray) -> np.ndarray | None:
+        """The first click's compact structure (`_blob`) as a candidate (prob, as `wand`), or None when there is none
+        or it is larger than `structure_max_share` of the image."""
+        H, W = prob.shape
+        blob = self._blob(image, self._costs_of(image), click)
+        if blob is None:
+            return None
+        (y0, y1, x0, x1), region = blob
+        if not region.any() or np.count_nonzero(region) > self.cfg.structure_max_share * H * W:
+            return None
+        out = np.zeros((H, W), bool)
+        out[y0:y1, x0:x1] = region
+        cand = np.where(out, 0.75, np.minimum(prob, 1.0) * THRESHOLD).astype(np.float32)
+        cand = respect_clicks(cand, [click], self.cfg.click_radius)
+        if box is not None:
+            cand = np.where(box_mask(box, (H, W)), cand, 0.0).astype(np.float32)
+        return cand
+
     def predict(self, state, clicks: list[Click], box: Box | None = None, prompt: str = "",
                 previous_mask: np.ndarray | None = None) -> ClickResult:
         result = self.base.predict(state, clicks, box, prompt, previous_mask)
@@ -543,9 +601,14 @@ class SeededPredictor:
                 if name != "base":
                     memory.remember((name,) + key, p > THRESHOLD)
             chosen = self.choose(memory, clicks, box, list(candidates))
-            if (len(clicks) == 1 and self.cfg.first_click_wand and "wand" in candidates
-                    and candidates["wand"] is not base_prob and self._map_missed(base_prob > THRESHOLD, clicks[0])):
+            missed = len(clicks) == 1 and self._map_missed(base_prob > THRESHOLD, clicks[0])
+            if (missed and self.cfg.first_click_wand and "wand" in candidates
+                    and candidates["wand"] is not base_prob):
                 chosen = "wand"  # the map has nothing where the user clicked, and a thin structure is there
+            elif missed and self.cfg.first_click_structure:
+                blob = self.structure(image, clicks[0], box, base_prob)
+                if blob is not None:  # ... and a compact structure of the click's colour is there
+                    candidates["structure"], chosen = blob, "structure"
             prob = candidates[chosen]
         mask = prob > THRESHOLD
         memory.remember(("out",) + self._key(clicks, box), mask)
