@@ -445,7 +445,8 @@ class ServingService:
             from model.engine.residuals import content_hash
 
             started = time.monotonic()
-            result = choice.calibrate(engine, bank, [(content_hash(p), p) for p in images],
+            # lazy: the files are hashed only when no calibration of this bank is cached yet
+            result = choice.calibrate(engine, bank, ((content_hash(p), p) for p in images),
                                       getattr(engine, "cache_dir", None))
             if result is not None:
                 logger.info("reference bank %s of project(s) %s: click calibration weight %.2f threshold %.2f "

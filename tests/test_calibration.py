@@ -108,8 +108,10 @@ def test_the_calibration_is_kept_next_to_the_bank_and_read_back(tmp_path):
     assert bank.meta["click_calibration"] == first and calibration_path(tmp_path, "bankkey", "v1").is_file()
     calls = len(engine.excluded)
     again = SimpleNamespace(source_keys=list(refs), key="bankkey", meta={})
-    assert calibrate_bank(make_blend, again, list(refs.items()), "v1", tmp_path, CFG) == first
-    assert len(engine.excluded) == calls  # read from disk, nothing recomputed
+    read = []
+    lazy = (read.append(k) or (k, im) for k, im in refs.items())  # as the service passes them: hashed on demand
+    assert calibrate_bank(make_blend, again, lazy, "v1", tmp_path, CFG) == first
+    assert len(engine.excluded) == calls and read == []  # read from disk: nothing recomputed, no file hashed
     other = SimpleNamespace(source_keys=list(refs), key="bankkey", meta={})
     calibrate_bank(make_blend, other, list(refs.items()), "v2", tmp_path, CFG)  # other weights: calibrated again
     assert len(engine.excluded) > calls

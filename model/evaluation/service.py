@@ -62,7 +62,6 @@ DEFAULT_LABEL = "Defect"  # the label sent when the run has no prompt (--prompt 
 LS_PREDICT_TIMEOUT_S = 100.0  # Label Studio 1.23's ML_TIMEOUT_PREDICT: it gives up on /predict after this
 
 
-
 class ServiceError(ModelError):
     """The service answered something other than the one brush mask of the image Label Studio expects."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ def synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> 
     return syn.image, syn.masks[0]
 
 
-def calibrate(make_blend: Callable[[Any], Any], bank, references: Sequence[tuple[str, np.ndarray]],
+def calibrate(make_blend: Callable[[Any], Any], bank, references: Iterable[tuple[str, Any]],
               cfg: CalibrationConfig | None = None) -> ClickCalibration | None:
     """Calibrate the blend of `make_blend(bank) -> BlendPredictor` on `references` ((content hash, RGB image or
     path) of the bank's sources; only the held-back ones are read). None when fewer than two references (no
@@ -155,10 +155,11 @@ def calibration_path(cache_dir: Path | None, bank_key: str, version: str) -> Pat
     return Path(cache_dir) / f"{bank_key}.calibration-{safe}.json"
 
 
-def calibrate_bank(make_blend: Callable[[Any], Any], bank, references: Sequence[tuple[str, np.ndarray]],
+def calibrate_bank(make_blend: Callable[[Any], Any], bank, references: Iterable[tuple[str, Any]],
                    version: str, cache_dir: Path | None, cfg: CalibrationConfig | None = None) -> dict | None:
     """bank.meta["click_calibration"] from the JSON file of an earlier run (same bank, same predictor version)
-    or calibrated now and written there atomically; None (nothing set) when calibration is not possible."""
+    or calibrated now and written there atomically; None (nothing set) when calibration is not possible.
+    `references` may be a generator: it is read only when there is no such file."""
     path = calibration_path(cache_dir, bank.key, version)
     if path is not None and path.is_file():
         try:

@@ -310,7 +310,7 @@ def bench_builders() -> dict[str, Callable[[Any, Any, Any], Any]]:
             if getattr(args, "calibrate", "off") == "on" and choice.calibrate is not None and refs:
                 from model.engine.residuals import content_hash
 
-                choice.calibrate(engine, bank, [(content_hash(p), p) for p in refs], engine.cache_dir)
+                choice.calibrate(engine, bank, ((content_hash(p), p) for p in refs), engine.cache_dir)
             blend = getattr(args, "blend_opt", None) or []
             if blend and isinstance(predictor, BlendPredictor):
                 from model.evaluation.runs import parse_overrides

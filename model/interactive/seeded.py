@@ -518,10 +518,16 @@ class SeededPredictor:
                     out[y0:y1, x0:x1] |= region
         if not out.any():  # no thin structure at any click: the candidate is the map itself (never preferred)
             return prob
+        return self._flood_candidate(out, prob, clicks, box)
+
+    def _flood_candidate(self, out: np.ndarray, prob: np.ndarray, clicks: Sequence[Click],
+                         box: Box | None) -> np.ndarray:
+        """A flood as a candidate map: 0.75 on `out`, the base map squeezed below 0.49 elsewhere, every click's
+        pixel on its side, nothing outside the box."""
         cand = np.where(out, 0.75, np.minimum(prob, 1.0) * THRESHOLD).astype(np.float32)
         cand = respect_clicks(cand, clicks, self.cfg.click_radius)
         if box is not None:
-            cand = np.where(box_mask(box, (H, W)), cand, 0.0).astype(np.float32)
+            cand = np.where(box_mask(box, out.shape), cand, 0.0).astype(np.float32)
         return cand
 
     def _blob(self, image: np.ndarray, memory: _Costs, c: Click) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
@@ -568,11 +574,7 @@ class SeededPredictor:
             return None
         out = np.zeros((H, W), bool)
         out[y0:y1, x0:x1] = region
-        cand = np.where(out, 0.75, np.minimum(prob, 1.0) * THRESHOLD).astype(np.float32)
-        cand = respect_clicks(cand, [click], self.cfg.click_radius)
-        if box is not None:
-            cand = np.where(box_mask(box, (H, W)), cand, 0.0).astype(np.float32)
-        return cand
+        return self._flood_candidate(out, prob, [click], box)
 
     def predict(self, state, clicks: list[Click], box: Box | None = None, prompt: str = "",
                 previous_mask: np.ndarray | None = None) -> ClickResult:
