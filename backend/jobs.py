@@ -34,6 +34,9 @@ ANNOTATION_EVENTS = frozenset(
     {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
 )
 TRAINING_EVENTS = ANNOTATION_EVENTS | {START}
+# the service's own job (backend/adaptation.py): adapt the interactive network to a project's completed reference
+# bank. Runs like START (at once), but reads no labels; a START or annotation events pending make it a full fit.
+ADAPT = "ADAPT_INTERACTIVE"
 
 # runner(project, event, progress) -> {"model_version": str, ...figures}; progress(fraction, message)
 Runner = Callable[[str, dict, Progress], dict]
@@ -69,6 +72,7 @@ def _blank(project: str) -> dict:
         "duration_s": None,
         "owner": None,
         "requeues": 0,  # times in a row the process running this job died (killed, out of memory, ...)
+        "adapt_only": False,  # the job due is an ADAPT_INTERACTIVE one (no START, no annotation event pending)
     }
 
 
@@ -142,17 +146,21 @@ class JobManager:
     def submit(self, project: str, action: str) -> dict:
         """Record a training event; returns the project's job state. Other actions change nothing."""
         project = project_key(project)
-        if action not in TRAINING_EVENTS:
+        if action not in TRAINING_EVENTS and action != ADAPT:
             return self.snapshot(project)
         with self._transaction() as states:
             state = states.setdefault(project, _blank(project))
             now = self.clock()
-            if action == START:
+            if action == ADAPT:
+                state["adapt_only"] = not state["force"] or bool(state.get("adapt_only"))
                 state["force"] = True
+            elif action == START:
+                state["force"] = True
+                state["adapt_only"] = False
             else:
                 state["pending_events"] += 1
                 state["first_pending_at"] = state["first_pending_at"] or now
-            if action == START or not state["force"]:
+            if action == START or not state["force"] or state["adapt_only"]:
                 state["trigger"] = action
             if state["status"] not in ("running", "queued"):
                 state["requeues"] = 0  # asked anew: a job that failed by crashing may run again
@@ -225,14 +233,16 @@ class JobManager:
                     break
             else:
                 return None
+            adapt_only = bool(state.get("adapt_only")) and not state["pending_events"]
             event = {
-                "action": START if state["force"] else (state["trigger"] or "ANNOTATION_CREATED"),
+                "action": ADAPT if adapt_only else START if state["force"] else (state["trigger"] or "ANNOTATION_CREATED"),
                 "project": {"id": state["project"]},
                 "coalesced_events": state["pending_events"],
             }
             state.update(
                 status="running",
                 force=False,
+                adapt_only=False,
                 pending_events=0,
                 first_pending_at=None,
                 queued_at=None,
@@ -254,7 +264,8 @@ class JobManager:
                 "project %s: the process running its training job is gone; queued again (%d of %d)",
                 state["project"], state["requeues"], self.max_requeues,
             )
-            state.update(status="queued", force=True, message="re-queued after a restart", owner=None)
+            state.update(status="queued", force=True, message="re-queued after a restart", owner=None,
+                         adapt_only=state.get("trigger") == ADAPT)
             return
         reason = (
             f"the process running this job died {state['requeues']} times in a row (killed, out of memory?); "

@@ -78,7 +78,8 @@ def predict_interactive(
     out = cached.history.predict(model.predictor, cached.state, clicks, box, request.prompt)
     score = float(np.clip(out.score, 0.0, 1.0))
     region = ls_format.brush_region(np.asarray(out.mask, dtype=bool), request.label, cfg, score)
-    return ls_format.prediction([region], score, service.versions.project_version(project))
+    # the project's adapted interactive network, when it made this mask, names it (backend/adaptation.py)
+    return ls_format.prediction([region], score, model.adapted or service.versions.project_version(project))
 
 
 def draft_text(task: Any, cfg: LabelConfig) -> str:

@@ -12,6 +12,8 @@ Layout (`project_dir`, `lock_path`, `jobs_state_path`, and `ProjectStore`'s meth
     MODEL_DIR/projects/<id>/references.json   what the last fit published for them (a record)
     MODEL_DIR/projects/<id>/adclick-seg/      the trained ADClick-Seg versions (model/seg/versions.py) and their
                                               published.json record
+    MODEL_DIR/projects/<id>/interactive/      its adapted interactive networks (backend/adaptation.py), same layout
+    MODEL_DIR/projects/<id>/adaptation.json   what its last adaptation did and why (a record; /health shows it)
     MODEL_DIR/locks/<id>.<name>.lock          per-project cross-process locks (backend/locks.py)
     MODEL_DIR/jobs/state.json                 every project's training job (backend/jobs.py)
 
@@ -42,6 +44,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 PROJECTS_DIR = "projects"
 LOCKS_DIR = "locks"
 SEG_VERSIONS_DIR = "adclick-seg"
+INTERACTIVE_DIR = "interactive"  # the project's adapted interactive networks (backend/adaptation.py)
 MAX_PROJECT_ID = 2**63 - 1  # Label Studio's ids are database integers
 _PROJECT_ID = re.compile(r"([1-9][0-9]{0,18})(?:\.[0-9]{1,20})?")  # "12" or "12.1700000000" (id.timestamp)
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # keys that are no Label Studio id ("default"): never "..", "/", ""
@@ -108,6 +111,11 @@ def label_studio_id(project: str | int) -> int:
     return int(key)
 
 
+def interactive_prefix(project: str | int) -> str:
+    """Name prefix of a project's adapted interactive versions: `adclick-adapted-p<id>` (-v<N> follows)."""
+    return f"adclick-adapted-p{project_key(project)}"
+
+
 def project_dir(model_dir: str | Path, project: str | int) -> Path:
     return Path(model_dir) / PROJECTS_DIR / project_key(project)
 
@@ -170,19 +178,36 @@ class ProjectStore:
         """The project's ADClick-Seg version store. Without `keep`, the one this ProjectStore keeps per project
         (serving: its published record is compared in memory); with `keep` (a training run's pruning), a new
         store over the same folder."""
+        return self._store(project, "seg", keep)
+
+    def interactive_store(self, project: str, keep: int | None = None) -> VersionStore:
+        """The project's store of adapted interactive networks (`adclick-adapted-p<id>-v<N>`, backend/adaptation.py),
+        kept and refreshed like `version_store`."""
+        return self._store(project, "interactive", keep)
+
+    def _store(self, project: str, kind: str, keep: int | None) -> VersionStore:
         from model.seg.versions import VersionStore
 
         key = project_key(project)
+        folder, prefix = ((self.versions_dir(key), "adclick-seg") if kind == "seg"
+                          else (self.dir(key) / INTERACTIVE_DIR, interactive_prefix(key)))
         if keep is not None:
-            return VersionStore(self.versions_dir(key), keep=keep)
+            return VersionStore(folder, keep=keep, prefix=prefix)
         with self._lock:
-            store = self._stores.get(key)
+            store = self._stores.get(f"{kind}:{key}")
             if store is None:
-                store = self._stores[key] = VersionStore(self.versions_dir(key))
+                store = self._stores[f"{kind}:{key}"] = VersionStore(folder, prefix=prefix)
                 while len(self._stores) > MAX_VERSION_STORES:
                     self._stores.popitem(last=False)
-            self._stores.move_to_end(key)
+            self._stores.move_to_end(f"{kind}:{key}")
             return store
+
+    def adaptation_info(self, project: str) -> dict | None:
+        """What the project's last adaptation of the interactive network did (backend/adaptation.py)."""
+        return read_record(self.dir(project) / "adaptation.json")
+
+    def set_adaptation_info(self, project: str, info: dict) -> None:
+        publish_record(self.dir(project) / "adaptation.json", info)
 
     def get(self, project: str) -> dict:
         """project.json as a record: a /setup answered by another worker is seen within RECORD_REFRESH_S."""

@@ -95,6 +95,18 @@ def _model_info(model: ModelLoader) -> dict:
     }
 
 
+def _adaptations(svc: Services) -> dict:
+    """Per project that adapted its interactive network: the version served (or none) and why (its last
+    adaptation's record, backend/adaptation.py), without the figures' details."""
+    out = {}
+    for project in svc.projects.known()[:256]:
+        info = svc.projects.adaptation_info(project)
+        if info:
+            out[project] = {k: info.get(k) for k in ("status", "version", "reason", "trigger", "finished",
+                                                      "score", "base_score", "bank_key")}
+    return {"enabled": svc.settings.adapt, "minutes": svc.settings.adapt_minutes, "projects": out}
+
+
 @blueprint.get("/")
 @blueprint.get("/health")
 def health():
@@ -111,6 +123,7 @@ def health():
             "queued": [p for p, s in jobs.items() if s["status"] == "queued"],
             "jobs": jobs,
         },
+        interactive_adaptation=_adaptations(svc),
         uptime_s=round(time.time() - _STARTED, 1),
     )
 
@@ -162,7 +175,15 @@ def parse_extra_params(raw: Any) -> dict | None:
         raise BadRequest(f"extra_params is nested too deeply (more than {MAX_EXTRA_PARAMS_DEPTH} levels)")
     if len(json.dumps(raw)) > MAX_EXTRA_PARAMS_CHARS:  # kept in project.json and read on every request
         raise BadRequest(f"extra_params is over the limit of {MAX_EXTRA_PARAMS_CHARS} characters as JSON")
+    minutes = raw.get("adapt_minutes")
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int | float)
+                                or not 0 <= minutes <= MAX_ADAPT_MINUTES):
+        raise BadRequest(f"extra_params.adapt_minutes must be a number of minutes from 0 (off) to "
+                         f"{MAX_ADAPT_MINUTES}, got {json.dumps(minutes)[:40]}")
     return raw or None
+
+
+MAX_ADAPT_MINUTES = 240  # one adaptation's time budget at most (extra_params.adapt_minutes)
 
 
 MAX_EXTRA_PARAMS_DEPTH = 16  # settings are flat key/value pairs; a few levels leave room for lists of folders

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from backend.adaptation import AdaptationHook
 from backend.detection import DetectorCache
 from backend.images import ImageLoader
 from backend.jobs import JobManager
@@ -76,13 +77,15 @@ def build_services(
         max_requeues=settings.train_max_requeues,
         valid_project=is_project_id,
     )
+    serving = ServingService(settings, model, projects, loader)
+    serving.on_bank_complete = AdaptationHook(settings, projects, jobs, model)
     return Services(
         settings=settings,
         projects=projects,
         loader=loader,
         model=model,
         versions=versions,
-        serving=ServingService(settings, model, projects, loader),
+        serving=serving,
         detection=DetectorCache(settings, versions),
         training=training,
         jobs=jobs,

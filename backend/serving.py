@@ -21,7 +21,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,6 +101,7 @@ class ModelLoader:
         self._lock = threading.Lock()
         self._engine: Engine | None = None
         self._choice: PredictorChoice | None = None
+        self._adapted: dict[str, PredictorChoice] = {}  # adapted weights folder -> its served choice
         self.loaded_at: float | None = None
         self.load_seconds: float | None = None
 
@@ -115,6 +116,28 @@ class ModelLoader:
                 self.loaded_at = time.time()
                 logger.info("model loaded: %s (%s) in %.2f s", choice.kind, choice.version, self.load_seconds)
             return self._engine, self._choice
+
+    def adapted_choice(self, weights_dir: Path) -> PredictorChoice:
+        """The served chain (refinement, seeded stage) over the adapted weights in `weights_dir` (a published
+        interactive version's folder), built once per folder; CheckpointError when they cannot be used."""
+        key = str(weights_dir)
+        with self._lock:
+            choice = self._adapted.get(key)
+        if choice is not None:
+            return choice
+        from model.errors import CheckpointError
+        from model.interactive.learned import check_weights, load_interactive_predictor
+
+        config = replace(interactive_config(self.settings), weights_dir=Path(weights_dir))
+        base = load_interactive_predictor(self.engine, config)
+        if base is None:
+            raise CheckpointError(check_weights(self.engine, config.weights_dir)[1])
+        choice = with_seeded(with_refinement(base, config.refine), config.seeded)
+        with self._lock:
+            self._adapted[key] = choice
+            while len(self._adapted) > 64:
+                self._adapted.pop(next(iter(self._adapted)))
+        return choice
 
     @property
     def engine(self) -> Engine:
@@ -160,6 +183,7 @@ class ProjectVersions:
             refs = self.projects.references_info(key)
             names += [str(refs["model_version"])] if refs and refs.get("model_version") else []
             names += self.projects.version_store(key).published_names()
+            names += self.projects.interactive_store(key).published_names()
         return list(dict.fromkeys(names))
 
 
@@ -189,6 +213,7 @@ class ProjectModel:
     n_references: int
     target: int = 0  # references the complete bank will hold
     complete: bool = True  # False while the bank still grows in the background
+    adapted: str = ""  # the project's adapted interactive version serving it (backend/adaptation.py), if any
 
 
 class BankBuildFailed(BackendError):
@@ -254,6 +279,11 @@ class ServingService:
         self._warmed_pid: int | None = None
         self._env_refs: int | None = None
         self._compute = threading.BoundedSemaphore(max(1, settings.compute_concurrency))
+        # (bank key, size, adapted version, folder) -> ProjectModel with the project's adapted network
+        self._adapted_models: OrderedDict[tuple, ProjectModel] = OrderedDict()
+        self._adapted_failed: set[tuple] = set()
+        # called with (engine bank key, projects using it) when a bank is complete (backend/adaptation.py's hook)
+        self.on_bank_complete: Callable[[str, list[str]], None] | None = None
 
     def reference_counts(self) -> dict:
         """Reference images: of ADCLICK_NORMAL_DIR (counted once per process: /health must stay fast) and of
@@ -306,6 +336,42 @@ class ServingService:
         return found
 
     def model_for(self, project: str, wait_s: float | None = None) -> ProjectModel:
+        """The project's predictor over its reference bank (`bank_model_for`), with the project's adapted
+        interactive network when one is published (backend/adaptation.py)."""
+        return self._adapted(project, self.bank_model_for(project, wait_s))
+
+    def _adapted(self, project: str, model: ProjectModel) -> ProjectModel:
+        """`model` with the predictor of the project's published adapted network (its store's record is compared
+        in memory, re-read at most every RECORD_REFRESH_S: another process's publication is served within that
+        time); `model` itself when there is none, adaptation is off, or the version cannot be loaded."""
+        if not self.settings.adapt or self.model.choice.kind != "adclick":
+            return model
+        info = self.projects.interactive_store(project).latest()
+        if info is None:
+            return model
+        key = (model.signature, model.n_references, info.name, str(info.path))
+        with self._lock:
+            hit = self._adapted_models.get(key)
+            if hit is not None:
+                self._adapted_models.move_to_end(key)
+                return hit
+        engine = self.model.engine
+        try:
+            choice = self.model.adapted_choice(info.path)
+            adapted = replace(model, predictor=choice.build(engine, model.bank), adapted=info.name)
+        except Exception as exc:  # noqa: BLE001 - a damaged version folder: the shipped network keeps serving
+            if key not in self._adapted_failed:
+                self._adapted_failed.add(key)
+                logger.error("project %s: interactive version %s cannot be loaded (%s); serving the shipped "
+                             "network", project, info.name, exc)
+            return model
+        with self._lock:
+            self._adapted_models[key] = adapted
+            while len(self._adapted_models) > MAX_TRACKED_PROJECTS // 16:
+                self._adapted_models.popitem(last=False)
+        return adapted
+
+    def bank_model_for(self, project: str, wait_s: float | None = None) -> ProjectModel:
         """The project's predictor over its reference bank. Banks are shared by projects with the same
         reference set and built in a background thread, small first (ADCLICK_FIRST_REFERENCES spread over the
         folder, ready in seconds), then grown and swapped in whole. A project with an older bank keeps it
@@ -473,6 +539,8 @@ class ServingService:
             build.key, ", ".join(self._projects_of(build.key)), n, build.target,
             time.monotonic() - build.started, "" if complete else "; growing in the background",
         )
+        if complete and self.on_bank_complete is not None:
+            self.on_bank_complete(str(bank.key), self._projects_of(build.key))
 
     def _yield_to_requests(self, *_: object) -> None:
         if self._closing.is_set():

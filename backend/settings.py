@@ -84,6 +84,9 @@ class Settings:
     max_body_bytes: int = 64 * _MB  # largest request body (MAX_BODY_MB); more: 413
     train_nice: int = 10  # TRAIN_NICE: CPU priority of training (a nice increment); clicks keep the cores first
     train_max_requeues: int = 2  # a job whose process died is queued again at most this often, then failed
+    adapt: bool = True  # ADCLICK_ADAPT: per-project adaptation of the interactive network (backend/adaptation.py)
+    adapt_minutes: float = 8.0  # ADCLICK_ADAPT_MINUTES: time budget of one adaptation (extra_params adapt_minutes)
+    adapt_keep: int = 3  # ADCLICK_ADAPT_KEEP: adapted interactive versions kept per project
 
     def __post_init__(self) -> None:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
@@ -167,6 +170,9 @@ class Settings:
             max_body_bytes=int(_number(env, "MAX_BODY_MB", 64, minimum=0.001) * _MB),
             train_max_requeues=int(_number(env, "TRAIN_MAX_REQUEUES", 2)),
             train_nice=int(_number(env, "TRAIN_NICE", 10)),
+            adapt=_flag(env, "ADCLICK_ADAPT", True),
+            adapt_minutes=_number(env, "ADCLICK_ADAPT_MINUTES", 8.0),
+            adapt_keep=int(_number(env, "ADCLICK_ADAPT_KEEP", 3, minimum=1)),
         )
 
 

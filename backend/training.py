@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from backend import ls_format
+from backend.adaptation import ADAPT, adapt_interactive, labelled_images
 from backend.banks import screen_references
 from backend.errors import BackendError, LabelConfigError, NotReady
 from backend.images import ImageLoader
@@ -37,7 +38,7 @@ from backend.locks import ProjectLock
 from backend.projects import ProjectStore, label_studio_id
 from backend.seg_labels import task_labels, to_example
 from backend.serving import ModelLoader, ProjectVersions
-from backend.settings import Settings
+from backend.settings import Settings, interactive_config
 from model.atomic import write_image_atomic
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class TrainingContext:
     base_version: str = (
         ""  # the interactive model's version (a references-only fit derives its version from it)
     )
+    interactive: Any = None  # InteractiveConfig of the served learned network; None: nothing to adapt
 
 
 def _as_dict(obj: Any) -> dict:
@@ -206,7 +208,7 @@ def train_seg(project: str, tasks: list[dict], cfg: ls_format.LabelConfig, bank:
     store = ctx.projects.version_store(project, keep=int(_seg_knob(project, ctx, "seg_keep_versions")))
     info, seg = train_version(
         examples, labels, prompts, store, train_cfg,
-        progress=lambda f, m: ctx.progress(0.8 + 0.18 * f, m),
+        progress=lambda f, m: ctx.progress(0.8 + 0.08 * f, m),
         meta={"project": project, "trigger": event.get("action"), "bank_key": str(bank.key),
               "engine": ctx.engine.config_hash(), "object": obj},
     )
@@ -244,10 +246,23 @@ def fit(project: str, event: dict, ctx: TrainingContext) -> dict:
     if seg is not None:
         version = seg.pop("model_version")
         figures.update(seg)
+    if ctx.interactive is not None and ctx.settings.adapt:
+        ctx.progress(0.88, "adapting the interactive network to the project's references and annotations")
+        labelled = labelled_images(tasks, cfg, ctx, project)
+        figures.update(adapt_interactive(project, ctx, labelled, str(event.get("action") or ""), bank, images,
+                                         progress=lambda f, m: ctx.progress(0.88 + 0.11 * f, f"adaptation: {m}")))
     figures.update(fit_seconds=round(time.monotonic() - t0, 2))
     ctx.progress(1.0, "done")
     logger.info("project %s: %s with %d reference images", project, version, len(images))
     return {"model_version": version, **figures}
+
+
+def adapt_only(project: str, event: dict, ctx: TrainingContext) -> dict:
+    """An ADAPT_INTERACTIVE job: the interactive network adapted to the project's references (no labels read);
+    the project's model_version stays what it was."""
+    figures = adapt_interactive(project, ctx, None, ADAPT)
+    ctx.progress(1.0, "done")
+    return figures
 
 
 def lower_priority(nice: int) -> int:
@@ -311,11 +326,9 @@ class TrainingService:
             ls_card.sync_in_background(self.client_factory, project, version,
                                        tuple(self.versions.versions(project)))
 
-    def run_training(self, project: str, event: dict, progress: Callable[[float, str], None]) -> dict:
-        """One fit of `project` (`fit`) inside its cross-process ProjectLock. Serving processes notice the new
-        references / version by the project's signature and swap the predictor when rebuilt."""
-        lower_priority(self.settings.train_nice)
-        ctx = TrainingContext(
+    def context(self, progress: Callable[[float, str], None]) -> TrainingContext:
+        """What a fit works with (the model loaded here)."""
+        return TrainingContext(
             settings=self.settings,
             progress=progress,
             client_factory=self.client_factory,
@@ -323,9 +336,20 @@ class TrainingService:
             engine=self.model.engine,
             projects=self.projects,
             base_version=self.model.choice.version,
+            interactive=interactive_config(self.settings) if self.model.choice.kind == "adclick" else None,
         )
+
+    def run_training(self, project: str, event: dict, progress: Callable[[float, str], None]) -> dict:
+        """One fit of `project` (`fit`) inside its cross-process ProjectLock. Serving processes notice the new
+        references / version by the project's signature and swap the predictor when rebuilt."""
+        lower_priority(self.settings.train_nice)
+        ctx = self.context(progress)
         with ProjectLock(self.settings.model_dir, project, "train"):
-            result = fit(project, event, ctx)
+            if event.get("action") == ADAPT:
+                result = {"model_version": self.versions.project_version(project),
+                          **adapt_only(project, event, ctx)}
+            else:
+                result = fit(project, event, ctx)
         if result.get("model_version") and self._syncs_card_title():
             from backend import ls_card
 

@@ -5,6 +5,7 @@
   python -m model.bench clicks  --dataset DIR --predictor adclick-blend+refine,service [--service-url URL]
   python -m model.bench boxes   --dataset DIR --predictor adclick-blend+refine [--split even] [--json FILE]
   python -m model.bench fit ...   (dispatched to model.cli.bench_fit:main)
+  python -m model.bench adapt ... (dispatched to model.cli.bench_adapt:main)
 
 anomaly: unsupervised maps of the residual engine against a bank of the dataset's defect-free images;
 pixel AUROC / AP / AU-PRO pool all pixels of the images considered; per defect type = the images of that type
@@ -194,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     boxes.add_argument("--no-grabcut", action="store_true", help="skip the GrabCut baseline")
     boxes.add_argument("--grabcut-iters", type=int, default=5)
     sub.add_parser("fit", help="learning-loop benchmark (model.cli.bench_fit)", add_help=False)
+    sub.add_parser("adapt", help="per-project adaptation of the interactive network (model.cli.bench_adapt)",
+                   add_help=False)
     return parser.parse_args(argv)
 
 
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "fit":
         fit = importlib.import_module("model.cli.bench_fit")  # only when asked for: it loads ADClick-Seg
         return int(fit.main(argv[1:]) or 0)
+    if argv and argv[0] == "adapt":
+        return int(importlib.import_module("model.cli.bench_adapt").main(argv[1:]) or 0)
     args = parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(max(1, min(args.threads, torch.get_num_threads())))

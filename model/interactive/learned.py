@@ -225,7 +225,7 @@ def check_weights(engine, weights_dir: Path | None = None,
     return entry, f"learned ADClick weights {entry['file']} (sha256 {entry['sha256'][:8]})"
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)  # the shipped weights and the adapted versions of projects
 def _load_net(path: str, sha: str):
     from model.checkpoint import load_checkpoint
     from model.modeling.adclick import ARCH, AdClickConfig, AdClickNet
@@ -262,7 +262,8 @@ def load_interactive_predictor(engine: Engine, config: InteractiveConfig = DEFAU
         logger.warning("learned ADClick unavailable, zero-training click mode instead: %s", reason)
         return None
     path = str(Path(wdir or default_weights_dir()) / entry["file"])
-    version = (f"adclick-{entry['sha256'][:8]}" + ("" if use_prompt else "-noprompt")
+    # an adapted project's weights (model/interactive/adapt.py) carry their version name in the manifest
+    version = (str(entry.get("version") or f"adclick-{entry['sha256'][:8]}") + ("" if use_prompt else "-noprompt")
                + ("" if learned_weight >= 1 else f"-blend{learned_weight:g}"))
     obj = config.object_name
 
@@ -292,6 +293,28 @@ def load_interactive_predictor(engine: Engine, config: InteractiveConfig = DEFAU
 
         blend += "; weight and threshold calibrated per project on its references"
     return PredictorChoice("adclick", version, build, reason + blend, calibrate)
+
+
+def predictor_for(engine, bank, net, config: InteractiveConfig = DEFAULT_CONFIG):
+    """The predictor the service builds over `bank` with the network `net` (the blend unless the network
+    serves alone), without refinement: what adaptation (model/interactive/adapt.py) validates with."""
+    learned = AdClickPredictor(engine, bank, net, None, "adapting", config.object_name, use_prompt=False)
+    if config.learned_weight >= 1:
+        return learned
+    from model.interactive.clickmode import ResidualClickPredictor
+
+    return BlendPredictor(learned, ResidualClickPredictor(engine, bank), float(config.learned_weight),
+                          use_calibration=False)
+
+
+def shipped_network(engine, weights_dir: Path | None = None, name: str = "adclick"):
+    """(network, manifest entry) of the weights in `weights_dir` (default: the shipped ones); CheckpointError
+    when they are missing or do not fit the engine."""
+    entry, reason = check_weights(engine, weights_dir, name)
+    if entry is None:
+        raise CheckpointError(reason)
+    path = Path(weights_dir or default_weights_dir()) / entry["file"]
+    return _load_net(str(path), entry["sha256"]), entry
 
 
 def bench_builders() -> dict[str, Callable[[Any, Any, Any], Any]]:

@@ -91,6 +91,7 @@ def servers(browser_root, browser_dataset, chromium_path) -> Servers:
             "OMP_NUM_THREADS": "2",
             "TRAIN_AFTER_ANNOTATIONS": "1000",
             "TRAIN_DEBOUNCE_S": "3600",
+            "ADCLICK_ADAPT_MINUTES": "0.5",
         }, backend_log)
         yield Servers(ls.url, token, LabelStudioAPI(ls.url, token), backend.url, ls_log, backend_log,
                       processes.LabelStudioConfig.username, processes.LabelStudioConfig.password)

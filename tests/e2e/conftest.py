@@ -77,6 +77,7 @@ def backend(e2e_root, dataset, label_studio) -> Backend:
         "ADCLICK_NORMAL_DIR": str(dataset.normal_dir),
         "DEVICE": "cpu",
         "OMP_NUM_THREADS": "2",
+        "ADCLICK_ADAPT_MINUTES": "0.5",  # the interactive network's adaptations: 30 s each, not 8 min
     }, log)
     try:
         yield Backend(server.url, log)

@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Variables of the calling environment that must not leak into a server's environment.
 _DROP = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "DJANGO_SETTINGS_MODULE", "LABEL_STUDIO_URL",
          "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "MODEL_DIR", "ADCLICK_NORMAL_DIR",
-         "REDIS_URL")
+         "REDIS_URL", "ADCLICK_ADAPT", "ADCLICK_ADAPT_MINUTES")
 
 
 def wait_for(what: str, probe, timeout_s: float, every_s: float = 1.0):

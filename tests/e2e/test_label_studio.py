@@ -109,6 +109,9 @@ def test_training_and_predictions(label_studio, backend, dataset, project):
     model_version; every task's retrieved prediction carries it, finds the defect where there is one, and
     defective images score above the normal one."""
     good = project.tasks[dataset.normal[0]]
+    clicks = [keypoint(x, y, True, i) for i, (x, y) in enumerate(POSITIVE_CLICKS)]
+    defect_task = project.tasks[dataset.defective[0]]["id"]
+    click_before = label_studio.api.interactive(project.ml, defect_task, {"result": clicks})["data"]
     label_studio.api.create_annotation(good["id"], _annotation_from_mask(None, "OK"))
     before = backend.get("/versions", project=project.id)["model_version"]
     label_studio.api.train(project.ml)  # 200 only when the backend accepted the START_TRAINING webhook
@@ -124,6 +127,21 @@ def test_training_and_predictions(label_studio, backend, dataset, project):
     assert version == job["model_version"] and version != before
     assert version.startswith("adclick-seg-v"), f"the annotated mask did not train ADClick-Seg: {job}"
     _card_follows(label_studio, project, version)
+
+    # the job also adapted the interactive network to the references and the annotated mask; it serves the
+    # clicks when it validated better, else /health says why the shipped one stays
+    adapted = job["figures"].get("interactive_adaptation")
+    assert adapted in ("published", "kept"), job["figures"]
+    health = backend.get("/health")["interactive_adaptation"]["projects"][str(project.id)]
+    assert health["status"] == adapted and health["reason"], health
+    if adapted == "published":
+        name = job["figures"]["interactive_version"]
+        assert name in backend.get("/versions", project=project.id)["versions"]
+        click_after = label_studio.api.interactive(project.ml, defect_task, {"result": clicks})["data"]
+        assert click_after["model_version"] == name, click_after["model_version"]
+        truth = dataset.mask
+        quality = [_iou(decode_mask(p["result"][0]), truth) for p in (click_before, click_after)]
+        assert quality[1] >= quality[0] - 0.02, quality
 
     label_studio.api.retrieve_predictions(project.id)
     found = {}
@@ -142,6 +160,10 @@ def test_training_and_predictions(label_studio, backend, dataset, project):
     # model version, which followed the card's title to the new version
     scores = {t["id"]: t.get("predictions_score") for t in label_studio.api.tasks(project.id)}
     assert all(v is not None for v in scores.values()), scores
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def _summary(prediction: dict, truth: np.ndarray) -> dict:
