@@ -231,3 +231,18 @@ def test_setup_refuses_a_bad_adapt_minutes(tmp_path, value):
     ok = app.test_client().post("/setup", json={"project": "3", "schema": CONTRACT_CONFIG,
                                                 "extra_params": {"adapt_minutes": 2.5}})
     assert ok.status_code == 200
+
+
+def test_a_pasted_defect_keeps_the_reference_around_it():
+    from model.interactive.adapt import paste
+
+    ref = np.full((40, 50, 3), 100, np.uint8)
+    lab = np.full((40, 50, 3), 30, np.uint8)
+    lab[10:20, 10:20] = 250
+    mask = np.zeros((40, 50), bool)
+    mask[10:20, 10:20] = True
+    out = paste(ref, lab, mask)
+    assert (out[mask] == 250).all()  # the defect's own pixels
+    far = np.ones_like(mask)
+    far[5:25, 5:25] = False
+    assert (out[far] == 100).all()  # the other reference's surroundings, not the labelled image's

@@ -13,7 +13,8 @@ the clicks simulated on them as the benchmark does), then keep the result only w
    published for the project, when given).
 2. **Training samples** until `data_share` of the budget is spent (at most `train_samples`): synthetic defects of
    the training kinds (model/training/synth.py, 15 % cut by the border, 15 % several) over the other references,
-   matched leave-one-out; every labelled image that is not held out, with its mask as the target.
+   matched leave-one-out, and with labels (`paste_share` of them) the labelled defects pasted at their place onto
+   those references; every labelled image that is not held out, with its mask as the target.
 3. **Fine-tuning** from the shipped weights (input scales kept) with the training loop's own step
    (model/training/train_adclick.py: error-driven click rounds, focal + Dice loss), batches mixing labelled and
    synthetic samples (`label_share`) so that the network does not forget, until the time budget is spent
@@ -63,7 +64,9 @@ class AdaptConfig:
     weight_decay: float = 0.01
     warmup: int = 10
     max_rounds: int = 3
-    label_share: float = 0.5  # share of each batch drawn from the labelled images (when there are any)
+    label_share: float = 0.25  # share of each batch drawn from the labelled images (when there are any)
+    paste_share: float = 0.5  # with labels: share of the synthetic samples that are labelled defects pasted
+    # at their place onto other references (real defect kinds on many backgrounds)
     at_border: float = 0.15
     multi: float = 0.15
     min_gain: float = 0.005  # mean validation IoU the adapted network must add to be kept
@@ -192,11 +195,27 @@ def _residual_fn(engine, bank, exclude: str | None):
     return fn
 
 
+def paste(reference: np.ndarray, lab_image: np.ndarray, lab_mask: np.ndarray, sigma: float = 1.5
+          ) -> np.ndarray:
+    """The labelled defect (its pixels under a softened mask) pasted at its place onto a defect-free reference of
+    the same size: a real defect kind over another reference's surroundings."""
+    import cv2
+
+    alpha = cv2.GaussianBlur(lab_mask.astype(np.float32), (0, 0), sigma)
+    alpha = np.maximum(alpha, lab_mask.astype(np.float32))[..., None]
+    return np.clip(np.rint(reference * (1 - alpha) + lab_image * alpha), 0, 255).astype(np.uint8)
+
+
 def _synthetic_samples(engine, bank, references: Sequence[tuple[str, Any]], train_idx: Sequence[int],
                        size: tuple[int, int], cfg: AdaptConfig, deadline: float,
-                       progress: Callable[[float, str], None]) -> list:
-    from model.training.samples import synth_one, to_sample
+                       progress: Callable[[float, str], None], labelled: Sequence[Labelled] = ()) -> list:
+    """Synthetic defects over the training references; with labels, `paste_share` of them are the labelled
+    defects pasted onto other references (`paste`)."""
+    from model.training.samples import half_mask, synth_one, to_sample
     from model.training.synth import skimage_textures
+
+    fitted = [(_fit(lab.image, size), _fit_mask(lab.mask, size)) for lab in labelled if lab.mask is not None]
+    fitted = [(im, m) for im, m in fitted if m.any()]
 
     rng = np.random.default_rng(cfg.seed + 1)
     textures = skimage_textures()
@@ -210,7 +229,11 @@ def _synthetic_samples(engine, bank, references: Sequence[tuple[str, Any]], trai
         key, ref = references[i]
         if i not in images:
             images[i] = _fit(load_image(ref), size)
-        image, masks, kinds = synth_one(images[i], rng, textures, at_border=cfg.at_border, multi=cfg.multi)
+        if fitted and rng.random() < cfg.paste_share:
+            lab_image, lab_mask = fitted[int(rng.integers(len(fitted)))]
+            image, masks, kinds = paste(images[i], lab_image, lab_mask), [half_mask(lab_mask)], [LABELLED_KIND]
+        else:
+            image, masks, kinds = synth_one(images[i], rng, textures, at_border=cfg.at_border, multi=cfg.multi)
         sample = to_sample(image, masks, kinds, _residual_fn(engine, bank, key), "references")
         if sample is not None:
             out.append(sample)
@@ -327,8 +350,8 @@ def adapt_network(base, engine, bank, references: Sequence[tuple[str, Any]],
     train_end = t0 + budget - 1.2 * val_s / (2 if incumbent is not None else 1)
     data_end = min(train_end, t0 + cfg.data_share * budget)
     with torch.inference_mode():
-        synthetic = (_synthetic_samples(engine, bank, references, train_idx, size, cfg, data_end, progress)
-                     if train_idx else [])
+        synthetic = (_synthetic_samples(engine, bank, references, train_idx, size, cfg, data_end, progress,
+                                        train_labels) if train_idx else [])
         lab_samples = _labelled_samples(engine, bank, train_labels, size)
     figures.update(synthetic_samples=len(synthetic), labelled_samples=len(lab_samples),
                    data_seconds=round(time.monotonic() - t0, 1))
