@@ -129,7 +129,13 @@ def adapt_interactive(project: str, ctx: TrainingContext, labelled: list | None 
     served = store.latest(refresh=True)
     try:
         base, entry = shipped_network(engine, ctx.interactive.weights_dir)
-        incumbent = _net_of(served) if served is not None else None
+        incumbent = None
+        if served is not None:
+            try:
+                incumbent = _net_of(served)
+            except Exception as exc:  # noqa: BLE001 - a damaged served version is not served either (serving.py)
+                logger.warning("project %s: served version %s cannot be loaded (%s); compared with the shipped "
+                               "network only", project, served.name, exc)
         config = ctx.interactive
         result = adapt_network(
             base, engine, bank, [(content_hash(p), p) for p in images],

@@ -99,7 +99,7 @@ def test_an_unchanged_network_is_not_kept(world):
     base, _ = _base(services)
     result = adapt_network(base, engine, bank, [(content_hash(p), p) for p in images],
                            lambda net: predictor_for(engine, bank, net), cfg=AdaptConfig(
-                               lr=0.0, minutes=0.2, train_samples=8, val_references=2, val_per_reference=2,
+                               lr=0.0, minutes=2.0, train_samples=8, val_references=2, val_per_reference=2,
                                max_steps=2, batch=4))
     assert result.net is None and result.figures["steps"] == 2
     assert result.score == pytest.approx(result.base_score, abs=1e-6)
@@ -246,3 +246,15 @@ def test_a_pasted_defect_keeps_the_reference_around_it():
     far = np.ones_like(mask)
     far[5:25, 5:25] = False
     assert (out[far] == 100).all()  # the other reference's surroundings, not the labelled image's
+
+
+def test_a_damaged_version_falls_back_to_the_shipped_network(world):
+    settings, services, folders = world
+    services.projects.update("4", label_config=None, extra_params={"normal_dir": str(folders["1"])})
+    base, entry = _base(services)
+    info = publish_version(services.projects.interactive_store("4", keep=3), _perturbed(base, 0.02, 9), entry,
+                           {"trigger": "test"})
+    (info.path / "model.pt").write_bytes(b"not a checkpoint")
+    fresh = build_services(settings)
+    model = fresh.serving.model_for("4")
+    assert model.adapted == "" and model.predictor.version == fresh.model.choice.version
