@@ -21,9 +21,12 @@ serves the last published one.
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,36 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adclick"  # the manifest entry of a version folder (as in weights/manifest.json)
 CHECKPOINT_FILE = "model.pt"  # model/seg/versions.py's file name
+
+
+class AdaptationStopped(RuntimeError):
+    """The process began exiting during an adaptation (nothing was published or recorded)."""
+
+
+_EXITING = threading.Event()
+_ACTIVE = threading.Condition()
+_COUNT = [0]  # adaptations running in this process
+
+
+@contextmanager
+def _running() -> Iterator[None]:
+    with _ACTIVE:
+        _COUNT[0] += 1
+    try:
+        yield
+    finally:
+        with _ACTIVE:
+            _COUNT[0] -= 1
+            _ACTIVE.notify_all()
+
+
+@atexit.register
+def _stop_adaptations(timeout_s: float = 30.0) -> None:
+    """At exit, a running adaptation stops at its next step and is waited for: a daemon thread still inside torch
+    when the interpreter finalizes aborts the process (as backend/serving.py's bank builds)."""
+    _EXITING.set()
+    with _ACTIVE:
+        _ACTIVE.wait_for(lambda: _COUNT[0] == 0, timeout_s)
 
 
 def adaptation_minutes(ctx: TrainingContext, project: str) -> float:
@@ -117,7 +150,7 @@ def adapt_interactive(project: str, ctx: TrainingContext, labelled: list | None 
     if minutes <= 0:
         return {"interactive_adaptation": "off for this project (adapt_minutes 0)"}
     from model.engine.residuals import content_hash
-    from model.interactive.adapt import AdaptConfig, adapt_network
+    from model.interactive.adapt import STOPPED, AdaptConfig, adapt_network
     from model.interactive.learned import predictor_for, shipped_network
 
     if bank is None or images is None:
@@ -137,11 +170,16 @@ def adapt_interactive(project: str, ctx: TrainingContext, labelled: list | None 
                 logger.warning("project %s: served version %s cannot be loaded (%s); compared with the shipped "
                                "network only", project, served.name, exc)
         config = ctx.interactive
-        result = adapt_network(
-            base, engine, bank, [(content_hash(p), p) for p in images],
-            lambda net: predictor_for(engine, bank, net, config), labelled or [],
-            AdaptConfig(minutes=minutes), incumbent, progress,
-        )
+        with _running():
+            result = adapt_network(
+                base, engine, bank, [(content_hash(p), p) for p in images],
+                lambda net: predictor_for(engine, bank, net, config), labelled or [],
+                AdaptConfig(minutes=minutes), incumbent, progress, _EXITING.is_set,
+            )
+        if result.reason == STOPPED:  # no record: the next process adapts for this bank again
+            raise AdaptationStopped("the adaptation stopped: the process is exiting")
+    except AdaptationStopped:
+        raise
     except Exception as exc:
         record.update(status="failed", reason=hide_paths(f"{type(exc).__name__}: {exc}")[:500],
                       finished=time.time())

@@ -258,3 +258,17 @@ def test_a_damaged_version_falls_back_to_the_shipped_network(world):
     fresh = build_services(settings)
     model = fresh.serving.model_for("4")
     assert model.adapted == "" and model.predictor.version == fresh.model.choice.version
+
+
+def test_an_exiting_process_stops_the_adaptation_without_a_record(world):
+    _, services, _ = world
+    from backend import adaptation
+
+    before = services.projects.adaptation_info("1")
+    adaptation._EXITING.set()
+    try:
+        with pytest.raises(adaptation.AdaptationStopped):
+            adaptation.adapt_interactive("1", services.training.context(_ignore), None, ADAPT)
+    finally:
+        adaptation._EXITING.clear()
+    assert services.projects.adaptation_info("1") == before  # the next process adapts for this bank again

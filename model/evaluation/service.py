@@ -419,8 +419,10 @@ def served_environment(references: Sequence[str | Path], work: Path, device: str
     if bank_cache is not None:
         Path(bank_cache).mkdir(parents=True, exist_ok=True)
         (model_dir / "banks").symlink_to(Path(bank_cache).resolve(), target_is_directory=True)
+    # ADCLICK_ADAPT off: the benchmark measures the shipped network (`python -m model.bench adapt` measures the
+    # per-project adaptation), and no adaptation job may change it in the middle of a run
     env = {"MODEL_DIR": str(model_dir), "ADCLICK_NORMAL_DIR": str(refs_dir), "DEVICE": device,
-           "BANK_WAIT_S": "3600", "LOG_LEVEL": "WARNING"}
+           "BANK_WAIT_S": "3600", "LOG_LEVEL": "WARNING", "ADCLICK_ADAPT": "off"}
     from backend.settings import Settings
 
     if len(references) > Settings().max_reference_images:  # else the service would use a spread subset

@@ -48,6 +48,7 @@ from model.interactive.calibration import CALIBRATION_KINDS, held_back, syntheti
 logger = logging.getLogger(__name__)
 
 LABELLED_KIND = "labelled"
+STOPPED = "stopped before the end"  # AdaptResult.reason when `stop()` said so
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ def paste(reference: np.ndarray, lab_image: np.ndarray, lab_mask: np.ndarray, si
 
 def _synthetic_samples(engine, bank, references: Sequence[tuple[str, Any]], train_idx: Sequence[int],
                        size: tuple[int, int], cfg: AdaptConfig, deadline: float,
-                       progress: Callable[[float, str], None], labelled: Sequence[Labelled] = ()) -> list:
+                       progress: Callable[[float, str], None], labelled: Sequence[Labelled] = (),
+                       stop: Callable[[], bool] = lambda: False) -> list:
     """Synthetic defects over the training references; with labels, `paste_share` of them are the labelled
     defects pasted onto other references (`paste`)."""
     from model.training.samples import half_mask, synth_one, to_sample
@@ -222,6 +224,8 @@ def _synthetic_samples(engine, bank, references: Sequence[tuple[str, Any]], trai
     images: dict[int, np.ndarray] = {}
     out: list = []
     for n in range(cfg.train_samples):
+        if stop():
+            break
         if time.monotonic() > deadline and len(out) >= cfg.batch:
             logger.info("adaptation: %d synthetic samples when the data budget ran out", len(out))
             break
@@ -351,16 +355,18 @@ def adapt_network(base, engine, bank, references: Sequence[tuple[str, Any]],
     data_end = min(train_end, t0 + cfg.data_share * budget)
     with torch.inference_mode():
         synthetic = (_synthetic_samples(engine, bank, references, train_idx, size, cfg, data_end, progress,
-                                        train_labels) if train_idx else [])
+                                        train_labels, stop) if train_idx else [])
         lab_samples = _labelled_samples(engine, bank, train_labels, size)
     figures.update(synthetic_samples=len(synthetic), labelled_samples=len(lab_samples),
                    data_seconds=round(time.monotonic() - t0, 1))
+    if stop():
+        return AdaptResult(None, base_score, None, inc_score, STOPPED, figures)
     if not synthetic and not lab_samples:
         return AdaptResult(None, base_score, None, inc_score, "no training sample could be made", figures)
     net, fit = _fine_tune(base, synthetic, lab_samples, cfg, train_end, progress, stop)
     figures.update(fit)
     if stop():
-        return AdaptResult(None, base_score, None, inc_score, "stopped before the end", figures)
+        return AdaptResult(None, base_score, None, inc_score, STOPPED, figures)
     progress(0.92, "validating the adapted network")
     with torch.inference_mode():
         adapted = score(make_predictor(net), val, cfg.val_clicks)
