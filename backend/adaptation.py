@@ -82,15 +82,6 @@ def adaptation_minutes(ctx: TrainingContext, project: str) -> float:
         return ctx.settings.adapt_minutes
 
 
-def _net_of(info) -> Any:
-    """The network of a published version folder (cached by path and sha256, as the service loads it)."""
-    from model.interactive.learned import _load_net
-    from weights import verify_entry
-
-    entry = verify_entry(info.path, WEIGHTS_NAME)
-    return _load_net(str(Path(info.path) / entry["file"]), entry["sha256"])
-
-
 def publish_version(store, net, base_entry: dict, meta: dict):
     """Publish `net` as the project's next interactive version in `store` (a VersionStore): model.pt and a
     manifest.json naming the version, written whole in a temporary folder then renamed; returns its VersionInfo."""
@@ -165,7 +156,7 @@ def adapt_interactive(project: str, ctx: TrainingContext, labelled: list | None 
         incumbent = None
         if served is not None:
             try:
-                incumbent = _net_of(served)
+                incumbent = shipped_network(engine, served.path)[0]  # checked and cached as serving loads it
             except Exception as exc:  # noqa: BLE001 - a damaged served version is not served either (serving.py)
                 logger.warning("project %s: served version %s cannot be loaded (%s); compared with the shipped "
                                "network only", project, served.name, exc)

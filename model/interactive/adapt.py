@@ -189,13 +189,6 @@ def _validation(engine, bank, references: Sequence[tuple[str, Any]], val_idx: Se
     return items
 
 
-def _residual_fn(engine, bank, exclude: str | None):
-    def fn(image: np.ndarray):
-        st = engine.compute(image, bank, exclude=exclude)
-        return st.residual, torch.from_numpy(np.asarray(st.grid_map, np.float32)), st.features
-    return fn
-
-
 def paste(reference: np.ndarray, lab_image: np.ndarray, lab_mask: np.ndarray, sigma: float = 1.5
           ) -> np.ndarray:
     """The labelled defect (its pixels under a softened mask) pasted at its place onto a defect-free reference of
@@ -213,6 +206,7 @@ def _synthetic_samples(engine, bank, references: Sequence[tuple[str, Any]], trai
                        stop: Callable[[], bool] = lambda: False) -> list:
     """Synthetic defects over the training references; with labels, `paste_share` of them are the labelled
     defects pasted onto other references (`paste`)."""
+    from model.training.prepare import make_residual_fn
     from model.training.samples import half_mask, synth_one, to_sample
     from model.training.synth import skimage_textures
 
@@ -238,7 +232,7 @@ def _synthetic_samples(engine, bank, references: Sequence[tuple[str, Any]], trai
             image, masks, kinds = paste(images[i], lab_image, lab_mask), [half_mask(lab_mask)], [LABELLED_KIND]
         else:
             image, masks, kinds = synth_one(images[i], rng, textures, at_border=cfg.at_border, multi=cfg.multi)
-        sample = to_sample(image, masks, kinds, _residual_fn(engine, bank, key), "references")
+        sample = to_sample(image, masks, kinds, make_residual_fn(engine, bank, key), "references")
         if sample is not None:
             out.append(sample)
         if (n + 1) % 20 == 0:
@@ -247,13 +241,14 @@ def _synthetic_samples(engine, bank, references: Sequence[tuple[str, Any]], trai
 
 
 def _labelled_samples(engine, bank, labelled: Sequence[Labelled], size: tuple[int, int]) -> list:
+    from model.training.prepare import make_residual_fn
     from model.training.samples import half_mask, to_sample
 
     out = []
     for lab in labelled:
         assert lab.mask is not None  # box-only annotations got their targets (_box_targets)
         image, mask = _fit(lab.image, size), _fit_mask(lab.mask, size)
-        sample = to_sample(image, [half_mask(mask)], [LABELLED_KIND], _residual_fn(engine, bank, None), "labels")
+        sample = to_sample(image, [half_mask(mask)], [LABELLED_KIND], make_residual_fn(engine, bank), "labels")
         if sample is not None:
             out.append(sample)
     return out

@@ -100,10 +100,11 @@ def texture_products(rng: np.random.Generator, n_views: int = 16) -> list[Produc
     return out
 
 
-def make_residual_fn(engine: ResidualEngine, bank):
-    """image -> (residual, grid, features) through the engine's public `compute` (matching on its device)."""
+def make_residual_fn(engine: ResidualEngine, bank, exclude: str | None = None):
+    """image -> (residual, grid, features) through the engine's public `compute` (matching on its device);
+    `exclude`: the content hash of a bank reference left out of the matching (leave-one-out)."""
     def fn(image: np.ndarray):
-        st = engine.compute(image, bank)
+        st = engine.compute(image, bank, exclude=exclude)
         return st.residual, torch.from_numpy(np.asarray(st.grid_map, np.float32)), st.features
     return fn
 
