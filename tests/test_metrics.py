@@ -140,3 +140,21 @@ def test_noc_and_miou():
     assert metrics.miou_at_k(runs, 1) == pytest.approx((0.5 + 0.3 + 0.95) / 3)
     # runs that stopped early keep their last IoU
     assert metrics.miou_at_k(runs, 4) == pytest.approx((0.92 + 0.6 + 0.95) / 3)
+
+
+def test_tolerant_f1_forgives_a_one_pixel_outline_shift_but_not_a_miss():
+    """A thin defect (3 px wide) predicted one pixel off: the plain pixel F1 is poor, the tolerant one perfect;
+    a prediction elsewhere stays wrong under the tolerance; an exact prediction scores 1 under both."""
+    gt = np.zeros((40, 60), bool)
+    gt[10:30, 20:23] = True
+    shifted = np.roll(gt, 1, axis=1)
+    elsewhere = np.roll(gt, 20, axis=1)
+    tp = int((shifted & gt).sum())
+    plain = 2 * tp / (2 * tp + int((shifted & ~gt).sum()) + int((~shifted & gt).sum()))
+    assert plain < 0.7
+    assert metrics.pooled_tolerant_f1([metrics.tolerant_counts(shifted, gt, 1)]) == pytest.approx(1.0)
+    assert metrics.pooled_tolerant_f1([metrics.tolerant_counts(elsewhere, gt, 1)]) == 0.0
+    assert metrics.pooled_tolerant_f1([metrics.tolerant_counts(gt, gt, 1)]) == pytest.approx(1.0)
+    # pooled: counts add up over images (one perfect image, one empty prediction)
+    both = [metrics.tolerant_counts(gt, gt, 1), metrics.tolerant_counts(np.zeros_like(gt), gt, 1)]
+    assert metrics.pooled_tolerant_f1(both) == pytest.approx(2 * 1.0 * 0.5 / 1.5)

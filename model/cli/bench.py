@@ -119,7 +119,7 @@ def _run_predictors(args, title: str, rows_of: Callable[[Predictor, list[TestIte
 def cmd_clicks(args) -> dict:
     names, results, config = _run_predictors(
         args, "clicks", lambda predictor, items: run_clicks_once(predictor, items, args),
-        lambda rs: click_summary(rs, args.max_clicks), (*CLICK_KEYS, "f1_last"))
+        lambda rs: click_summary(rs, args.max_clicks), (*CLICK_KEYS, "f1_last", "f1_last_tol1"))
     config.update(max_clicks=args.max_clicks, prompt=args.prompt, thr=args.thr)
     main = results[names[0]]
     others = {n: r for n, r in results.items() if n not in (names[0], "grabcut")}

@@ -85,6 +85,7 @@ def _evaluate(name: str, builder_name: str, engine, bank, items, args, weights_d
     def summary(rs: list[dict]) -> dict:
         s = click_summary(rs, args.max_clicks)
         s["f1@20"] = s.pop("f1_last")
+        s["f1@20_tol1"] = s.pop("f1_last_tol1")
         return s
 
     out = {"overall": summary(rows), "per_defect": per_defect(rows, lambda r: r["defect"], summary)}

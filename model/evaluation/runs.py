@@ -134,6 +134,8 @@ def click_summary(rows: list[dict], max_clicks: int) -> dict:
         "next_click_ms_p50": percentile(nxt, 50), "next_click_ms_p95": percentile(nxt, 95),
         "set_image_ms_p50": percentile([r["set_image_ms"] for r in rows], 50), "n_images": len(rows),
         "f1_last": pooled_f1([r["last"] for r in rows]),
+        # the same with a one-pixel tolerance along the outline (polygon ground truth is not exact to the pixel)
+        "f1_last_tol1": metrics.pooled_tolerant_f1([r["last_tol1"] for r in rows if "last_tol1" in r]),
     }
 
 
@@ -178,7 +180,8 @@ def run_clicks_once(predictor: Predictor, items: list[TestItem], args) -> list[d
         last = sim.probs[max(sim.probs)] > args.thr  # the mask after the last click (max_clicks with --all-clicks)
         rows.append({"defect": item.defect, "ious": sim.ious, "predict_ms": sim.predict_ms,
                      "set_image_ms": set_ms, "pixels5": metrics.ImagePixels.from_map(prob5, gt),
-                     "last": (int((last & gt).sum()), int((last & ~gt).sum()), int((~last & gt).sum()))})
+                     "last": (int((last & gt).sum()), int((last & ~gt).sum()), int((~last & gt).sum())),
+                     "last_tol1": metrics.tolerant_counts(last, gt, 1)})
     return rows
 
 
