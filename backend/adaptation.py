@@ -164,7 +164,7 @@ def adapt_interactive(project: str, ctx: TrainingContext, labelled: list | None 
         with _running():
             result = adapt_network(
                 base, engine, bank, [(content_hash(p), p) for p in images],
-                lambda net: predictor_for(engine, bank, net, config), labelled or [],
+                lambda net: predictor_for(engine, bank, net, config, chain=True), labelled or [],
                 AdaptConfig(minutes=minutes), incumbent, progress, _EXITING.is_set,
             )
         if result.reason == STOPPED:  # no record: the next process adapts for this bank again

@@ -87,7 +87,9 @@ def test_a_fit_that_does_not_validate_better_is_not_published(world, monkeypatch
 
 
 def test_an_unchanged_network_is_not_kept(world):
-    """lr 0: the fine-tuned network is the shipped one, which is not `min_gain` better than itself."""
+    """lr 0: the fine-tuned network is the shipped one, which is not `min_gain` better than itself (scored through
+    the served chain, as the service validates: its per-image memory does not leak from one network's scoring
+    into the other's)."""
     _, services, folders = world
     from model.engine.residuals import content_hash
     from model.interactive.adapt import AdaptConfig, adapt_network
@@ -98,12 +100,34 @@ def test_an_unchanged_network_is_not_kept(world):
     bank = engine.build_bank(images)
     base, _ = _base(services)
     result = adapt_network(base, engine, bank, [(content_hash(p), p) for p in images],
-                           lambda net: predictor_for(engine, bank, net), cfg=AdaptConfig(
+                           lambda net: predictor_for(engine, bank, net, chain=True), cfg=AdaptConfig(
                                lr=0.0, minutes=2.0, train_samples=8, val_references=2, val_per_reference=2,
                                max_steps=2, batch=4))
     assert result.net is None and result.figures["steps"] == 2
     assert result.score == pytest.approx(result.base_score, abs=1e-6)
     assert "not 0.005 better" in result.reason
+
+
+def test_adaptation_validates_the_chain_the_service_serves(world):
+    """predictor_for(chain=True) wraps the blend as the service does (boundary refinement, then the click-seeded
+    stage), following the settings; unwrap finds the network's predictor inside."""
+    _, services, folders = world
+    from model.interactive.choose import InteractiveConfig
+    from model.interactive.learned import AdClickPredictor, BlendPredictor, predictor_for, unwrap
+    from model.interactive.refine import RefinedPredictor
+    from model.interactive.seeded import SeededPredictor
+
+    engine = services.model.engine
+    bank = engine.build_bank(sorted(folders["1"].glob("*.png"))[:2])
+    base, _ = _base(services)
+    served = predictor_for(engine, bank, base, InteractiveConfig(), chain=True)
+    assert isinstance(served, SeededPredictor) and isinstance(served.base, RefinedPredictor)
+    assert isinstance(served.base.base, BlendPredictor)
+    assert isinstance(unwrap(served), AdClickPredictor) and unwrap(served).net is base
+    plain = predictor_for(engine, bank, base, InteractiveConfig(refine="off", seeded=False), chain=True)
+    assert isinstance(plain, BlendPredictor) and unwrap(plain) is plain.learned
+    alone = predictor_for(engine, bank, base, InteractiveConfig(learned_weight=1.0), chain=False)
+    assert unwrap(alone) is alone
 
 
 def test_a_crash_mid_fit_leaves_the_served_version(world, monkeypatch):

@@ -127,8 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for item in pool[:n]:
                 image = load_rgb(item.path)
                 labelled.append(Labelled(image, load_mask(item, image.shape[:2]), item.defect))
-            result = adapt_network(base, engine, bank, references, lambda net: predictor_for(engine, bank, net, config),
-                                   labelled, cfg)
+            result = adapt_network(base, engine, bank, references,
+                                   lambda net: predictor_for(engine, bank, net, config, chain=True), labelled, cfg)
             adaptation = {"published": result.better, "reason": result.reason, **result.figures}
             if result.better:
                 folder = out_dir / key

@@ -9,7 +9,7 @@ the clicks simulated on them as the benchmark does), then keep the result only w
    bank without its own views (leave-one-out). With labels, a share of the labelled images (`val_label_share`,
    at least one) is held out too. The score of a network is the mean IoU over clicks 1..`val_clicks` of the
    standard simulated annotator (model/evaluation/simulate.py) on these items, through `make_predictor(net)`
-   (the blend the service serves). The shipped network is scored first (and `incumbent`, a version already
+   (the chain the service serves: blend, boundary refinement, click-seeded stage; `predictor_for(..., chain=True)`). The shipped network is scored first (and `incumbent`, a version already
    published for the project, when given).
 2. **Training samples** until `data_share` of the budget is spent (at most `train_samples`): synthetic defects of
    the training kinds (model/training/synth.py, 15 % cut by the border, 15 % several) over the other references,
@@ -126,10 +126,11 @@ def common_size(images: Sequence[np.ndarray]) -> tuple[int, int]:
 def _box_targets(labelled: Sequence[Labelled], predictor, engine, bank) -> list[Labelled]:
     """Every labelled image with a mask target: box-only annotations get `predictor`'s mask for their box,
     clipped to it (dropped when empty)."""
+    from model.interactive.learned import unwrap
     from model.types import box_mask
 
     out = []
-    learned = getattr(predictor, "learned", predictor)
+    learned = unwrap(predictor)
     for lab in labelled:
         if lab.mask is not None and lab.mask.any():
             out.append(lab)
@@ -154,9 +155,11 @@ def _split_labelled(labelled: Sequence[Labelled], share: float, rng: np.random.G
 
 def score(predictor, items: Sequence[_ValItem], clicks: int) -> float:
     """Mean IoU over clicks 1..`clicks` of the simulated annotator on `items` (the mean of the synthetic items'
-    and the labelled items' means when there are both), through `predictor` (a blend or an AdClickPredictor:
-    its per-image state is made from each item's residual state)."""
-    learned = getattr(predictor, "learned", predictor)
+    and the labelled items' means when there are both), through `predictor` (the served chain, a blend or an
+    AdClickPredictor: its per-image state is made from each item's residual state)."""
+    from model.interactive.learned import unwrap
+
+    learned = unwrap(predictor)
     values: dict[str, list[float]] = {}
     for item in items:
         state = learned.state_of(item.image, item.residual)

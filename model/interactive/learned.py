@@ -295,16 +295,35 @@ def load_interactive_predictor(engine: Engine, config: InteractiveConfig = DEFAU
     return PredictorChoice("adclick", version, build, reason + blend, calibrate)
 
 
-def predictor_for(engine, bank, net, config: InteractiveConfig = DEFAULT_CONFIG):
+def predictor_for(engine, bank, net, config: InteractiveConfig = DEFAULT_CONFIG, chain: bool = False):
     """The predictor the service builds over `bank` with the network `net` (the blend unless the network
-    serves alone), without refinement: what adaptation (model/interactive/adapt.py) validates with."""
+    serves alone); with `chain`, wrapped as the service serves it (config.refine's boundary refinement, then the
+    click-seeded stage when config.seeded): what adaptation (model/interactive/adapt.py) validates with.
+    `unwrap(predictor)` gives back the AdClickPredictor inside."""
     learned = AdClickPredictor(engine, bank, net, None, "adapting", config.object_name, use_prompt=False)
-    if config.learned_weight >= 1:
-        return learned
-    from model.interactive.clickmode import ResidualClickPredictor
+    predictor: Any = learned
+    if config.learned_weight < 1:
+        from model.interactive.clickmode import ResidualClickPredictor
 
-    return BlendPredictor(learned, ResidualClickPredictor(engine, bank), float(config.learned_weight),
-                          use_calibration=False)
+        predictor = BlendPredictor(learned, ResidualClickPredictor(engine, bank), float(config.learned_weight),
+                                   use_calibration=False)
+    if chain and config.refine != "off":
+        from model.interactive.refine import RefineConfig, RefinedPredictor
+
+        predictor = RefinedPredictor(predictor, RefineConfig(method=config.refine))
+    if chain and config.seeded:
+        from model.interactive.seeded import SeededConfig, SeededPredictor
+
+        predictor = SeededPredictor(predictor, SeededConfig())
+    return predictor
+
+
+def unwrap(predictor) -> AdClickPredictor:
+    """The AdClickPredictor inside a blend and its wrappers (refinement, seeded stage: their `base`)."""
+    p = predictor
+    while not isinstance(p, AdClickPredictor):
+        p = p.learned if isinstance(p, BlendPredictor) else p.base
+    return p
 
 
 def shipped_network(engine, weights_dir: Path | None = None, name: str = "adclick"):
