@@ -135,7 +135,7 @@ def click_summary(rows: list[dict], max_clicks: int) -> dict:
         "set_image_ms_p50": percentile([r["set_image_ms"] for r in rows], 50), "n_images": len(rows),
         "f1_last": pooled_f1([r["last"] for r in rows]),
         # the same with a one-pixel tolerance along the outline (polygon ground truth is not exact to the pixel)
-        "f1_last_tol1": metrics.pooled_tolerant_f1([r["last_tol1"] for r in rows if "last_tol1" in r]),
+        "f1_last_tol1": metrics.pooled_tolerant_f1([r["last_tol1"] for r in rows]),
     }
 
 

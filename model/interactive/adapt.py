@@ -9,8 +9,9 @@ the clicks simulated on them as the benchmark does), then keep the result only w
    bank without its own views (leave-one-out). With labels, a share of the labelled images (`val_label_share`,
    at least one) is held out too. The score of a network is the mean IoU over clicks 1..`val_clicks` of the
    standard simulated annotator (model/evaluation/simulate.py) on these items, through `make_predictor(net)`
-   (the chain the service serves: blend, boundary refinement, click-seeded stage; `predictor_for(..., chain=True)`). The shipped network is scored first (and `incumbent`, a version already
-   published for the project, when given).
+   (the chain the service serves: blend, boundary refinement, click-seeded stage; `predictor_for(...,
+   chain=True)`). The shipped network is scored first (and `incumbent`, a version already published for the
+   project, when given).
 2. **Training samples** until `data_share` of the budget is spent (at most `train_samples`): synthetic defects of
    the training kinds (model/training/synth.py, 15 % cut by the border, 15 % several) over the other references,
    matched leave-one-out, and with labels (`paste_share` of them) the labelled defects pasted at their place onto

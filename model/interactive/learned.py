@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from model.engine.references import ReferenceBank
 from model.engine.residuals import ResidualEngine, ResidualState
 from model.errors import CheckpointError, ConfigError, InputError
-from model.interactive.choose import InteractiveConfig, PredictorChoice
+from model.interactive.choose import InteractiveConfig, PredictorChoice, with_refinement, with_seeded
 from model.interactive.clicks import click_maps, half
 from model.modeling.adclick import ImageEmbedding
 from model.types import AnomalyResult, Box, Click, ClickResult, Engine, box_mask
@@ -300,22 +300,20 @@ def predictor_for(engine, bank, net, config: InteractiveConfig = DEFAULT_CONFIG,
     serves alone); with `chain`, wrapped as the service serves it (config.refine's boundary refinement, then the
     click-seeded stage when config.seeded): what adaptation (model/interactive/adapt.py) validates with.
     `unwrap(predictor)` gives back the AdClickPredictor inside."""
-    learned = AdClickPredictor(engine, bank, net, None, "adapting", config.object_name, use_prompt=False)
-    predictor: Any = learned
-    if config.learned_weight < 1:
+    def build(eng, bnk):
+        learned = AdClickPredictor(eng, bnk, net, None, "adapting", config.object_name, use_prompt=False)
+        if config.learned_weight >= 1:
+            return learned
         from model.interactive.clickmode import ResidualClickPredictor
 
-        predictor = BlendPredictor(learned, ResidualClickPredictor(engine, bank), float(config.learned_weight),
-                                   use_calibration=False)
-    if chain and config.refine != "off":
-        from model.interactive.refine import RefineConfig, RefinedPredictor
+        return BlendPredictor(learned, ResidualClickPredictor(eng, bnk), float(config.learned_weight),
+                              use_calibration=False)
 
-        predictor = RefinedPredictor(predictor, RefineConfig(method=config.refine))
-    if chain and config.seeded:
-        from model.interactive.seeded import SeededConfig, SeededPredictor
-
-        predictor = SeededPredictor(predictor, SeededConfig())
-    return predictor
+    if not chain:
+        return build(engine, bank)
+    # the same wrappers, in the same order, as the service's chain (backend/serving.py)
+    choice = PredictorChoice("adclick", "adapting", build)
+    return with_seeded(with_refinement(choice, config.refine), config.seeded).build(engine, bank)
 
 
 def unwrap(predictor) -> AdClickPredictor:

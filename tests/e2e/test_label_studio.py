@@ -133,8 +133,8 @@ def test_training_and_predictions(label_studio, backend, dataset, project):
     _card_follows(label_studio, project, version)
 
     # the job also adapted the interactive network to the references and the annotated masks (one trained on,
-    # one held out). A 30-second adaptation on this small project validates better in about half the runs on 2
-    # cores: when it does, the new interactive version answers the clicks in Label Studio and is at least as good
+    # one held out). A 30-second adaptation on this small project validates better in only some runs on 2 cores
+    # (2 of 6 tries), since the shipped network already scores 0.98 on the held-out annotation: when it does, the new interactive version answers the clicks in Label Studio and is at least as good
     # on the annotated defect; when it does not, /health says why and the clicks keep the version served before
     figures = job["figures"]
     adapted = figures.get("interactive_adaptation")
