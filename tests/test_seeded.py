@@ -229,3 +229,93 @@ def test_a_click_where_the_map_found_nothing_gets_the_clicked_spot_at_once(radiu
     assert disk.sum() <= np.pi * 9 ** 2  # without the rule: the click's disk only
     plain = predictor.predict(predictor.set_image(patterned(3)), [click]).mask
     assert plain.sum() <= 2 * np.pi * 9 ** 2  # no spot under the click: no flood over the background
+
+
+def pit_image(seed=4):
+    """A dark, textured pit (irregular, about 2300 px) on the patterned surface, a dark groove of the same colour
+    beside it that is part of the product, and a blob-shaped map that covers only the pit's middle (a coarse
+    residual map: the map's region is smaller than the defect) and calls the groove normal."""
+    rng = np.random.default_rng(seed)
+    image = patterned(seed, noise=3.0)
+    pit = np.zeros((H, W), np.uint8)
+    cv2.ellipse(pit, (150, 120), (34, 22), 15.0, 0, 360, 1, -1)
+    cv2.circle(pit, (125, 105), 12, 1, -1)
+    pit = pit > 0
+    dark = np.clip(35 + rng.normal(0, 12, (H, W)), 0, 255)
+    image[pit] = np.repeat(dark[pit][:, None], 3, 1).astype(np.uint8)
+    groove = np.zeros((H, W), bool)
+    groove[40:200, 182:196] = True  # it touches the pit's right end
+    groove &= ~pit
+    image[groove] = np.repeat(dark[groove][:, None], 3, 1).astype(np.uint8)
+    core = np.zeros((H, W), np.float32)
+    cv2.circle(core, (150, 120), 20, 1.0, -1)
+    # weak evidence over the whole pit (0.35), a peak in its middle, nothing over the groove
+    near_pit = cv2.dilate(pit.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(np.float32)
+    prob = 0.35 * cv2.GaussianBlur(near_pit, (0, 0), 2.0) + 0.5 * cv2.GaussianBlur(core, (0, 0), 4.0)
+    prob = np.where(groove, 0.01, prob).astype(np.float32)
+    return image, pit, groove, prob
+
+
+def test_the_first_click_fits_the_maps_region_to_the_defect_it_found():
+    """Where the map found the defect but its coarse region covers only part of it, the first click's mask is the
+    map-seeded graph cut: it grows to the defect's outline, and not into the product's own dark groove (which the
+    map calls normal); without the cut it stays the map's blob."""
+    image, pit, groove, prob = pit_image()
+    click = Click(150.0, 120.0, True)
+    on = SeededPredictor(FixedMap(prob))
+    mask = on.predict(on.set_image(image), [click]).mask
+    off = SeededPredictor(FixedMap(prob), SeededConfig(first_click_cut=False))
+    blob = off.predict(off.set_image(image), [click]).mask
+    assert iou(blob, pit) < 0.65
+    assert iou(mask, pit) >= 0.85
+    assert (mask & groove).sum() <= 0.05 * groove.sum()
+    # without the map's normal pixels as sure background, the cut runs into the groove
+    leak = SeededPredictor(FixedMap(prob), SeededConfig(cut_normal=0.0))
+    assert (leak.predict(leak.set_image(image), [click]).mask & groove).sum() > 0.5 * groove.sum()
+
+
+def test_the_cut_is_not_served_where_it_changes_the_scale_of_the_maps_region():
+    """On a surface where colour does not separate the map's region from its surroundings, the cut would collapse
+    onto a few dark pixels or flood the background: the area check keeps the map's mask."""
+    image = patterned(8, noise=8.0)
+    prob = np.zeros((H, W), np.float32)
+    cv2.circle(prob, (160, 120), 20, 1.0, -1)
+    prob = cv2.GaussianBlur(prob, (0, 0), 4.0)
+    predictor = SeededPredictor(FixedMap(prob))
+    predictor.set_image(image)
+    clicks = [Click(160.0, 120.0, True)]
+    cut = predictor.cut(image, clicks, None, prob)
+    served = predictor.predict(State(image), clicks).mask
+    if cut is None:
+        assert iou(served, prob > 0.49) >= 0.95
+    else:  # a cut that keeps the scale: served, and within the area bounds
+        area = (cut > 0.49).sum() / (prob > 0.49).sum()
+        assert 0.5 <= area <= 3.0 and iou(served, cut > 0.49) >= 0.95
+    flat = np.full((H, W, 3), 120, np.uint8)  # one colour: no colour model, no cut
+    assert predictor.cut(flat, clicks, None, prob) is None or iou(
+        predictor.cut(flat, clicks, None, prob) > 0.49, prob > 0.49) >= 0.5
+
+
+def test_later_clicks_keep_the_cut_instead_of_falling_back_to_the_coarse_map():
+    """After the first click served the cut, each later click is cut again from the map's region with all clicks:
+    the simulated annotator's next clicks refine the fitted outline instead of starting over from the blob."""
+    image, pit, groove, prob = pit_image()
+    scores = {}
+    for name, cfg in (("later", SeededConfig()), ("first only", SeededConfig(cut_later=False))):
+        predictor = SeededPredictor(FixedMap(prob), cfg)
+        sim = simulate(predictor, predictor.set_image(image), pit, max_clicks=3, keep_probs=None)
+        scores[name] = sim.ious
+    assert min(scores["later"]) >= 0.85, scores
+    assert scores["later"][-1] > scores["first only"][-1] + 0.05, scores
+
+
+def test_the_cut_gives_the_same_mask_for_the_same_clicks():
+    """GrabCut's k-means draws from OpenCV's RNG: the cut seeds it, so a request replayed in another worker (or the
+    benchmark against the service) gets the same mask whatever else used the RNG in between."""
+    image, pit, groove, prob = pit_image()
+    predictor = SeededPredictor(FixedMap(prob))
+    clicks = [Click(150.0, 120.0, True), Click(190.0, 60.0, False)]
+    first = predictor.cut(image, clicks, None, prob)
+    cv2.randu(np.zeros((64, 64), np.float32), 0.0, 1.0)  # move the RNG on
+    again = predictor.cut(image, clicks, None, prob)
+    assert first is not None and np.array_equal(first, again)
