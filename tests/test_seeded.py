@@ -299,7 +299,7 @@ def test_the_cut_is_not_served_where_it_changes_the_scale_of_the_maps_region():
 def test_later_clicks_keep_the_cut_instead_of_falling_back_to_the_coarse_map():
     """After the first click served the cut, each later click is cut again from the map's region with all clicks:
     the simulated annotator's next clicks refine the fitted outline instead of starting over from the blob."""
-    image, pit, groove, prob = pit_image()
+    image, pit, _groove, prob = pit_image()
     scores = {}
     for name, cfg in (("later", SeededConfig()), ("first only", SeededConfig(cut_later=False))):
         predictor = SeededPredictor(FixedMap(prob), cfg)
@@ -312,7 +312,7 @@ def test_later_clicks_keep_the_cut_instead_of_falling_back_to_the_coarse_map():
 def test_the_cut_gives_the_same_mask_for_the_same_clicks():
     """GrabCut's k-means draws from OpenCV's RNG: the cut seeds it, so a request replayed in another worker (or the
     benchmark against the service) gets the same mask whatever else used the RNG in between."""
-    image, pit, groove, prob = pit_image()
+    image, _pit, _groove, prob = pit_image()
     predictor = SeededPredictor(FixedMap(prob))
     clicks = [Click(150.0, 120.0, True), Click(190.0, 60.0, False)]
     first = predictor.cut(image, clicks, None, prob)

@@ -53,13 +53,16 @@ Method (`SeededPredictor.predict`, all clicks every time):
 8. The map-seeded cut (`first_click_cut`, `cut_later`, on by default; step 1's map for images where it holds):
    the map's region is right about where the defect is but, built on a 12 px grid, not about its outline: on the
    pitting dev half the first click's region had a median of 1700 px whatever the pit's size (37 to 14000 px).
-   Where the map found the defect at the first click, GrabCut runs on a crop around the map's mask (probable
-   foreground), with the map's confidently normal pixels (value < `cut_normal`) as sure background, so the cut
-   cannot run into a normal structure of the defect's colour such as a tyre's groove, and the clicks as hard
-   seeds. If its area stays within `cut_ratio` times the map's (a collapse or a flood means colour does not
-   separate the defect there), the cut replaces the map for this click, and for every later click of the image
-   (cut again from the map's region with all clicks); steps 2-7 then run on it as on any map, so the stage and the
-   wand still take over where the clicks prove it wrong. Measured in README, Benchmarks.
+   Where the map found the defect at the first click, GrabCut runs on a crop around the map's region that holds
+   that click (probable foreground), with the map's confidently normal pixels (value < `cut_normal`) as sure
+   background, so the cut cannot run into a normal structure of the defect's colour such as a tyre's groove, and
+   the clicks as hard seeds. If its area stays within `cut_ratio` times the region's (a collapse or a flood means
+   colour does not separate the defect there) and it is not a thin line (`cut_min_width`; cracks are the wand's),
+   it replaces that region of the map (the map's other regions stay) for this click and for every later click of
+   the image (cut again from the map's region with all clicks, unless that cut would reshape the mask served
+   before the click: IoU below `cut_keep`); steps 2-7 then run on it as on any map, so the stage and the wand
+   still take over where the clicks prove it wrong. Measured in README, Benchmarks; how it was chosen in
+   docs/ADCLICK.md.
 
 The base masks (and with `select` the other candidates') of earlier click prefixes are remembered per image,
 bit-packed, the newest 2 x `history`; the service's ClickHistory replays click prefixes in order, as the benchmark's
@@ -125,7 +128,7 @@ class SeededConfig:
     # up to 24 px across are served (larger floods from one click were background structures on the pitting dev)
     first_click_cut: bool = True  # the first click serves the map-seeded graph cut (`cut`) where it keeps the scale
     cut_later: bool = True  # ... and every later click on an image whose first click served it
-    cut_expand: float = 1.0  # the cut's crop: the map's region and the clicks, widened by this many times its size
+    cut_expand: float = 1.0  # the cut's crop: the map's region at the first click, widened by this many times its size
     cut_min_margin: int = 20  # px, ... and by at least this much
     cut_ratio: tuple[float, float] = (0.5, 3.0)  # the cut is served only if its area is within these times the map's
     cut_iters: int = 4  # GrabCut iterations
@@ -599,9 +602,10 @@ class SeededPredictor:
         return self._flood_candidate(out, prob, [click], box)
 
     def cut(self, image: np.ndarray, clicks: Sequence[Click], box: Box | None, prob: np.ndarray) -> np.ndarray | None:
-        """The map-seeded graph cut as a candidate (prob, as `wand`), or None when it changes the scale of the map's
-        mask (area outside `cut_ratio` times the map's: a collapse onto the darkest pixels or a flood of the
-        background, where appearance does not separate the defect) or cannot run.
+        """The map-seeded graph cut (a map: prob, the map's order kept within each side), or None when it changes the
+        scale of the map's region (area outside `cut_ratio` times the region's: a collapse onto the darkest pixels
+        or a flood of the background, where appearance does not separate the defect), is thinner than
+        `cut_min_width` or cannot run.
 
         GrabCut (OpenCV) on a crop around the map's region that holds the first click (widened by `cut_expand` times
         its size): that region is the probable foreground, the rest of the crop the probable background, the map's
@@ -648,8 +652,8 @@ class SeededPredictor:
             return None
         cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's (per-thread) RNG: the same clicks, the same mask
         try:
-            cv2.grabCut(np.ascontiguousarray(crop), gm, None, np.zeros((1, 65)), np.zeros((1, 65)),
-                        int(cfg.cut_iters), cv2.GC_INIT_WITH_MASK)
+            cv2.grabCut(np.ascontiguousarray(crop), gm, (0, 0, 0, 0), np.zeros((1, 65)), np.zeros((1, 65)),
+                        int(cfg.cut_iters), cv2.GC_INIT_WITH_MASK)  # the rectangle is unused with a mask
         except cv2.error as exc:  # e.g. a crop of one colour: no colour model
             logger.debug("map-seeded cut skipped: %s", exc)
             return None
