@@ -546,10 +546,10 @@ class SeededPredictor:
         return self._flood_candidate(out, prob, clicks, box)
 
     def _flood_candidate(self, out: np.ndarray, prob: np.ndarray, clicks: Sequence[Click],
-                         box: Box | None) -> np.ndarray:
-        """A flood as a candidate map: 0.75 on `out`, the base map squeezed below 0.49 elsewhere, every click's
+                         box: Box | None, inside: float | np.ndarray = 0.75) -> np.ndarray:
+        """A flood as a candidate map: `inside` on `out`, the base map squeezed below 0.49 elsewhere, every click's
         pixel on its side, nothing outside the box."""
-        cand = np.where(out, 0.75, np.minimum(prob, 1.0) * THRESHOLD).astype(np.float32)
+        cand = np.where(out, inside, np.minimum(prob, 1.0) * THRESHOLD).astype(np.float32)
         cand = respect_clicks(cand, clicks, self.cfg.click_radius)
         if box is not None:
             cand = np.where(box_mask(box, out.shape), cand, 0.0).astype(np.float32)
@@ -677,12 +677,7 @@ class SeededPredictor:
         out = mask & ~region  # the map's other regions (other defects) as they are
         out[y0:y1, x0:x1] |= fg
         # the map's order is kept within each side (AP): 0.5 + p/2 inside the cut, p x 0.49 outside
-        p = np.clip(prob, 0.0, 1.0)
-        cand = np.where(out, 0.5 + 0.5 * p, p * THRESHOLD).astype(np.float32)
-        cand = respect_clicks(cand, clicks, cfg.click_radius)
-        if box is not None:
-            cand = np.where(box_mask(box, out.shape), cand, 0.0).astype(np.float32)
-        return cand
+        return self._flood_candidate(out, prob, clicks, box, inside=0.5 + 0.5 * np.clip(prob, 0.0, 1.0))
 
     def predict(self, state, clicks: list[Click], box: Box | None = None, prompt: str = "",
                 previous_mask: np.ndarray | None = None) -> ClickResult:
@@ -703,7 +698,8 @@ class SeededPredictor:
                         prob = cut
             elif self.cfg.cut_later and first in memory.cut_first:
                 cut = self.cut(image, clicks, box, prob)
-                before = memory.recall(("out",) + self._key(clicks[:-1], box)) if self.cfg.cut_keep > 0 else None
+                before = (memory.recall(("out",) + self._key(clicks[:-1], box))
+                          if cut is not None and self.cfg.cut_keep > 0 else None)
                 if cut is not None and before is not None:
                     new = cut > THRESHOLD
                     union = np.count_nonzero(new | before)
