@@ -31,9 +31,14 @@ Method (`SeededPredictor.predict`, all clicks every time):
    pixel ends up on its side.
 
 6. The wand (`wand`, on by default): a third candidate for thin structures (cracks, scratches of 1-3 px) the
-   192 px copy cannot see: from each positive click whose colour clearly differs from a ring around it, a
-   full-resolution flood of the pixels nearer its colour than the ring's, cut by a small disk at each negative
-   click, kept only if at most `wand_max_width` px wide; without such a flood the candidate is the map itself.
+   192 px copy cannot see, at full resolution, cut by a small disk at each negative click and kept only if at
+   most `wand_max_width` px wide; without such a flood the candidate is the map itself. From each positive click:
+   where a line darker or brighter than its surround passes within `wand_snap` px (`_line`: the black or white
+   top-hat of the lightness with a `wand_line` px disk, standing out of the window's noise; at least
+   `wand_line_length` px long and enclosing at most `wand_line_holes` holes, so neither a pit's dark texture nor
+   a spot), the flood of that line's contrast: it follows a crack across ground whose brightness changes along
+   it (bands on a ball screw, a tyre's tread), where the crack's colour changes with it. Else, where the click's
+   colour clearly differs from a ring around it, the flood of the pixels nearer its colour than the ring's.
    On the first click, where the map's mask at the click is no more than the click's own disk (the map found
    nothing there) and the wand found a thin structure, the wand's flood is served at once (`first_click_wand`);
    where instead a compact structure of the click's colour surrounds the click (a spot inside a ring of
@@ -46,9 +51,12 @@ Method (`SeededPredictor.predict`, all clicks every time):
    px); the best candidate is served when its summed error depth is at least min(`select_margin` px,
    `select_ratio` x the map's) below the map's, i.e. about one deep error it had right and the map had wrong.
    Where the map follows the clicks (the tire and pitting dev halves) nothing changes; where it is blind (large
-   faint areas, texture) the stage takes over after a few clicks. Without the margin (serve on any lower sum) the
-   stage took over on near-ties and the tire "combined" defects collapsed (mIoU@5 0.73 -> 0.69 on the tire dev
-   half).
+   faint areas, texture) the stage takes over after a few clicks. Once served, the wand (`hold`) stays served
+   through a click that only corrects its outline (it had the click's label there, or missed it by at most
+   `hold_depth` px): a negative click that trims a crack's end must not bring back the map, which was right there
+   by being wrong nearly everywhere else (crack stress items fell from IoU 1.00 to 0.19 so). Without the margin
+   (serve on any lower sum) the stage took over on near-ties and the tire "combined" defects collapsed (mIoU@5
+   0.73 -> 0.69 on the tire dev half).
 
 8. The map-seeded cut (`first_click_cut`, `cut_later`, on by default; step 1's map for images where it holds):
    the map's region is right about where the defect is but, built on a 12 px grid, not about its outline: on the
@@ -113,6 +121,8 @@ class SeededConfig:
     select: bool = True  # serve whichever of (base map, stage) the clicks so far found fewer / shallower errors in
     error_cap: float = 64.0  # full-res px: an error's depth counts at most this much in the selection
     select_margin: float = 32.0  # full-res px: the stage is served once its summed error depth is this much lower
+    hold: tuple[str, ...] = ("wand",)  # candidates kept once served through a click that only corrects their
+    hold_depth: float = 2.0  # outline: one they had right or wrong by at most this many full-res px
     select_ratio: float = 1.0  # margin = min(select_margin, select_ratio x the map's error): 1 = while the map's
     # summed error is under 32 px, only a candidate with none at all is served
     wand: bool = True  # a third candidate: full-resolution flood from each positive click (thin structures)
@@ -121,6 +131,12 @@ class SeededConfig:
     wand_gate: float = 1.0  # click colour - ring colour, in colour spreads, from which the flood runs
     wand_max_width: float = 4.0  # px: a flood is kept only if this thin (2 x area / boundary; 0: any width)
     wand_cut: float = 4.0  # px: a negative click removes this disk from the flood (cutting a leak through it)
+    wand_line: int = 11  # px, the top-hat's disk: a line thinner than this, darker or brighter than its surround,
+    # is flooded by that difference (0: by the click's colour alone)
+    wand_line_frac: float = 0.5  # ... the flood keeps the pixels with at least this share of the line's contrast
+    wand_line_length: float = 30.0  # px: ... and only where it is at least this long (else the colour rule)
+    wand_line_holes: int = 3  # ... and encloses at most this many holes (a crack crossing itself; 35 in a pit)
+    wand_snap: int = 2  # px: the line is looked for this far from the click (a click beside a 1 px crack finds it)
     first_click_wand: bool = True  # the first click serves the wand's flood where the map has nothing at the click
     first_click_structure: bool = True  # ... and a compact (not thin) flood of the click's colour likewise
     structure_max_share: float = 0.02  # the largest such flood served, as a share of the image
@@ -165,9 +181,11 @@ class _Costs:
         self._dist: OrderedDict[tuple[int, int], tuple[np.ndarray, float]] = OrderedDict()
         self._masks: OrderedDict[tuple, tuple[tuple[int, int], np.ndarray]] = OrderedDict()
         self._depths: dict[tuple, float] = {}  # (candidate, prefix, click, cap) -> error depth (error_depth)
-        self._like: dict[tuple[int, int], np.ndarray] = {}  # wand: a positive click's "looks like it" window
+        self._like: dict[tuple[int, int], tuple[np.ndarray, int, int]] = {}  # wand: a positive click's "looks
+        # like it" window and the flood's seed pixel
         self._floods: OrderedDict[tuple, Any] = OrderedDict()  # wand: (click, cuts) -> (window, region) | None
         self.cut_first: set[tuple] = set()  # first clicks (keys) that served the map-seeded cut
+        self.served: OrderedDict[tuple, str] = OrderedDict()  # click list (key) -> the candidate served for it
 
     def remember(self, key: tuple, mask: np.ndarray) -> None:
         """The base mask of a click list (to know later whether the map agreed with the next click)."""
@@ -455,10 +473,20 @@ class SeededPredictor:
         return not touches_edge and int(region.sum()) <= np.pi * self.cfg.click_radius ** 2 + 1
 
     def choose(self, memory: _Costs, clicks: Sequence[Click], box: Box | None, names: Sequence[str]) -> str:
-        """The candidate to serve: the base map's unless another one's summed error depth is at least
-        `select_margin` px lower (about one deep error it had right and the map had wrong; near-ties and the first
-        clicks keep the map's)."""
+        """The candidate to serve: a `hold` candidate served for the clicks before while the new click only
+        corrects its outline (error depth at most `hold_depth` px there); else the base map's unless another one's
+        summed error depth is at least `select_margin` px lower (about one deep error it had right and the map had
+        wrong; near-ties and the first clicks keep the map's)."""
         errors = self.errors(memory, clicks, box, names)
+        if self.cfg.hold and len(clicks) > 1:
+            prefix = self._key(clicks[:-1], box)
+            with memory._lock:
+                held = memory.served.get(prefix, "base")
+            if held in self.cfg.hold and held in errors:
+                depth = memory.error_depth(held, prefix, clicks[-1], float(self.cfg.error_cap))
+                if depth is not None and depth <= self.cfg.hold_depth:
+                    logger.debug("click %d: %s held (error depth %.1f)", len(clicks), held, depth)
+                    return held
         best = min((n for n in names if n != "base"), key=lambda n: errors[n], default="base")
         margin = min(self.cfg.select_margin, self.cfg.select_ratio * errors["base"])
         chosen = best if errors[best] + margin <= errors["base"] and errors[best] < errors["base"] else "base"
@@ -469,7 +497,7 @@ class SeededPredictor:
     def _flood(self, image: np.ndarray, memory: _Costs, c: Click, negatives: Sequence[Click]
                ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
         """One positive click's thin flood (window, region) or None; cached per click and the negative clicks
-        inside its window (the colour test per click, the cut and the flood per set of those negatives)."""
+        inside its window (the line or colour test per click, the cut and the flood per set of those negatives)."""
         cfg = self.cfg
         lab = memory.full_lab(image)
         H, W = lab.shape[:2]
@@ -486,29 +514,34 @@ class SeededPredictor:
             if key in memory._floods:
                 memory._floods.move_to_end(key)
                 return memory._floods[key]
-            like = memory._like.get((y, x))
-        if like is None:
+            hit = memory._like.get((y, x))
+        if hit is None:
             crop = lab[y0:y1, x0:x1]
-            yy, xx = np.ogrid[y0:y1, x0:x1]
-            d2 = ((yy - c.y) ** 2 + (xx - c.x) ** 2).astype(np.float32)
-            r0, r1 = cfg.wand_ring
-            ring = (d2 >= r0 * r0) & (d2 <= r1 * r1)
-            like = np.zeros((0, 0), bool)  # no flood from this click
-            if ring.any():
-                own, bg = lab[y, x], np.median(crop[ring], axis=0)
-                if np.sqrt(((own - bg) ** 2).sum()) / memory.spread >= cfg.wand_gate:
-                    like = ((crop - own) ** 2).sum(-1) < ((crop - bg) ** 2).sum(-1)
+            hit = (np.zeros((0, 0), bool), y, x)  # no flood from this click
+            line = self._line(crop, y - y0, x - x0) if cfg.wand_line > 0 else None
+            if line is not None:
+                hit = (line[0], line[1] + y0, line[2] + x0)
+            else:
+                yy, xx = np.ogrid[y0:y1, x0:x1]
+                d2 = ((yy - c.y) ** 2 + (xx - c.x) ** 2).astype(np.float32)
+                r0, r1 = cfg.wand_ring
+                ring = (d2 >= r0 * r0) & (d2 <= r1 * r1)
+                if ring.any():
+                    own, bg = lab[y, x], np.median(crop[ring], axis=0)
+                    if np.sqrt(((own - bg) ** 2).sum()) / memory.spread >= cfg.wand_gate:
+                        hit = (((crop - own) ** 2).sum(-1) < ((crop - bg) ** 2).sum(-1), y, x)
             with memory._lock:
-                memory._like[(y, x)] = like
+                memory._like[(y, x)] = hit
+        like, sy, sx = hit  # the pixels like the clicked structure, and the flood's seed pixel among them
         result = None
         if like.size:
             like = like.copy()
             yy, xx = np.ogrid[y0:y1, x0:x1]
             for nx, ny in cuts:  # a negative click cuts the flood where it lies (a leak across it is cut off)
                 like &= ((yy - ny) ** 2 + (xx - nx) ** 2) > cfg.wand_cut ** 2
-            if like[y - y0, x - x0]:
+            if like[sy - y0, sx - x0]:
                 _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
-                region = comp == comp[y - y0, x - x0]
+                region = comp == comp[sy - y0, sx - x0]
                 thin = True
                 if cfg.wand_max_width > 0:
                     inner = cv2.erode(region.view(np.uint8), np.ones((3, 3), np.uint8), borderValue=0) > 0
@@ -523,6 +556,44 @@ class SeededPredictor:
             while len(memory._like) > self.cfg.history:
                 memory._like.pop(next(iter(memory._like)))
         return result
+
+    def _line(self, crop: np.ndarray, cy: int, cx: int) -> tuple[np.ndarray, int, int] | None:
+        """A thin line (crack, scratch) at or within `wand_snap` px of a click, by its contrast to its surround:
+        the black (dark line) and white (bright line) top-hats of the lightness with a `wand_line` px disk, the
+        one that is stronger near the click relative to its own noise over the window (median + 3 robust
+        deviations). Returns (pixels with at least `wand_line_frac` of the line's contrast at the click and above
+        the noise, seed row, seed column) in crop coordinates, or None where neither top-hat stands out there.
+        Why: a crack keeps its contrast to the ground where the ground's brightness changes along it (bands on a
+        ball screw, a tyre's tread), where its colour alone does not follow it."""
+        cfg = self.cfg
+        lightness = np.ascontiguousarray(crop[..., 0])
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.wand_line, cfg.wand_line))
+        s = int(cfg.wand_snap)
+        ys, xs = slice(max(0, cy - s), cy + s + 1), slice(max(0, cx - s), cx + s + 1)
+        best = None
+        for op in (cv2.MORPH_BLACKHAT, cv2.MORPH_TOPHAT):
+            hat = np.asarray(cv2.morphologyEx(lightness, op, disk), np.float32)
+            med = float(np.median(hat))
+            noise = med + 3.0 * 1.4826 * float(np.median(np.abs(hat - med)))
+            near = hat[ys, xs]
+            iy, ix = np.unravel_index(int(np.argmax(near)), near.shape)
+            peak = float(near[iy, ix])
+            if peak > noise and (best is None or peak / max(noise, 1e-3) > best[0]):
+                best = (peak / max(noise, 1e-3), hat > max(cfg.wand_line_frac * peak, noise),
+                        ys.start + int(iy), xs.start + int(ix))
+        if best is None:
+            return None
+        _score, like, sy, sx = best
+        _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
+        region = comp == comp[sy, sx]
+        (_cx, _cy), (w, h), _angle = cv2.minAreaRect(np.argwhere(region)[:, ::-1].astype(np.float32))
+        if max(w, h) < cfg.wand_line_length:  # a small spot, not a line: a pit's top-hat is compact too
+            return None
+        _contours, hierarchy = cv2.findContours(region.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        holes = 0 if hierarchy is None else int(np.count_nonzero(hierarchy[0][:, 3] >= 0))
+        if holes > cfg.wand_line_holes:  # a web of dark pixels: the texture inside a pit or of the ground
+            return None
+        return like, sy, sx
 
     def wand(self, image: np.ndarray, clicks: Sequence[Click], box: Box | None, prob: np.ndarray) -> np.ndarray:
         """The flood candidate (prob), for thin structures (cracks, scratches) the 192 px copy of the geodesic
@@ -735,6 +806,11 @@ class SeededPredictor:
                 if blob is not None:  # ... and a compact structure of the click's colour is there
                     candidates["structure"], chosen = blob, "structure"
             prob = candidates[chosen]
+            with memory._lock:
+                memory.served[key] = chosen
+                memory.served.move_to_end(key)
+                while len(memory.served) > 2 * self.cfg.history:
+                    memory.served.popitem(last=False)
         mask = prob > THRESHOLD
         memory.remember(("out",) + self._key(clicks, box), mask)
         score = float(prob[mask].mean()) if mask.any() else float(result.score)
