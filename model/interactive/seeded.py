@@ -35,8 +35,8 @@ Method (`SeededPredictor.predict`, all clicks every time):
    most `wand_max_width` px wide; without such a flood the candidate is the map itself. From each positive click:
    where a line darker or brighter than its surround passes within `wand_snap` px (`_line`: the black or white
    top-hat of the lightness with a `wand_line` px disk, standing out of the window's noise; at least
-   `wand_line_length` px long and enclosing at most `wand_line_holes` holes, so neither a pit's dark texture nor
-   a spot), the flood of that line's contrast: it follows a crack across ground whose brightness changes along
+   `wand_line_length` px long, enclosing at most `wand_line_holes` holes, so neither a pit's dark texture nor a
+   spot, and alone: at most `wand_line_share` of the window is as contrasted, else it is a texture), the flood of that line's contrast: it follows a crack across ground whose brightness changes along
    it (bands on a ball screw, a tyre's tread), where the crack's colour changes with it. Else, where the click's
    colour clearly differs from a ring around it, the flood of the pixels nearer its colour than the ring's.
    On the first click, where the map's mask at the click is no more than the click's own disk (the map found
@@ -136,6 +136,7 @@ class SeededConfig:
     wand_line_frac: float = 0.5  # ... the flood keeps the pixels with at least this share of the line's contrast
     wand_line_length: float = 30.0  # px: ... and only where it is at least this long (else the colour rule)
     wand_line_holes: int = 3  # ... and encloses at most this many holes (a crack crossing itself; 35 in a pit)
+    wand_line_share: float = 0.05  # ... and only where such line pixels are at most this share of the window
     wand_snap: int = 2  # px: the line is looked for this far from the click (a click beside a 1 px crack finds it)
     first_click_wand: bool = True  # the first click serves the wand's flood where the map has nothing at the click
     first_click_structure: bool = True  # ... and a compact (not thin) flood of the click's colour likewise
@@ -584,6 +585,8 @@ class SeededPredictor:
         if best is None:
             return None
         _score, like, sy, sx = best
+        if np.count_nonzero(like) > cfg.wand_line_share * like.size:  # lines everywhere: a texture, not a crack
+            return None
         _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
         region = comp == comp[sy, sx]
         (_cx, _cy), (w, h), _angle = cv2.minAreaRect(np.argwhere(region)[:, ::-1].astype(np.float32))
