@@ -236,6 +236,21 @@ class _Costs:
                 self._full_lab = lab
         return lab
 
+    def line_hats(self, image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The black and white top-hats of the image's lightness with a `size` px disk (uint8, full resolution,
+        computed once; 8-bit Lab lightness is integral, and 8 bits are 2.5 times faster than float): how much darker
+        / brighter than its surround each pixel of a thin line is."""
+        with self._lock:
+            hats = getattr(self, "_hats", None)
+        if hats is None:
+            lightness = np.ascontiguousarray(self.full_lab(image)[..., 0]).astype(np.uint8)
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+            hats = tuple(np.asarray(cv2.morphologyEx(lightness, op, disk)) for op in (cv2.MORPH_BLACKHAT,
+                                                                                     cv2.MORPH_TOPHAT))
+            with self._lock:
+                self._hats = hats
+        return hats
+
     def full_grey(self, image: np.ndarray) -> np.ndarray:
         """The image's grey levels / 255 at full resolution (float32, computed once): the snap's guide."""
         with self._lock:
@@ -519,7 +534,10 @@ class SeededPredictor:
         if hit is None:
             crop = lab[y0:y1, x0:x1]
             hit = (np.zeros((0, 0), bool), y, x)  # no flood from this click
-            line = self._line(crop, y - y0, x - x0) if cfg.wand_line > 0 else None
+            line = None
+            if cfg.wand_line > 0:
+                hats = [h[y0:y1, x0:x1] for h in memory.line_hats(image, cfg.wand_line)]
+                line = self._line(hats, y - y0, x - x0)
             if line is not None:
                 hit = (line[0], line[1] + y0, line[2] + x0)
             else:
@@ -558,24 +576,23 @@ class SeededPredictor:
                 memory._like.pop(next(iter(memory._like)))
         return result
 
-    def _line(self, crop: np.ndarray, cy: int, cx: int) -> tuple[np.ndarray, int, int] | None:
+    def _line(self, hats: Sequence[np.ndarray], cy: int, cx: int) -> tuple[np.ndarray, int, int] | None:
         """A thin line (crack, scratch) at or within `wand_snap` px of a click, by its contrast to its surround:
         the black (dark line) and white (bright line) top-hats of the lightness with a `wand_line` px disk, the
         one that is stronger near the click relative to its own noise over the window (median + 3 robust
         deviations). Returns (pixels with at least `wand_line_frac` of the line's contrast at the click and above
         the noise, seed row, seed column) in crop coordinates, or None where neither top-hat stands out there.
         Why: a crack keeps its contrast to the ground where the ground's brightness changes along it (bands on a
-        ball screw, a tyre's tread), where its colour alone does not follow it."""
+        ball screw, a tyre's tread), where its colour alone does not follow it. `hats`: the window's crops of
+        `_Costs.line_hats`."""
         cfg = self.cfg
-        lightness = np.ascontiguousarray(crop[..., 0])
-        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.wand_line, cfg.wand_line))
         s = int(cfg.wand_snap)
         ys, xs = slice(max(0, cy - s), cy + s + 1), slice(max(0, cx - s), cx + s + 1)
         best = None
-        for op in (cv2.MORPH_BLACKHAT, cv2.MORPH_TOPHAT):
-            hat = np.asarray(cv2.morphologyEx(lightness, op, disk), np.float32)
-            med = float(np.median(hat))
-            noise = med + 3.0 * 1.4826 * float(np.median(np.abs(hat - med)))
+        for hat in hats:
+            sample = hat[::4, ::4].astype(np.float32)  # the noise level from every 16th pixel (7 ms on all)
+            med = float(np.median(sample))
+            noise = med + 3.0 * 1.4826 * float(np.median(np.abs(sample - med)))
             near = hat[ys, xs]
             iy, ix = np.unravel_index(int(np.argmax(near)), near.shape)
             peak = float(near[iy, ix])
