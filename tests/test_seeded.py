@@ -395,3 +395,29 @@ def test_the_lines_of_a_texture_are_not_taken_for_cracks():
         hats = memory.line_hats(image, predictor.cfg.wand_line)
         found[share] = sum(predictor._line(hats, y, x) is not None for y in range(20, 220, 20) for x in range(20, 300, 20))
     assert found[0.05] <= 3 and found[1.0] >= 10, found
+
+
+@pytest.mark.parametrize("grow,expected", [(1.5, "base"), (0.0, "stage")])
+def test_a_negative_click_does_not_switch_to_a_candidate_that_grows_the_mask(grow, expected):
+    """The selection would switch to the stage (it had the clicks right where the map erred by 64 px), but the
+    last click is negative and the stage's mask for it is 18 times the mask served before it: a negative click
+    asks for less, so the map stays served (a tire 'several defects' item fell from IoU 0.92 to 0.44 so)."""
+    image = patterned(9)
+    predictor = SeededPredictor(FixedMap(), SeededConfig(switch_grow=grow))
+    memory = predictor._costs_of(image)
+    c1, c2, c3 = Click(100.0, 100.0, True), Click(200.0, 100.0, True), Click(50.0, 200.0, False)
+    key = predictor._key
+
+    def disk(x, y, r):
+        m = np.zeros((H, W), np.uint8)
+        cv2.circle(m, (x, y), r, 1, -1)
+        return m > 0
+
+    memory.remember(("base",) + key([c1], None), disk(100, 100, 10))  # misses c2 by 90 px (64 counted)
+    memory.remember(("stage",) + key([c1], None), disk(100, 100, 10) | disk(200, 100, 10))
+    memory.remember(("base",) + key([c1, c2], None), disk(100, 100, 10) | disk(200, 100, 10))
+    memory.remember(("stage",) + key([c1, c2], None), disk(100, 100, 10) | disk(200, 100, 10))
+    memory.remember(("out",) + key([c1, c2], None), disk(100, 100, 10) | disk(200, 100, 10))
+    memory.remember(("base",) + key([c1, c2, c3], None), disk(100, 100, 10) | disk(200, 100, 10))
+    memory.remember(("stage",) + key([c1, c2, c3], None), disk(150, 100, 60))  # 18 times the served mask
+    assert predictor.choose(memory, [c1, c2, c3], None, ["base", "stage"]) == expected

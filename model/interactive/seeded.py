@@ -54,9 +54,11 @@ Method (`SeededPredictor.predict`, all clicks every time):
    faint areas, texture) the stage takes over after a few clicks. Once served, the wand (`hold`) stays served
    through a click that only corrects its outline (it had the click's label there, or missed it by at most
    `hold_depth` px): a negative click that trims a crack's end must not bring back the map, which was right there
-   by being wrong nearly everywhere else (crack stress items fell from IoU 1.00 to 0.19 so). Without the margin
-   (serve on any lower sum) the stage took over on near-ties and the tire "combined" defects collapsed (mIoU@5
-   0.73 -> 0.69 on the tire dev half).
+   by being wrong nearly everywhere else (crack stress items fell from IoU 1.00 to 0.19 so). After a negative
+   click no candidate but the map is served whose mask is more than `switch_grow` times the one served before (the
+   summed error depths of 20 clicks can tip over on an old lead while the newest click asks for less). Without
+   the margin (serve on any lower sum) the stage took over on near-ties and the tire "combined" defects collapsed
+   (mIoU@5 0.73 -> 0.69 on the tire dev half).
 
 8. The map-seeded cut (`first_click_cut`, `cut_later`, on by default; step 1's map for images where it holds):
    the map's region is right about where the defect is but, built on a 12 px grid, not about its outline: on the
@@ -121,6 +123,7 @@ class SeededConfig:
     select: bool = True  # serve whichever of (base map, stage) the clicks so far found fewer / shallower errors in
     error_cap: float = 64.0  # full-res px: an error's depth counts at most this much in the selection
     select_margin: float = 32.0  # full-res px: the stage is served once its summed error depth is this much lower
+    switch_grow: float = 1.5  # after a negative click, no switch to a candidate this many times the served mask
     hold: tuple[str, ...] = ("wand",)  # candidates kept once served through a click that only corrects their
     hold_depth: float = 2.0  # outline: one they had right or wrong by at most this many full-res px
     select_ratio: float = 1.0  # margin = min(select_margin, select_ratio x the map's error): 1 = while the map's
@@ -503,12 +506,25 @@ class SeededPredictor:
                 if depth is not None and depth <= self.cfg.hold_depth:
                     logger.debug("click %d: %s held (error depth %.1f)", len(clicks), held, depth)
                     return held
-        best = min((n for n in names if n != "base"), key=lambda n: errors[n], default="base")
+        best = min((n for n in names if n != "base" and self._may_switch(memory, clicks, box, n)),
+                   key=lambda n: errors[n], default="base")
         margin = min(self.cfg.select_margin, self.cfg.select_ratio * errors["base"])
         chosen = best if errors[best] + margin <= errors["base"] and errors[best] < errors["base"] else "base"
         logger.debug("click %d: error depths %s -> %s", len(clicks),
                      " ".join(f"{n} {e:.1f}" for n, e in errors.items()), chosen)
         return chosen
+
+    def _may_switch(self, memory: _Costs, clicks: Sequence[Click], box: Box | None, name: str) -> bool:
+        """Whether candidate `name` (not the map) may be served for `clicks`: not after a negative click if its mask
+        is more than `switch_grow` times the mask served before that click (a negative click asks for less; the tire held-out
+        "several defects" item 1 went from IoU 0.92 to 0.44 when the stage took over so at click 20)."""
+        if self.cfg.switch_grow <= 0 or len(clicks) < 2 or clicks[-1].positive:
+            return True
+        before = memory.recall(("out",) + self._key(clicks[:-1], box))
+        now = memory.recall((name,) + self._key(clicks, box))
+        if before is None or now is None:
+            return True
+        return np.count_nonzero(now) <= self.cfg.switch_grow * max(1, np.count_nonzero(before))
 
     def _flood(self, image: np.ndarray, memory: _Costs, c: Click, negatives: Sequence[Click]
                ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
