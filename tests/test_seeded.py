@@ -393,7 +393,8 @@ def test_the_lines_of_a_texture_are_not_taken_for_cracks():
         predictor = SeededPredictor(FixedMap(), SeededConfig(wand_line_share=share))
         memory = predictor._costs_of(image)
         hats = memory.line_hats(image, predictor.cfg.wand_line)
-        found[share] = sum(predictor._line(hats, y, x) is not None for y in range(20, 220, 20) for x in range(20, 300, 20))
+        found[share] = sum(predictor._line(hats, y, x) is not None
+                           for y in range(20, 220, 20) for x in range(20, 300, 20))
     assert found[0.05] <= 3 and found[1.0] >= 10, found
 
 

@@ -36,9 +36,10 @@ Method (`SeededPredictor.predict`, all clicks every time):
    where a line darker or brighter than its surround passes within `wand_snap` px (`_line`: the black or white
    top-hat of the lightness with a `wand_line` px disk, standing out of the window's noise; at least
    `wand_line_length` px long, enclosing at most `wand_line_holes` holes, so neither a pit's dark texture nor a
-   spot, and alone: at most `wand_line_share` of the window is as contrasted, else it is a texture), the flood of that line's contrast: it follows a crack across ground whose brightness changes along
-   it (bands on a ball screw, a tyre's tread), where the crack's colour changes with it. Else, where the click's
-   colour clearly differs from a ring around it, the flood of the pixels nearer its colour than the ring's.
+   spot, and alone: at most `wand_line_share` of the window is as contrasted, else it is a texture), the flood of
+   that line's contrast: it follows a crack across ground whose brightness changes along it (bands on a ball
+   screw, a tyre's tread), where the crack's colour changes with it. Else, where the click's colour clearly
+   differs from a ring around it, the flood of the pixels nearer its colour than the ring's.
    On the first click, where the map's mask at the click is no more than the click's own disk (the map found
    nothing there) and the wand found a thin structure, the wand's flood is served at once (`first_click_wand`);
    where instead a compact structure of the click's colour surrounds the click (a spot inside a ring of
@@ -123,11 +124,11 @@ class SeededConfig:
     select: bool = True  # serve whichever of (base map, stage) the clicks so far found fewer / shallower errors in
     error_cap: float = 64.0  # full-res px: an error's depth counts at most this much in the selection
     select_margin: float = 32.0  # full-res px: the stage is served once its summed error depth is this much lower
+    select_ratio: float = 1.0  # margin = min(select_margin, select_ratio x the map's error): 1 = while the map's
+    # summed error is under 32 px, only a candidate with none at all is served
     switch_grow: float = 1.5  # after a negative click, no switch to a candidate this many times the served mask
     hold: tuple[str, ...] = ("wand",)  # candidates kept once served through a click that only corrects their
     hold_depth: float = 2.0  # outline: one they had right or wrong by at most this many full-res px
-    select_ratio: float = 1.0  # margin = min(select_margin, select_ratio x the map's error): 1 = while the map's
-    # summed error is under 32 px, only a candidate with none at all is served
     wand: bool = True  # a third candidate: full-resolution flood from each positive click (thin structures)
     wand_window: int = 200  # px, half-size of the box around a positive click the flood stays in
     wand_ring: tuple[float, float] = (5.0, 10.0)  # px, ring around the click whose median colour is "background"
@@ -190,6 +191,7 @@ class _Costs:
         self._floods: OrderedDict[tuple, Any] = OrderedDict()  # wand: (click, cuts) -> (window, region) | None
         self.cut_first: set[tuple] = set()  # first clicks (keys) that served the map-seeded cut
         self.served: OrderedDict[tuple, str] = OrderedDict()  # click list (key) -> the candidate served for it
+        self._hats: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # wand: disk size -> top-hats (line_hats)
 
     def remember(self, key: tuple, mask: np.ndarray) -> None:
         """The base mask of a click list (to know later whether the map agreed with the next click)."""
@@ -221,6 +223,12 @@ class _Costs:
             self._depths[key] = d
         return d
 
+    def area(self, key: tuple) -> int | None:
+        """The pixel count of a remembered mask (counted on its packed bits), or None when it is not remembered."""
+        with self._lock:
+            hit = self._masks.get(key)
+        return None if hit is None else int(np.bitwise_count(hit[1]).sum())
+
     def recall(self, key: tuple) -> np.ndarray | None:
         with self._lock:
             hit = self._masks.get(key)
@@ -244,14 +252,15 @@ class _Costs:
         computed once; 8-bit Lab lightness is integral, and 8 bits are 2.5 times faster than float): how much darker
         / brighter than its surround each pixel of a thin line is."""
         with self._lock:
-            hats = getattr(self, "_hats", None)
+            hats = self._hats.get(size)
         if hats is None:
             lightness = np.ascontiguousarray(self.full_lab(image)[..., 0]).astype(np.uint8)
             disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-            hats = tuple(np.asarray(cv2.morphologyEx(lightness, op, disk)) for op in (cv2.MORPH_BLACKHAT,
-                                                                                     cv2.MORPH_TOPHAT))
+            black, white = (np.asarray(cv2.morphologyEx(lightness, op, disk))
+                            for op in (cv2.MORPH_BLACKHAT, cv2.MORPH_TOPHAT))
+            hats = (black, white)
             with self._lock:
-                self._hats = hats
+                self._hats[size] = hats
         return hats
 
     def full_grey(self, image: np.ndarray) -> np.ndarray:
@@ -515,16 +524,17 @@ class SeededPredictor:
         return chosen
 
     def _may_switch(self, memory: _Costs, clicks: Sequence[Click], box: Box | None, name: str) -> bool:
-        """Whether candidate `name` (not the map) may be served for `clicks`: not after a negative click if its mask
-        is more than `switch_grow` times the mask served before that click (a negative click asks for less; the tire held-out
-        "several defects" item 1 went from IoU 0.92 to 0.44 when the stage took over so at click 20)."""
+        """Whether candidate `name` (not the map) may be served for `clicks`: not after a negative click if its
+        mask is more than `switch_grow` times the mask served before that click (a negative click asks for less;
+        the tire held-out "several defects" item 1 went from IoU 0.92 to 0.44 when the stage took over so at
+        click 20)."""
         if self.cfg.switch_grow <= 0 or len(clicks) < 2 or clicks[-1].positive:
             return True
-        before = memory.recall(("out",) + self._key(clicks[:-1], box))
-        now = memory.recall((name,) + self._key(clicks, box))
+        before = memory.area(("out",) + self._key(clicks[:-1], box))
+        now = memory.area((name,) + self._key(clicks, box))
         if before is None or now is None:
             return True
-        return np.count_nonzero(now) <= self.cfg.switch_grow * max(1, np.count_nonzero(before))
+        return now <= self.cfg.switch_grow * max(1, before)
 
     def _flood(self, image: np.ndarray, memory: _Costs, c: Click, negatives: Sequence[Click]
                ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
