@@ -30,16 +30,17 @@ Method (`SeededPredictor.predict`, all clicks every time):
    image edges with the guided filter of model/interactive/refine.py at full resolution, and every click's
    pixel ends up on its side.
 
-6. The wand (`wand`, on by default): a third candidate for thin structures (cracks, scratches of 1-3 px) the
-   192 px copy cannot see, at full resolution, cut by a small disk at each negative click and kept only if at
-   most `wand_max_width` px wide; without such a flood the candidate is the map itself. From each positive click:
-   where a line darker or brighter than its surround passes within `wand_snap` px (`_line`: the black or white
-   top-hat of the lightness with a `wand_line` px disk, standing out of the window's noise; at least
-   `wand_line_length` px long, enclosing at most `wand_line_holes` holes, so neither a pit's dark texture nor a
-   spot, and alone: at most `wand_line_share` of the window is as contrasted, else it is a texture), the flood of
-   that line's contrast: it follows a crack across ground whose brightness changes along it (bands on a ball
-   screw, a tyre's tread), where the crack's colour changes with it. Else, where the click's colour clearly
-   differs from a ring around it, the flood of the pixels nearer its colour than the ring's.
+6. The wand (`wand`, on by default): a third candidate for thin structures (cracks, scratches of 1-3 px) the 192 px
+   copy cannot see, at full resolution, cut by a small disk at each negative click and kept only if at most
+   `wand_max_width` px wide and over at most `wand_max_share` of its window (the crossing lines of a texture, grass
+   or fibres, make one web as thin as a crack); without such a flood the candidate is the map itself. From each
+   positive click: where a line darker or brighter than its surround passes within `wand_snap` px (`_line`: the black
+   or white top-hat of the lightness with a `wand_line` px disk, standing out of the window's noise; at least
+   `wand_line_length` px long, enclosing at most `wand_line_holes` holes, so neither a pit's dark texture nor a spot,
+   and alone: at most `wand_line_share` of the window is as contrasted, else it is a texture), the flood of that
+   line's contrast: it follows a crack across ground whose brightness changes along it (bands on a ball screw, a
+   tyre's tread), where the crack's colour changes with it. Else, where the click's colour clearly differs from a
+   ring around it, the flood of the pixels nearer its colour than the ring's.
    On the first click, where the map's mask at the click is no more than the click's own disk (the map found
    nothing there) and the wand found a thin structure, the wand's flood is served at once (`first_click_wand`);
    where instead a compact structure of the click's colour surrounds the click (a spot inside a ring of
@@ -57,9 +58,14 @@ Method (`SeededPredictor.predict`, all clicks every time):
    `hold_depth` px): a negative click that trims a crack's end must not bring back the map, which was right there
    by being wrong nearly everywhere else (crack stress items fell from IoU 1.00 to 0.19 so). After a negative
    click no candidate but the map is served whose mask is more than `switch_grow` times the one served before (the
-   summed error depths of 20 clicks can tip over on an old lead while the newest click asks for less). Without
-   the margin (serve on any lower sum) the stage took over on near-ties and the tire "combined" defects collapsed
-   (mIoU@5 0.73 -> 0.69 on the tire dev half).
+   summed error depths of 20 clicks can tip over on an old lead while the newest click asks for less). After a
+   positive click no candidate is switched to whose mask is more than `switch_leap` times the one served before,
+   where that mask held more than the clicks' disks (`switch_leap_floor` per positive click): a click on a second
+   defect the map missed reaches as far as the first defect is away, and the stage flooded the ground between
+   them (pitting dev: 8 items fell from IoU 0.3-0.7 to under 0.1 at one click; a switch that helped grew the mask
+   at most 4 times); where the map served nothing but the disks (a faint area it is blind to) the stage still takes
+   over at once. Without the margin (serve on any lower sum) the stage took over on near-ties and the tire
+   "combined" defects collapsed (mIoU@5 0.73 -> 0.69 on the tire dev half).
 
 8. The map-seeded cut (`first_click_cut`, `cut_later`, on by default; step 1's map for images where it holds):
    the map's region is right about where the defect is but, built on a 12 px grid, not about its outline: on the
@@ -127,6 +133,8 @@ class SeededConfig:
     select_ratio: float = 1.0  # margin = min(select_margin, select_ratio x the map's error): 1 = while the map's
     # summed error is under 32 px, only a candidate with none at all is served
     switch_grow: float = 1.5  # after a negative click, no switch to a candidate this many times the served mask
+    switch_leap: float = 8.0  # after a positive click, no switch to a candidate this many times the served mask
+    switch_leap_floor: float = 4.0  # ... where that mask was more than this many click disks per positive click
     hold: tuple[str, ...] = ("wand",)  # candidates kept once served through a click that only corrects their
     hold_depth: float = 2.0  # outline: one they had right or wrong by at most this many full-res px
     wand: bool = True  # a third candidate: full-resolution flood from each positive click (thin structures)
@@ -135,6 +143,7 @@ class SeededConfig:
     wand_gate: float = 1.0  # click colour - ring colour, in colour spreads, from which the flood runs
     wand_max_width: float = 4.0  # px: a flood is kept only if this thin (2 x area / boundary; 0: any width)
     wand_cut: float = 4.0  # px: a negative click removes this disk from the flood (cutting a leak through it)
+    wand_max_share: float = 0.1  # a flood over more of its window than this is a texture's web (0: any share)
     wand_line: int = 11  # px, the top-hat's disk: a line thinner than this, darker or brighter than its surround,
     # is flooded by that difference (0: by the click's colour alone)
     wand_line_frac: float = 0.5  # ... the flood keeps the pixels with at least this share of the line's contrast
@@ -527,14 +536,25 @@ class SeededPredictor:
         """Whether candidate `name` (not the map) may be served for `clicks`: not after a negative click if its
         mask is more than `switch_grow` times the mask served before that click (a negative click asks for less;
         the tire held-out "several defects" item 1 went from IoU 0.92 to 0.44 when the stage took over so at
-        click 20)."""
-        if self.cfg.switch_grow <= 0 or len(clicks) < 2 or clicks[-1].positive:
+        click 20); not as a switch after a positive click if its mask is more than `switch_leap` times a mask
+        served before that was more than the clicks' disks (step 7)."""
+        grow = self.cfg.switch_leap if clicks[-1].positive else self.cfg.switch_grow
+        if grow <= 0 or len(clicks) < 2:
             return True
-        before = memory.area(("out",) + self._key(clicks[:-1], box))
+        prefix = self._key(clicks[:-1], box)
+        if clicks[-1].positive:
+            with memory._lock:
+                if memory.served.get(prefix, "base") == name:
+                    return True  # not a switch
+        before = memory.area(("out",) + prefix)
         now = memory.area((name,) + self._key(clicks, box))
         if before is None or now is None:
             return True
-        return now <= self.cfg.switch_grow * max(1, before)
+        if clicks[-1].positive:
+            disks = sum(c.positive for c in clicks[:-1]) * np.pi * self.cfg.click_radius ** 2
+            if before < self.cfg.switch_leap_floor * disks:
+                return True  # the map served little more than the clicks' disks: nothing to leap from
+        return now <= grow * max(1, before)
 
     def _flood(self, image: np.ndarray, memory: _Costs, c: Click, negatives: Sequence[Click]
                ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
@@ -592,6 +612,8 @@ class SeededPredictor:
                     inner = cv2.erode(region.view(np.uint8), np.ones((3, 3), np.uint8), borderValue=0) > 0
                     boundary = int(np.count_nonzero(region & ~inner))
                     thin = 2.0 * np.count_nonzero(region) <= cfg.wand_max_width * max(boundary, 1)
+                if thin and cfg.wand_max_share > 0:  # a web over much of the window: a texture's, not a crack
+                    thin = np.count_nonzero(region) <= cfg.wand_max_share * region.size
                 if thin:  # else a blob, not a thin structure: the map and the geodesic stage handle those
                     result = ((y0, y1, x0, x1), region)
         with memory._lock:
