@@ -58,14 +58,9 @@ Method (`SeededPredictor.predict`, all clicks every time):
    `hold_depth` px): a negative click that trims a crack's end must not bring back the map, which was right there
    by being wrong nearly everywhere else (crack stress items fell from IoU 1.00 to 0.19 so). After a negative
    click no candidate but the map is served whose mask is more than `switch_grow` times the one served before (the
-   summed error depths of 20 clicks can tip over on an old lead while the newest click asks for less). After a
-   positive click no candidate is switched to whose mask is more than `switch_leap` times the one served before,
-   where that mask held more than the clicks' disks (`switch_leap_floor` per positive click): a click on a second
-   defect the map missed reaches as far as the first defect is away, and the stage flooded the ground between
-   them (pitting dev: 8 items fell from IoU 0.3-0.7 to under 0.1 at one click; a switch that helped grew the mask
-   at most 4 times); where the map served nothing but the disks (a faint area it is blind to) the stage still takes
-   over at once. Without the margin (serve on any lower sum) the stage took over on near-ties and the tire
-   "combined" defects collapsed (mIoU@5 0.73 -> 0.69 on the tire dev half).
+   summed error depths of 20 clicks can tip over on an old lead while the newest click asks for less). Without the
+   margin (serve on any lower sum) the stage took over on near-ties and the tire "combined" defects collapsed
+   (mIoU@5 0.73 -> 0.69 on the tire dev half).
 
 8. The map-seeded cut (`first_click_cut`, `cut_later`, on by default; step 1's map for images where it holds):
    the map's region is right about where the defect is but, built on a 12 px grid, not about its outline: on the
@@ -133,8 +128,6 @@ class SeededConfig:
     select_ratio: float = 1.0  # margin = min(select_margin, select_ratio x the map's error): 1 = while the map's
     # summed error is under 32 px, only a candidate with none at all is served
     switch_grow: float = 1.5  # after a negative click, no switch to a candidate this many times the served mask
-    switch_leap: float = 8.0  # after a positive click, no switch to a candidate this many times the served mask
-    switch_leap_floor: float = 4.0  # ... where that mask was more than this many click disks per positive click
     hold: tuple[str, ...] = ("wand",)  # candidates kept once served through a click that only corrects their
     hold_depth: float = 2.0  # outline: one they had right or wrong by at most this many full-res px
     wand: bool = True  # a third candidate: full-resolution flood from each positive click (thin structures)
@@ -536,25 +529,14 @@ class SeededPredictor:
         """Whether candidate `name` (not the map) may be served for `clicks`: not after a negative click if its
         mask is more than `switch_grow` times the mask served before that click (a negative click asks for less;
         the tire held-out "several defects" item 1 went from IoU 0.92 to 0.44 when the stage took over so at
-        click 20); not as a switch after a positive click if its mask is more than `switch_leap` times a mask
-        served before that was more than the clicks' disks (step 7)."""
-        grow = self.cfg.switch_leap if clicks[-1].positive else self.cfg.switch_grow
-        if grow <= 0 or len(clicks) < 2:
+        click 20)."""
+        if self.cfg.switch_grow <= 0 or len(clicks) < 2 or clicks[-1].positive:
             return True
-        prefix = self._key(clicks[:-1], box)
-        if clicks[-1].positive:
-            with memory._lock:
-                if memory.served.get(prefix, "base") == name:
-                    return True  # not a switch
-        before = memory.area(("out",) + prefix)
+        before = memory.area(("out",) + self._key(clicks[:-1], box))
         now = memory.area((name,) + self._key(clicks, box))
         if before is None or now is None:
             return True
-        if clicks[-1].positive:
-            disks = sum(c.positive for c in clicks[:-1]) * np.pi * self.cfg.click_radius ** 2
-            if before < self.cfg.switch_leap_floor * disks:
-                return True  # the map served little more than the clicks' disks: nothing to leap from
-        return now <= grow * max(1, before)
+        return now <= self.cfg.switch_grow * max(1, before)
 
     def _flood(self, image: np.ndarray, memory: _Costs, c: Click, negatives: Sequence[Click]
                ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
