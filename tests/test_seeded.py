@@ -424,7 +424,6 @@ def test_a_negative_click_does_not_switch_to_a_candidate_that_grows_the_mask(gro
     assert predictor.choose(memory, [c1, c2, c3], None, ["base", "stage"]) == expected
 
 
-
 def test_the_wand_does_not_flood_a_web_of_thin_lines():
     """A texture of thin lines that cross one another (grass, fibres) is one connected web, as thin as a crack
     by the wand's width test: a click on it must not serve the web (a tire held-out 'texture' item's last mask

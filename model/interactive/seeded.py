@@ -647,11 +647,13 @@ class SeededPredictor:
 
     def wand(self, image: np.ndarray, clicks: Sequence[Click], box: Box | None, prob: np.ndarray) -> np.ndarray:
         """The flood candidate (prob), for thin structures (cracks, scratches) the 192 px copy of the geodesic
-        stage cannot see: from each positive click whose colour clearly differs from the median of a ring around it,
-        the 8-connected pixels (full resolution, within `wand_window` px) whose colour is nearer the click's than
-        the ring's, minus a `wand_cut` px disk around each negative click, kept if at most `wand_max_width` px wide;
-        0.75 there, the base map squeezed below 0.49 elsewhere, then every click's pixel on its side. Without any
-        such flood it is the base map itself (so it never wins the selection by click disks alone)."""
+        stage cannot see: from each positive click, the 8-connected pixels (full resolution, within `wand_window`
+        px) of the line at the click (`_line`: its top-hat contrast) or else, where the click's colour clearly
+        differs from the median of a ring around it, of the pixels nearer its colour than the ring's; minus a
+        `wand_cut` px disk around each negative click, kept if at most `wand_max_width` px wide and over at most
+        `wand_max_share` of its window (`_flood`); 0.75 there, the base map squeezed below 0.49 elsewhere, then
+        every click's pixel on its side. Without any such flood it is the base map itself (so it never wins the
+        selection by click disks alone)."""
         H, W = prob.shape
         memory = self._costs_of(image)
         out = np.zeros((H, W), bool)
