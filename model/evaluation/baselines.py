@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from model.errors import ConfigError, InputError
+from model.interactive.refine import gmm_loglik
 from model.types import AnomalyResult, Box, Click, ClickResult
 
 logger = logging.getLogger(__name__)
@@ -44,23 +45,6 @@ class GrabCutState:
 
 def _disk(mask: np.ndarray, x: int, y: int, radius: int, value: int) -> None:
     cv2.circle(mask, (x, y), radius, int(value), thickness=-1)
-
-
-def _gmm_loglik(model: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    """Log-likelihood of (N, 3) float pixels under an OpenCV GrabCut GMM (weights, means, covariances)."""
-    k = model.size // 13
-    weights, means = model[0, :k], model[0, k:4 * k].reshape(k, 3)
-    covs = model[0, 4 * k:].reshape(k, 3, 3)
-    out = np.full(pixels.shape[0], -np.inf)
-    for w, mu, cov in zip(weights, means, covs):
-        if w <= 0:
-            continue
-        cov = cov + np.eye(3) * 1e-3
-        diff = pixels - mu
-        maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
-        comp = np.log(w) - 0.5 * (maha + np.log(np.linalg.det(cov)) + 3 * np.log(2 * np.pi))
-        out = np.logaddexp(out, comp)
-    return out
 
 
 class GrabCutPredictor:
@@ -143,7 +127,7 @@ class GrabCutPredictor:
         if not fgd.any() or not bgd.any():
             return fg.astype(np.float32)
         pixels = crop.reshape(-1, 3).astype(np.float64)
-        logit = _gmm_loglik(fgd, pixels) - _gmm_loglik(bgd, pixels)
+        logit = gmm_loglik(fgd, pixels) - gmm_loglik(bgd, pixels)
         return (1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))).reshape(fg.shape).astype(np.float32)
 
     def detect(self, state: GrabCutState, labels: list[str] | None = None) -> AnomalyResult:

@@ -62,7 +62,7 @@ class RefineConfig:
             raise ValueError(f"refinement method must be guided or grabcut, got {self.method!r}")
 
 
-def _crop(region: np.ndarray, margin: int) -> tuple[int, int, int, int]:
+def crop_box(region: np.ndarray, margin: int) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(region)
     H, W = region.shape
     return (max(0, int(ys.min()) - margin), min(H, int(ys.max()) + margin + 1),
@@ -92,7 +92,7 @@ def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], bo
     if not mask.any():
         return prob.astype(np.float32, copy=True)
     region = (prob > min(cfg.low, THRESHOLD)) if cfg.method == "guided" else mask
-    y0, y1, x0, x1 = _crop(region, cfg.margin + (cfg.band if cfg.method == "grabcut" else 0))
+    y0, y1, x0, x1 = crop_box(region, cfg.margin + (cfg.band if cfg.method == "grabcut" else 0))
     if (y1 - y0) * (x1 - x0) > cfg.max_pixels:
         return prob.astype(np.float32, copy=True)
     crop = np.clip(prob[y0:y1, x0:x1], 0.0, 1.0).astype(np.float32)
@@ -103,19 +103,22 @@ def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], bo
         if inside is not None:
             new = np.where(inside, new, 0.0)
     else:
-        fg = _grabcut(np.ascontiguousarray(image[y0:y1, x0:x1]), crop, mask[y0:y1, x0:x1], clicks, (x0, y0),
-                      inside, cfg)
-        if fg is None:
+        cut = grabcut_crop(np.ascontiguousarray(image[y0:y1, x0:x1]), crop, mask[y0:y1, x0:x1], clicks, (x0, y0),
+                       inside, cfg)
+        if cut is None:
             return prob.astype(np.float32, copy=True)
+        fg = cut[0]
         new = np.where(fg, 0.5 + 0.5 * crop, THRESHOLD * crop)
     out = prob.astype(np.float32, copy=True)
     out[y0:y1, x0:x1] = new
     return out
 
 
-def _grabcut(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, clicks: Sequence[Click],
-             origin: tuple[int, int], inside: np.ndarray | None, cfg: RefineConfig) -> np.ndarray | None:
-    """GrabCut's defect pixels of the crop, or None when GrabCut cannot run or collapsed the region."""
+def grabcut_crop(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, clicks: Sequence[Click],
+             origin: tuple[int, int], inside: np.ndarray | None,
+             cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(GrabCut's defect pixels of the crop, its normal and defect colour models), or None when GrabCut cannot run
+    or collapsed the region."""
     region = mask.astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.band + 1, 2 * cfg.band + 1))
     seeds = np.full(crop.shape, cv2.GC_BGD, np.uint8)
@@ -141,7 +144,24 @@ def _grabcut(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, clicks: Sequ
     keep = region if inside is None else region & inside
     if fg.sum() < cfg.min_keep * keep.sum():
         return None
-    return fg
+    return fg, bgd, fgd
+
+
+def gmm_loglik(model: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Log-likelihood of (N, 3) float pixels under an OpenCV GrabCut GMM (weights, means, covariances)."""
+    k = model.size // 13
+    weights, means = model[0, :k], model[0, k:4 * k].reshape(k, 3)
+    covs = model[0, 4 * k:].reshape(k, 3, 3)
+    out = np.full(pixels.shape[0], -np.inf)
+    for w, mu, cov in zip(weights, means, covs):
+        if w <= 0:
+            continue
+        cov = cov + np.eye(3) * 1e-3
+        diff = pixels - mu
+        maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+        comp = np.log(w) - 0.5 * (maha + np.log(np.linalg.det(cov)) + 3 * np.log(2 * np.pi))
+        out = np.logaddexp(out, comp)
+    return out
 
 
 def respect_clicks(prob: np.ndarray, clicks: Sequence[Click], max_radius: float = 8.0,
