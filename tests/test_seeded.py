@@ -497,17 +497,28 @@ def test_the_polish_waits_where_colour_does_not_separate_the_defect():
         assert np.array_equal(predictor.predict(state, clicks[:k]).mask, unpolished.predict(plain, clicks[:k]).mask)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_polish_leaves_cracks_alone(seed):
-    """A crack of 1-3 px is thinner than the polish's 6 px band: GrabCut there keeps no sure defect and eats or
-    widens the crack. The wand's flood and any mask as thin as a crack are served as they are, so 20 clicks on a
-    stress crack end as without the polish."""
-    rng = np.random.default_rng([seed, 11])
-    image, gt, _info = stress.crack(patterned(seed), rng)
-    scores = {}
+def test_the_polish_leaves_cracks_alone():
+    """A crack of 1-3 px is thinner than the polish's 6 px band, so GrabCut keeps no sure defect on it (on the stress
+    sets' cracks it took F1@20 from 0.99 to 0.78 on the pitting dev half, 0.94 to 0.36 on the tire held-out one).
+    The wand's flood (and any mask as thin as a crack) is served as it is: with the polish on, the clicks of the
+    served-crack scenario give exactly the masks they give without it, though GrabCut would move the outline (the
+    gate is lowered to 0.5 here, so only the thin-mask rule stands between the two)."""
+    image, gt = banded_crack_image()
+
+    def on(x):
+        return float(np.nonzero(gt[:, x])[0][0])
+
+    blob = np.zeros((H, W), np.uint8)
+    cv2.circle(blob, (100, int(on(100))), 20, 1, -1)
+    prob = np.where(blob > 0, 0.8, 0.05).astype(np.float32)
+    clicks = [Click(100.0, on(100), True), Click(100.0, on(100) - 12, False), Click(260.0, on(260), False)]
+    served = {}
     for polish in (2, 0):
-        predictor = SeededPredictor(FixedMap(), SeededConfig(polish_from=polish))
-        sim = simulate(predictor, predictor.set_image(image), gt, max_clicks=20, keep_probs=None)
-        scores[polish] = f1(sim.probs[max(sim.probs)] > 0.49, gt)
-    assert scores[0] >= 0.9, scores
-    assert scores[2] >= scores[0] - 0.02, scores
+        predictor = SeededPredictor(FixedMap(prob), SeededConfig(polish_from=polish, polish_sep=0.5))
+        state = predictor.set_image(image)
+        served[polish] = [predictor.predict(state, clicks[:k]) for k in (1, 2, 3)]
+    for k in (1, 2):
+        assert np.array_equal(served[2][k].mask, served[0][k].mask)
+    assert f1(served[2][1].mask, gt) >= 0.95
+    polished, sep = predictor.polish(image, served[0][1].prob, clicks[:2], None)
+    assert sep >= 0.5 and not np.array_equal(polished > 0.49, served[0][1].mask)  # it would have been served
