@@ -353,12 +353,9 @@ def test_the_wand_follows_a_crack_across_ground_of_changing_brightness():
     assert scores[0, "on"] < 0.6, scores  # the colour rule: the crack's grey is the ground's a few bands on
 
 
-def test_a_served_crack_survives_a_negative_click_that_trims_its_end():
-    """The map is a blob on part of a crack. Click 1 on the crack, click 2 (negative) on the blob beside it: the
-    wand's crack is served. Click 3 (negative) on the crack's far end, to trim it: the crack stays served, minus
-    that end. The map, right at click 3 by being wrong nearly everywhere else, must not come back: without
-    holding the served candidate the whole crack was lost for that one small correction (the tire crack stress
-    items went from IoU 1.00 to 0.19 so)."""
+def served_crack_scenario():
+    """A crack across bands, the map a blob on part of it; clicks: on the crack, on the blob beside it (negative), on
+    the crack's far end (negative)."""
     image, gt = banded_crack_image()
 
     def on(x):
@@ -368,6 +365,16 @@ def test_a_served_crack_survives_a_negative_click_that_trims_its_end():
     cv2.circle(blob, (100, int(on(100))), 20, 1, -1)
     prob = np.where(blob > 0, 0.8, 0.05).astype(np.float32)
     clicks = [Click(100.0, on(100), True), Click(100.0, on(100) - 12, False), Click(260.0, on(260), False)]
+    return image, gt, prob, clicks
+
+
+def test_a_served_crack_survives_a_negative_click_that_trims_its_end():
+    """The map is a blob on part of a crack. Click 1 on the crack, click 2 (negative) on the blob beside it: the
+    wand's crack is served. Click 3 (negative) on the crack's far end, to trim it: the crack stays served, minus
+    that end. The map, right at click 3 by being wrong nearly everywhere else, must not come back: without
+    holding the served candidate the whole crack was lost for that one small correction (the tire crack stress
+    items went from IoU 1.00 to 0.19 so)."""
+    image, gt, prob, clicks = served_crack_scenario()
     masks = {}
     for hold in ((), ("wand",)):
         predictor = SeededPredictor(FixedMap(prob), SeededConfig(hold=hold))
@@ -503,15 +510,7 @@ def test_the_polish_leaves_cracks_alone():
     The wand's flood (and any mask as thin as a crack) is served as it is: with the polish on, the clicks of the
     served-crack scenario give exactly the masks they give without it, though GrabCut would move the outline (the
     gate is lowered to 0.5 here, so only the thin-mask rule stands between the two)."""
-    image, gt = banded_crack_image()
-
-    def on(x):
-        return float(np.nonzero(gt[:, x])[0][0])
-
-    blob = np.zeros((H, W), np.uint8)
-    cv2.circle(blob, (100, int(on(100))), 20, 1, -1)
-    prob = np.where(blob > 0, 0.8, 0.05).astype(np.float32)
-    clicks = [Click(100.0, on(100), True), Click(100.0, on(100) - 12, False), Click(260.0, on(260), False)]
+    image, gt, prob, clicks = served_crack_scenario()
     served = {}
     for polish in (2, 0):
         predictor = SeededPredictor(FixedMap(prob), SeededConfig(polish_from=polish, polish_sep=0.5))
