@@ -103,8 +103,8 @@ def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], bo
         if inside is not None:
             new = np.where(inside, new, 0.0)
     else:
-        cut = grabcut_crop(np.ascontiguousarray(image[y0:y1, x0:x1]), crop, mask[y0:y1, x0:x1], clicks, (x0, y0),
-                       inside, cfg)
+        cut = grabcut_crop(np.ascontiguousarray(image[y0:y1, x0:x1]), crop, mask[y0:y1, x0:x1], clicks,
+                           (x0, y0), inside, cfg)
         if cut is None:
             return prob.astype(np.float32, copy=True)
         fg = cut[0]
@@ -115,8 +115,8 @@ def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], bo
 
 
 def grabcut_crop(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, clicks: Sequence[Click],
-             origin: tuple[int, int], inside: np.ndarray | None,
-             cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                 origin: tuple[int, int], inside: np.ndarray | None,
+                 cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(GrabCut's defect pixels of the crop, its normal and defect colour models), or None when GrabCut cannot run
     or collapsed the region."""
     region = mask.astype(np.uint8)

@@ -834,8 +834,9 @@ class SeededPredictor:
         mask from its surround), or (the map, 0.0) where GrabCut cannot run, collapses the region (under half of
         it) or the crop is larger than refine's `max_pixels`. GrabCut runs as refine.py's "grabcut" method: a
         `polish_band` px band around the outline may change, the rest of the mask is sure defect, the rest of a
-        crop `polish_margin` px wider sure normal, the clicks hard seeds. The separation is the AUC of GrabCut's colour log-likelihood ratio between the mask's pixels and the crop's
-        others (1: colour alone tells them apart; 0.5: not at all)."""
+        crop `polish_margin` px wider sure normal, the clicks hard seeds. The separation is the AUC of GrabCut's
+        colour log-likelihood ratio between the mask's pixels and the crop's others (1: colour alone tells them
+        apart; 0.5: not at all)."""
         from sklearn.metrics import roc_auc_score
 
         cfg = RefineConfig(method="grabcut", band=self.cfg.polish_band, iterations=self.cfg.polish_iters,
