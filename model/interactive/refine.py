@@ -85,18 +85,29 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
 def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], box: Box | None = None,
                 cfg: RefineConfig = RefineConfig()) -> np.ndarray:
     """Refined (H, W) float32 soft map; `prob` unchanged (a copy) when there is nothing to refine."""
+    return refine_fit(image, prob, clicks, box, cfg)[0]
+
+
+Fit = tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]  # GrabCut's crop (y0, y1, x0, x1), colour models
+
+
+def refine_fit(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], box: Box | None = None,
+               cfg: RefineConfig = RefineConfig()) -> tuple[np.ndarray, Fit | None]:
+    """`refine_prob`'s map, and for the "grabcut" method the fit it came from (its crop and GrabCut's normal and
+    defect colour models; None where nothing was refined, and always for "guided")."""
     H, W = prob.shape
     if image.shape[:2] != (H, W):
         raise ValueError(f"image {image.shape[:2]} and map {(H, W)} differ")
     mask = prob > THRESHOLD
     if not mask.any():
-        return prob.astype(np.float32, copy=True)
+        return prob.astype(np.float32, copy=True), None
     region = (prob > min(cfg.low, THRESHOLD)) if cfg.method == "guided" else mask
     y0, y1, x0, x1 = crop_box(region, cfg.margin + (cfg.band if cfg.method == "grabcut" else 0))
     if (y1 - y0) * (x1 - x0) > cfg.max_pixels:
-        return prob.astype(np.float32, copy=True)
+        return prob.astype(np.float32, copy=True), None
     crop = np.clip(prob[y0:y1, x0:x1], 0.0, 1.0).astype(np.float32)
     inside = None if box is None else box_mask(box, (H, W))[y0:y1, x0:x1]
+    fit = None
     if cfg.method == "guided":
         grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY).astype(np.float32)
         new = np.clip(guided_filter(grey / 255.0, crop, cfg.radius, cfg.eps), 0.0, 1.0)
@@ -106,12 +117,13 @@ def refine_prob(image: np.ndarray, prob: np.ndarray, clicks: Sequence[Click], bo
         cut = grabcut_crop(np.ascontiguousarray(image[y0:y1, x0:x1]), crop, mask[y0:y1, x0:x1], clicks,
                            (x0, y0), inside, cfg)
         if cut is None:
-            return prob.astype(np.float32, copy=True)
-        fg = cut[0]
+            return prob.astype(np.float32, copy=True), None
+        fg, bgd, fgd = cut
+        fit = ((y0, y1, x0, x1), bgd, fgd)
         new = np.where(fg, 0.5 + 0.5 * crop, THRESHOLD * crop)
     out = prob.astype(np.float32, copy=True)
     out[y0:y1, x0:x1] = new
-    return out
+    return out, fit
 
 
 def grabcut_crop(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, clicks: Sequence[Click],

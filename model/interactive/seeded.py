@@ -109,10 +109,9 @@ from model.interactive.clicks import distance_to_other_label
 from model.interactive.refine import (
     THRESHOLD,
     RefineConfig,
-    crop_box,
     gmm_loglik,
-    grabcut_crop,
     guided_filter,
+    refine_fit,
     respect_clicks,
 )
 from model.types import AnomalyResult, Box, Click, ClickResult, box_mask
@@ -841,30 +840,18 @@ class SeededPredictor:
 
         cfg = RefineConfig(method="grabcut", band=self.cfg.polish_band, iterations=self.cfg.polish_iters,
                            margin=self.cfg.polish_margin)
-        mask = prob > THRESHOLD
-        if not mask.any():
-            return prob, 0.0
-        H, W = prob.shape
-        y0, y1, x0, x1 = crop_box(mask, cfg.margin + cfg.band)
-        if (y1 - y0) * (x1 - x0) > cfg.max_pixels:
-            return prob, 0.0
-        crop = np.clip(prob[y0:y1, x0:x1], 0.0, 1.0).astype(np.float32)
-        inside = None if box is None else box_mask(box, (H, W))[y0:y1, x0:x1]
-        pixels = np.ascontiguousarray(image[y0:y1, x0:x1])
         cv2.setRNGSeed(0)  # GrabCut's k-means: the same clicks, the same mask
-        cut = grabcut_crop(pixels, crop, mask[y0:y1, x0:x1], clicks, (x0, y0), inside, cfg)
-        if cut is None:
+        out, fit = refine_fit(image, prob, clicks, box, cfg)
+        if fit is None:
             return prob, 0.0
-        fg, bgd, fgd = cut
+        (y0, y1, x0, x1), bgd, fgd = fit
         step = max(1, (y1 - y0) * (x1 - x0) // 20000)  # 20 000 pixels are plenty for the AUC
-        labels: np.ndarray = mask[y0:y1, x0:x1].reshape(-1)[::step]
-        colours: np.ndarray = pixels.reshape(-1, 3).astype(np.float64)[::step]
+        labels: np.ndarray = (prob[y0:y1, x0:x1] > THRESHOLD).reshape(-1)[::step]
+        colours: np.ndarray = image[y0:y1, x0:x1].reshape(-1, 3).astype(np.float64)[::step]
         if labels.all() or not labels.any():
             return prob, 0.0
         ratio = np.nan_to_num(gmm_loglik(fgd, colours) - gmm_loglik(bgd, colours), nan=0.0, posinf=1e3, neginf=-1e3)
         sep = float(roc_auc_score(labels, ratio))
-        out = prob.astype(np.float32, copy=True)
-        out[y0:y1, x0:x1] = np.where(fg, 0.5 + 0.5 * crop, THRESHOLD * crop)  # each side's order kept (AP)
         return respect_clicks(out, clicks, self.cfg.click_radius), sep
 
     def predict(self, state, clicks: list[Click], box: Box | None = None, prompt: str = "",
