@@ -170,7 +170,7 @@ def gmm_loglik(model: np.ndarray, pixels: np.ndarray) -> np.ndarray:
             continue
         cov = cov + np.eye(3) * 1e-3
         diff = pixels - mu
-        maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+        maha = ((diff @ np.linalg.inv(cov)) * diff).sum(axis=1)  # faster than einsum's "ni,ij,nj->n"
         comp = np.log(w) - 0.5 * (maha + np.log(np.linalg.det(cov)) + 3 * np.log(2 * np.pi))
         out = np.logaddexp(out, comp)
     return out
