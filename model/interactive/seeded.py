@@ -637,10 +637,11 @@ class SeededPredictor:
             for nx, ny, r in cuts:  # a negative click cuts the flood where it lies (a leak across it is cut off)
                 disk = ((yy - ny) ** 2 + (xx - nx) ** 2) <= r * r
                 iy, ix = int(round(ny)) - y0, int(round(nx)) - x0
-                if contrast is not None and cfg.wand_fringe > 0 and 0 <= iy < like.shape[0] and 0 <= ix < like.shape[1]:
+                on = 0 <= iy < like.shape[0] and 0 <= ix < like.shape[1] and bool(like[iy, ix])
+                if contrast is not None and cfg.wand_fringe > 0 and on and disk.any():
                     own = float(contrast[iy, ix])
-                    if like[iy, ix] and own < cfg.wand_fringe * float(contrast[disk].max()):
-                        disk &= contrast <= own  # on the faint fringe of a stronger line: the fringe goes, the line stays
+                    if own < cfg.wand_fringe * float(contrast[disk].max()):
+                        disk &= contrast <= own  # the faint fringe of a stronger line: the fringe goes, the line stays
                 like &= ~disk
             if like[sy - y0, sx - x0]:
                 _n, comp = cv2.connectedComponents(like.view(np.uint8), connectivity=8)
@@ -709,10 +710,10 @@ class SeededPredictor:
         stage cannot see: from each positive click, the 8-connected pixels (full resolution, within `wand_window`
         px) of the line at the click (`_line`: its top-hat contrast) or else, where the click's colour clearly
         differs from the median of a ring around it, of the pixels nearer its colour than the ring's; minus a
-        `wand_cut` px disk around each negative click (`_cut_radius`, `wand_fringe`), kept if at most `wand_max_width` px wide and over at most
-        `wand_max_share` of its window (`_flood`); 0.75 there, the base map squeezed below 0.49 elsewhere, then
-        every click's pixel on its side. Without any such flood it is the base map itself (so it never wins the
-        selection by click disks alone)."""
+        `wand_cut` px disk around each negative click (`_cut_radius`, `wand_fringe`), kept if at most
+        `wand_max_width` px wide and over at most `wand_max_share` of its window (`_flood`); 0.75 there, the base
+        map squeezed below 0.49 elsewhere, then every click's pixel on its side. Without any such flood it is the
+        base map itself (so it never wins the selection by click disks alone)."""
         H, W = prob.shape
         memory = self._costs_of(image)
         out = np.zeros((H, W), bool)
