@@ -418,6 +418,9 @@ def test_a_negative_click_beside_a_crack_trims_the_crack_without_cutting_it():
     predictor.set_image(image)
     beside = Click(100.0, float(y_of[100] + 2), False)
     assert f1(predictor.wand(image, [on, beside], None, prob) > 0.49, gt) >= 0.9
+    # ... and one 0.4 px from it (Label Studio sends float coordinates) cuts an empty disk: nothing goes
+    touching = Click(100.4, float(y_of[100]), False)
+    assert f1(predictor.wand(image, [on, touching], None, prob) > 0.49, gt) >= 0.95
 
 
 def test_the_lines_of_a_texture_are_not_taken_for_cracks():
